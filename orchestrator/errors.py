@@ -1,0 +1,43 @@
+"""Typed errors. Each message names the thing at fault and says what to do.
+
+The CLI prints ``str(error)`` as one line and exits non-zero; nothing else in the
+library catches these.
+"""
+
+from __future__ import annotations
+
+
+class MergefleetError(Exception):
+    """Base of every error mergefleet raises on purpose."""
+
+    exit_code = 1
+
+
+class RecipeError(MergefleetError):
+    """The recipe is malformed: a key, a value or a combination is not allowed."""
+
+    exit_code = 2
+
+
+class CheckpointError(MergefleetError):
+    """An input checkpoint is unreadable, corrupt or does not fit the others."""
+
+    exit_code = 3
+
+
+class PlanError(MergefleetError):
+    """A plan cannot be made, or an existing plan does not match what it describes."""
+
+    exit_code = 4
+
+
+class MergeError(MergefleetError):
+    """Merging a tensor failed (for example it produced NaN or Inf)."""
+
+    exit_code = 5
+
+
+class OutputError(MergefleetError):
+    """The output location refuses the write (holds another merge, not writable)."""
+
+    exit_code = 6
