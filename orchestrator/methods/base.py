@@ -1,0 +1,94 @@
+"""The contract every merge method keeps: a spec (name, parameters) and a pure merge function.
+
+The engine resolves every parameter to a scalar per tensor before calling ``merge``, so a
+method never sees gradients, filters or recipe structure: tensors in, tensor out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+REQUIRED: Any = object()
+"""Default of a parameter the recipe must set."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    kind: type  # float, bool, int or str
+    default: Any = REQUIRED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One tensor to merge. Input tensors keep their stored dtype; the method upcasts.
+
+    ``model_params[i]`` belongs to ``experts[i]``. ``seed`` is already specific to this
+    tensor (see ``tensor_seed``); methods that draw random numbers build their own
+    ``torch.Generator`` on the CPU from it so results do not depend on the device.
+    """
+
+    name: str
+    base: torch.Tensor | None
+    experts: Sequence[torch.Tensor]
+    model_params: Sequence[Mapping[str, Any]]
+    global_params: Mapping[str, Any]
+    seed: int = 0
+
+
+@dataclass
+class MergeResult:
+    """A merged tensor (float32, or float64 when the inputs are float64) and a report.
+
+    ``report`` holds per-tensor figures a method wants surfaced, e.g. ties' protected
+    drop rate: ``{"protected_dropped": [..per protected model..], "protected_topk": [..]}``.
+    Values must be JSON-serialisable.
+    """
+
+    tensor: torch.Tensor
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+MergeFunction = Callable[[TensorTask], MergeResult]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    merge: MergeFunction
+    needs_base: bool
+    model_params: tuple[ParamSpec, ...] = ()
+    global_params: tuple[ParamSpec, ...] = ()
+    uses_randomness: bool = False
+    sparsifies: bool = False  # warn when density is 1 everywhere
+    min_experts: int = 1
+    max_experts: int | None = None
+    doc: str = ""
+
+    def param(self, name: str) -> ParamSpec | None:
+        for spec in (*self.model_params, *self.global_params):
+            if spec.name == name:
+                return spec
+        return None
+
+
+def tensor_seed(random_seed: int, tensor_name: str) -> int:
+    """A 63-bit seed from (recipe seed, tensor name): independent of shard and order."""
+    digest = hashlib.sha256(f"{random_seed}\x00{tensor_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 if any input is float64 (tests ask for it), else float32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return torch.float64
+    return torch.float32
