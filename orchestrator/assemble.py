@@ -1,0 +1,100 @@
+"""Assembly: turn finished shards into a checkpoint ``transformers`` loads as is.
+
+No tensor data moves here: the shards already are the checkpoint's files. Assembly
+checks each receipt against the plan and writes the small files around them. The
+manifest ``mergefleet.json`` is written last; its presence marks a complete merge.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from orchestrator import __version__
+from orchestrator.errors import PlanError
+from orchestrator.plan import Plan, shard_metadata
+from orchestrator.shard import Receipt, add_report, load_receipt
+from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.safetensors_format import build_header
+
+MANIFEST_FILE = "mergefleet.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def collect_receipts(plan: Plan) -> list[Receipt]:
+    """Every shard's receipt, checked against the plan; names the first shard that is not done."""
+    sink = ckpt.open_output(plan.output)
+    receipts = []
+    for shard in plan.shards:
+        receipt = load_receipt(sink, shard.index)
+        if receipt is None:
+            raise PlanError(
+                f"shard {shard.index} ({shard.file}) has not finished: no receipt in {plan.output}/.mergefleet; "
+                f"run 'mergefleet shard {plan.output}/.mergefleet/plan.json --index {shard.index}'"
+            )
+        if receipt.plan_id != plan.plan_id:
+            raise PlanError(
+                f"shard {shard.index}'s receipt belongs to plan {receipt.plan_id}, not {plan.plan_id}; run the shard again"
+            )
+        if receipt.tensors != [t.name for t in shard.tensors] or receipt.bytes_written != _expected_size(plan, shard.index):
+            raise PlanError(f"shard {shard.index}'s receipt does not match the plan (tensors or size differ); run the shard again")
+        if not sink.exists(shard.file):
+            raise PlanError(f"{plan.output}/{shard.file} is missing although its receipt exists; run shard {shard.index} again")
+        receipts.append(receipt)
+    return receipts
+
+
+def _expected_size(plan: Plan, index: int) -> int:
+    shard = plan.shard(index)
+    header, _ = build_header([(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors], shard_metadata(plan, index))
+    return len(header) + shard.out_bytes
+
+
+
+def assemble(plan: Plan) -> dict[str, Any]:
+    """Write index, config, tokenizer files and the manifest; return the manifest."""
+    receipts = collect_receipts(plan)
+    sink = ckpt.open_output(plan.output)
+
+    weight_map = {name: receipt.file for receipt in receipts for name in receipt.tensors}
+    total_size = sum(t.out_bytes for shard in plan.shards for t in shard.tensors)
+    index = {"metadata": {"total_size": total_size, "mergefleet_plan_id": plan.plan_id}, "weight_map": weight_map}
+    sink.write_file(INDEX_FILE, json.dumps(index, indent=2).encode())
+    sink.write_file("config.json", json.dumps(plan.config, indent=2).encode())
+
+    copied = []
+    if plan.tokenizer_source is not None:
+        source = ckpt.open_source(plan.inputs[plan.tokenizer_source].ref)
+        for name in plan.tokenizer_files:
+            sink.write_file(name, source.read_file(name))
+            copied.append(name)
+
+    report: dict[str, Any] = {}
+    for receipt in receipts:
+        add_report(report, receipt.report)
+    if report.get("protected_topk"):
+        report["protected_drop_rate"] = [
+            (dropped / topk if topk else 0.0)
+            for dropped, topk in zip(report["protected_dropped"], report["protected_topk"])
+        ]
+
+    manifest = {
+        "mergefleet_version": __version__,
+        "plan_id": plan.plan_id,
+        "recipe_sha256": plan.recipe_hash,
+        "recipe": plan.recipe,
+        "method": plan.method,
+        "out_dtype": plan.out_dtype,
+        "inputs": [inp.model_dump() for inp in plan.inputs],
+        "files": [
+            {"file": r.file, "sha256": r.sha256, "bytes": r.bytes_written, "tensors": len(r.tensors)} for r in receipts
+        ],
+        "shards": [
+            {"index": r.index, "seconds": r.seconds, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written, "device": r.device}
+            for r in receipts
+        ],
+        "tokenizer_files": copied,
+        "report": report,
+    }
+    sink.write_file(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    return manifest

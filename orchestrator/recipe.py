@@ -1,0 +1,168 @@
+"""The recipe: a mergekit YAML file, unchanged, plus an optional ``fleet:`` section.
+
+Parsing is strict (unknown keys are errors, as silently ignored keys are a known source
+of wrong merges) and every error names the key at fault and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.errors import RecipeError
+
+Scalar = Union[bool, int, float, str]
+
+
+class ConditionalValue(BaseModel):
+    """One entry of a filtered parameter list: the first entry whose filter matches wins."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+ParameterValue = Union[Scalar, list[Scalar], list[ConditionalValue]]
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+    @field_validator("model")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("model reference is empty; give a local path or s3://bucket/prefix")
+        if "+" in value and not value.startswith("s3://"):
+            raise ValueError(f"'{value}': LoRA references (model+lora) are not supported; merge the adapter first")
+        return value
+
+
+class SliceSource(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+
+class SliceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource]
+    base_model: str | None = None
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+
+class FleetSettings(BaseModel):
+    """Orchestration settings; none of them changes the merged weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    output: str | None = None
+    shards: int = Field(default=1, ge=1)
+    workers: int = Field(default=1, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    allow_pickle: bool = False
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    merge_method: str
+    models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[SliceEntry] | None = None
+    base_model: str | None = None
+    parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    random_seed: int = 0
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    fleet: FleetSettings = Field(default_factory=FleetSettings)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _bare_model_strings(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"model": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _has_inputs(self) -> "Recipe":
+        if not self.models and not self.slices:
+            raise ValueError("the recipe names no models: add a 'models:' list")
+        if self.slices:
+            raise ValueError("'slices:' recipes are not supported by this version yet; use 'models:'")
+        if self.tokenizer_source not in (None, "base"):
+            raise ValueError(f"tokenizer_source '{self.tokenizer_source}' is not supported yet; use 'base' or leave it out")
+        return self
+
+    def model_refs(self) -> list[str]:
+        """Every model the merge reads, base first when there is one, without repeats."""
+        refs: list[str] = []
+        if self.base_model:
+            refs.append(self.base_model)
+        for entry in self.models:
+            if entry.model not in refs:
+                refs.append(entry.model)
+        return refs
+
+    def recipe_hash(self) -> str:
+        """Hash of what changes the weights: everything but ``fleet``."""
+        body = self.model_dump(mode="json", exclude={"fleet"})
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    location = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(first["loc"])
+        return f"{source}: unknown key '{location}'" + (f"; allowed here: {allowed}" if allowed else "")
+    if kind == "missing":
+        return f"{source}: missing required key '{location}'"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{source}: {location}: {message}"
+
+
+def _allowed_keys(location: tuple[Any, ...]) -> str:
+    model: type[BaseModel] = Recipe
+    nested = {"fleet": FleetSettings, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
+    for part in location[:-1]:
+        if isinstance(part, str) and part in nested:
+            model = nested[part]
+    return ", ".join(sorted(model.model_fields))
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'merge_method' and 'models'")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(_describe(error, source)) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"recipe file {path} does not exist") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {error}") from None
+    return parse_recipe(data, source=str(path))
