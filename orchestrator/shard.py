@@ -146,8 +146,8 @@ def run_shard(
     if not force:
         done = finished_receipt(plan, sink, index)
         if done is not None:
-            if on_tensor:
-                on_tensor("", shard.out_bytes)
+            for tensor in shard.tensors if on_tensor else ():
+                on_tensor(tensor.name, tensor.out_bytes)
             return done, True
     if device == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device cpu")

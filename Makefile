@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+	$(VENV)/bin/pip install --quiet -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
+	$(PY) -c "import orchestrator, torch, transformers, safetensors, mergekit" 
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m orchestrator.demo --workdir demo-out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP)
+	$(PY) bench/bench_merge.py
+
+clean:
+	rm -rf demo-out bench/out .pytest_cache

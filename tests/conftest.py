@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny checkpoints built here, never downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.synthetic import fine_tuned, random_weights, save_checkpoint
+from tests.helpers import TINY
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A float32 base and three experts; the second expert is split over several files."""
+    root = tmp_path_factory.mktemp("family")
+    weights = random_weights(TINY, seed=7, dtype=torch.float32)
+    base = save_checkpoint(root / "base", weights, TINY)
+    experts = []
+    for i in range(3):
+        split = 40_000 if i == 1 else None
+        experts.append(save_checkpoint(root / f"expert{i + 1}", fine_tuned(weights, seed=100 + i), TINY, max_file_bytes=split))
+    return base, experts
