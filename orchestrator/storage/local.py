@@ -1,0 +1,259 @@
+"""Local-disk storage: ``LocalCheckpoint`` reads inputs, ``LocalOutput`` writes merges.
+
+Reads are positioned reads (``os.preadv``) on one cached file descriptor per file, straight
+into the caller's buffer: no mmap of whole files, so resident memory stays at what the
+caller holds. Writes go to ``<name>.partial-<random>`` beside the final name and are
+fsynced and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import threading
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator
+
+from orchestrator.errors import CheckpointError, OutputError
+from orchestrator.storage.base import FileFingerprint
+
+PARTIAL_MARK = ".partial-"
+"""Infix of a file being written; such files are never listed."""
+
+
+def _relative(file: str, root: Path, error: type[Exception]) -> Path:
+    """``root / file`` for a relative path that stays inside ``root``."""
+    rel = PurePosixPath(file)
+    if not file or rel.is_absolute() or ".." in rel.parts:
+        raise error(f"{file!r} is not a relative file name inside {root}")
+    return root.joinpath(*rel.parts)
+
+
+def _walk(root: Path) -> list[str]:
+    """Every file under ``root`` as a relative POSIX path, sorted; temp files left out."""
+    found = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            if PARTIAL_MARK in name:
+                continue
+            path = Path(dirpath, name)
+            if path.is_file():
+                found.append(path.relative_to(root).as_posix())
+    return sorted(found)
+
+
+class LocalCheckpoint:
+    """A checkpoint directory on local disk (implements ``CheckpointSource``)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(path).expanduser().absolute()
+        self.uri = str(self.root)
+        self.bytes_read = 0
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        if not self.root.exists():
+            raise CheckpointError(f"checkpoint directory {self.root} does not exist")
+        if not self.root.is_dir():
+            raise CheckpointError(
+                f"{self.root} is a file; a checkpoint is the directory that holds "
+                "config.json and the .safetensors files"
+            )
+
+    def __repr__(self) -> str:
+        return f"LocalCheckpoint({self.uri!r})"
+
+    # -- listing and metadata
+
+    def _path(self, file: str) -> Path:
+        return _relative(file, self.root, CheckpointError)
+
+    def _stat(self, file: str) -> os.stat_result:
+        try:
+            return os.stat(self._path(file))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.root / file} does not exist") from None
+
+    def list_files(self) -> list[str]:
+        return _walk(self.root)
+
+    def exists(self, file: str) -> bool:
+        return self._path(file).is_file()
+
+    def size(self, file: str) -> int:
+        return self._stat(file).st_size
+
+    def fingerprint(self, file: str) -> FileFingerprint:
+        st = self._stat(file)
+        return FileFingerprint(file=file, size=st.st_size, version=f"mtime_ns:{st.st_mtime_ns}")
+
+    # -- reading
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is not None:
+            return fd
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                try:
+                    fd = os.open(self._path(file), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    raise CheckpointError(f"{self.root / file} does not exist") from None
+                except IsADirectoryError:
+                    raise CheckpointError(f"{self.root / file} is a directory, not a file") from None
+                self._fds[file] = fd
+            return fd
+
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self.bytes_read += n
+
+    def _short_read(self, file: str, at: int, begin: int, end: int) -> CheckpointError:
+        return CheckpointError(
+            f"{self.root / file} ended at byte {at} while reading bytes {begin}..{end}; "
+            "the file is truncated or was changed during the merge"
+        )
+
+    def read_range_into(self, file: str, begin: int, buffer: memoryview) -> int:
+        """Fill ``buffer`` with the bytes of ``file`` from offset ``begin``; no extra copy.
+
+        Returns the number of bytes read (always ``len(buffer)``; a short file raises).
+        """
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise ValueError("read_range_into needs a writable buffer")
+        fd = self._fd(file)
+        total, n = 0, len(view)
+        while total < n:
+            got = os.preadv(fd, [view[total:]], begin + total)
+            if got == 0:
+                self._count(total)
+                raise self._short_read(file, begin + total, begin, begin + n)
+            total += got
+        self._count(total)
+        return total
+
+    def read_range(self, file: str, begin: int, end: int) -> bytes:
+        if not 0 <= begin <= end:
+            raise ValueError(f"bad byte range {begin}..{end} of {file}")
+        fd = self._fd(file)
+        parts, total, n = [], 0, end - begin
+        while total < n:
+            part = os.pread(fd, n - total, begin + total)
+            if not part:
+                self._count(total)
+                raise self._short_read(file, begin + total, begin, end)
+            parts.append(part)
+            total += len(part)
+        self._count(total)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_file(self, file: str) -> bytes:
+        return bytes(self.read_range(file, 0, self.size(file)))
+
+    # -- lifetime
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+
+    def __enter__(self) -> LocalCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class LocalOutput:
+    """An output directory on local disk (implements ``OutputSink``).
+
+    The directory and any parent folders of a file are created on first write, so
+    opening an output has no side effect.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.root = Path(path).expanduser().absolute()
+        self.uri = str(self.root)
+        if self.root.exists() and not self.root.is_dir():
+            raise OutputError(f"output {self.root} is a file; give a directory")
+
+    def __repr__(self) -> str:
+        return f"LocalOutput({self.uri!r})"
+
+    def _path(self, file: str) -> Path:
+        return _relative(file, self.root, OutputError)
+
+    def exists(self, file: str) -> bool:
+        return self._path(file).is_file()
+
+    def list_files(self) -> list[str]:
+        return _walk(self.root) if self.root.is_dir() else []
+
+    def read_file(self, file: str) -> bytes:
+        try:
+            return self._path(file).read_bytes()
+        except FileNotFoundError:
+            raise OutputError(f"{self.root / file} does not exist") from None
+
+    def write_file(self, file: str, data: bytes) -> None:
+        with self.open_write(file) as stream:
+            stream.write(data)
+
+    @contextlib.contextmanager
+    def open_write(self, file: str) -> Iterator[BinaryIO]:
+        """Write ``file`` atomically: it appears, complete, only if the block exits cleanly."""
+        final = self._path(file)
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the folder {final.parent}: {exc}") from None
+        temp = final.with_name(f"{final.name}{PARTIAL_MARK}{secrets.token_hex(6)}")
+        stream = open(temp, "xb")  # noqa: SIM115 -- closed below on every path
+        try:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+            stream.close()
+            os.replace(temp, final)
+        except BaseException:
+            stream.close()
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(final.parent)
+
+    def delete(self, file: str) -> None:
+        self._path(file).unlink(missing_ok=True)
+
+    def remove_partials(self) -> None:
+        """Delete the temp files of writes that never completed (a killed process's).
+
+        Call it only while nothing is writing to this output: it also removes the temp
+        files of writes in progress.
+        """
+        if not self.root.is_dir():
+            return
+        for dirpath, _dirs, names in os.walk(self.root):
+            for name in names:
+                if PARTIAL_MARK in name:
+                    Path(dirpath, name).unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort: not every platform allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
