@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     args.show_progress = not (args.json or args.quiet) and console.is_terminal
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,

@@ -48,7 +48,13 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 _NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|rng_state.*\.pth|scaler\.pt)$")
 CONVERTED_MARK = ".mergefleet-converted.json"
 """Written last into a converted pickle checkpoint: the conversion is complete."""
-DEFAULT_SCRATCH = Path.home() / ".cache" / "mergefleet" / "converted"
+
+
+def default_scratch() -> Path:
+    """Where converted pickle checkpoints are cached: $XDG_CACHE_HOME/mergefleet/converted."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "mergefleet" / "converted"
+
 FIRST_READ = 64 * 1024
 """Bytes fetched by the first read of a header; a longer header takes one more read."""
 
@@ -112,7 +118,7 @@ def open_checkpoint(
         [source.uri, [astuple(source.fingerprint(f)) for f in pickles]]
     ).encode()
     name = Path(source.uri.rstrip("/")).name or "checkpoint"
-    dest = Path(scratch or DEFAULT_SCRATCH) / f"{name}-{hashlib.sha256(identity).hexdigest()[:16]}"
+    dest = Path(scratch or default_scratch()) / f"{name}-{hashlib.sha256(identity).hexdigest()[:16]}"
     if (dest / CONVERTED_MARK).is_file():
         log.info("using the safetensors conversion of %s in %s", source.uri, dest)
         return LocalCheckpoint(dest)

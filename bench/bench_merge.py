@@ -1,0 +1,156 @@
+"""mergefleet against mergekit 0.1.5 on the same recipe, in one run: time, peak RSS, ratio.
+
+Builds (once, cached under --workdir) a Llama-shaped base and experts, warms the page
+cache so both tools read from memory, then runs each tool per method as a separate
+process and samples the whole process tree's resident memory.
+
+    python bench/bench_merge.py                      # 4 x 0.54 B bf16, linear and ties
+    python bench/bench_merge.py --methods ties --layers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import yaml
+
+from orchestrator.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
+
+ROOT = Path(__file__).resolve().parent
+
+
+def build_inputs(workdir: Path, shape: LlamaShape, experts: int) -> tuple[Path, list[Path]]:
+    tag = f"h{shape.hidden}-l{shape.layers}-i{shape.intermediate}-v{shape.vocab}-bf16"
+    models = workdir / "models" / tag
+    base_path = models / "base"
+    expert_paths = [models / f"expert{i + 1}" for i in range(experts)]
+    if all((p / "config.json").exists() for p in [base_path, *expert_paths]):
+        return base_path, expert_paths
+    print(f"building base and {experts} experts ({tag}) in {models} ...", flush=True)
+    base = random_weights(shape, seed=0, dtype=torch.bfloat16)
+    save_checkpoint(base_path, base, shape, max_file_bytes=2 * 10**9)
+    for i, path in enumerate(expert_paths):
+        if not (path / "config.json").exists():
+            save_checkpoint(path, fine_tuned(base, seed=1000 + i), shape, max_file_bytes=2 * 10**9)
+    return base_path, expert_paths
+
+
+def warm_page_cache(paths: list[Path]) -> None:
+    for path in paths:
+        for file in path.glob("*.safetensors"):
+            with open(file, "rb") as handle:
+                while handle.read(64 << 20):
+                    pass
+
+
+def recipe_for(method: str, base: Path, experts: list[Path], density: float) -> dict:
+    models: list[dict] = [] if method == "linear" else [{"model": str(base)}]
+    for path in experts:
+        params: dict = {"weight": 1.0}
+        if method not in ("linear", "task_arithmetic"):
+            params["density"] = density
+        models.append({"model": str(path), "parameters": params})
+    recipe: dict = {"merge_method": method, "models": models, "dtype": "bfloat16"}
+    if method != "linear":
+        recipe["base_model"] = str(base)
+    return recipe
+
+
+def run_measured(command: list[str]) -> tuple[float, int, str]:
+    """Wall seconds and peak RSS (bytes, summed over the process tree) of one command."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    root = psutil.Process(process.pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output, _ = process.communicate()
+    seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    if process.returncode != 0:
+        raise SystemExit(f"command failed ({process.returncode}): {' '.join(command)}\n{output[-3000:]}")
+    return seconds, peak, output
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="linear,ties")
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--density", type=float, default=0.2)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=ROOT / "out")
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    shape = LlamaShape(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab, heads=16, kv_heads=16)
+    params = sum(torch.Size(s).numel() for s in shape.tensor_shapes().values())
+    base, experts = build_inputs(args.workdir, shape, args.experts)
+    warm_page_cache([base, *experts])
+    bindir = Path(sys.executable).parent
+    rows = []
+    for method in args.methods.split(","):
+        recipe_path = args.workdir / f"{method}.yaml"
+        recipe_path.write_text(yaml.safe_dump(recipe_for(method, base, experts, args.density), sort_keys=False))
+        row: dict = {"method": method}
+        if not args.skip_mergekit:
+            out = args.workdir / f"mergekit-{method}"
+            shutil.rmtree(out, ignore_errors=True)
+            row["mergekit_s"], row["mergekit_rss"], _ = run_measured([str(bindir / "mergekit-yaml"), str(recipe_path), str(out), "--quiet"])
+            shutil.rmtree(out, ignore_errors=True)
+        out = args.workdir / f"mergefleet-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        command = [str(bindir / "mergefleet"), "merge", str(recipe_path), str(out), "--json", "--shards", str(args.shards), "--workers", str(args.workers)]
+        row["mergefleet_s"], row["mergefleet_rss"], output = run_measured(command)
+        row["mergefleet_report"] = json.loads(output.strip().splitlines()[-1]).get("report", {})
+        shutil.rmtree(out, ignore_errors=True)
+        if "mergekit_s" in row:
+            row["speedup"] = row["mergekit_s"] / row["mergefleet_s"]
+        rows.append(row)
+        print_row(row, header=len(rows) == 1, params=params, experts=args.experts)
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+def print_row(row: dict, *, header: bool, params: int, experts: int) -> None:
+    if header:
+        print(f"\n{experts} experts x {params / 1e9:.2f} B params, bf16, {os.cpu_count()} CPUs, torch {torch.__version__}")
+        print(f"{'method':<16}{'mergekit s':>12}{'mergefleet s':>14}{'speedup':>9}{'RSS mergekit':>14}{'RSS mergefleet':>16}")
+    gb = 1e9
+    mk_s = f"{row['mergekit_s']:.1f}" if "mergekit_s" in row else "-"
+    mk_rss = f"{row['mergekit_rss'] / gb:.2f} GB" if "mergekit_rss" in row else "-"
+    speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
+    print(f"{row['method']:<16}{mk_s:>12}{row['mergefleet_s']:>14.1f}{speedup:>9}{mk_rss:>14}{row['mergefleet_rss'] / gb:>13.2f} GB", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
