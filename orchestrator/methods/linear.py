@@ -1,0 +1,66 @@
+"""linear: θ = Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize`` (default true). No base needed:
+every model the recipe lists, the base too if it is listed, is one of ``task.experts``.
+
+As in mergekit the divisor is used as it is: weights summing to 0 with ``normalize``
+give non-finite values, which the engine refuses with a message naming the tensor.
+The sum runs chunk by chunk (``CHUNK`` elements) so the float32 accumulator stays in
+cache while the inputs stream through once, upcast on the way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from orchestrator.errors import MergeError, RecipeError
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, compute_dtype
+from orchestrator.methods.sparsify import chunk_bounds
+
+
+def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
+    """Σ wᵢθᵢ (/ Σ wᵢ), in float32 (float64 for float64 inputs), the inputs' shape."""
+    if not tensors:
+        raise ValueError("linear_merge needs at least one tensor")
+    dtype = compute_dtype(*tensors)
+    flat = [t.reshape(-1) for t in tensors]
+    weights = [float(w) for w in weights]
+    divisor = float(torch.tensor(weights, dtype=dtype).sum())
+    out = torch.empty(flat[0].numel(), dtype=dtype, device=flat[0].device)  # (n,)
+    for start, stop in chunk_bounds(out.numel()):
+        chunk = out[start:stop]
+        chunk.copy_(flat[0][start:stop]).mul_(weights[0])
+        for tensor, weight in zip(flat[1:], weights[1:]):
+            chunk.add_(tensor[start:stop], alpha=weight)
+        if normalize:
+            chunk.div_(divisor)
+    return out.view(tensors[0].shape)
+
+
+def _merge(task: TensorTask) -> MergeResult:
+    shape = task.experts[0].shape
+    for i, tensor in enumerate(task.experts):
+        if tensor.shape != shape:
+            raise MergeError(
+                f"tensor '{task.name}': model {i} has shape {tuple(tensor.shape)}, model 0 {tuple(shape)}; "
+                "the models must share one architecture"
+            )
+    weights = []
+    for params in task.model_params:
+        if "weight" not in params:
+            raise RecipeError(f"linear: parameter 'weight' is required for every model (tensor '{task.name}')")
+        weights.append(float(params["weight"]))
+    normalize = bool(task.global_params.get("normalize", True))
+    return MergeResult(linear_merge(task.experts, weights, normalize=normalize))
+
+
+SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        name="linear",
+        merge=_merge,
+        needs_base=False,
+        model_params=(ParamSpec("weight", float, doc="this model's weight wᵢ"),),
+        global_params=(ParamSpec("normalize", bool, True, "divide by the sum of the weights"),),
+        doc="Σ wᵢθᵢ / Σ wᵢ",
+    ),
+)

@@ -1,0 +1,326 @@
+"""The task-arithmetic family (METHODS.md): one procedure, three switches.
+
+    δᵢ = sparsify(τᵢ, dᵢ)                       none | magnitude | random (DARE)
+    Δ  = Σ wᵢδᵢ,  D = Σ wᵢ                       without consensus
+    Δ  = Σ mᵢwᵢδᵢ, D = Σ mᵢwᵢ                    with consensus, mᵢ = [sign(wᵢδᵢ) = γ],
+                                                 γ = sign(Σ wᵢδᵢ), a zero sum elects +
+    Δ ← Δ / D if normalize;  θ = θ₀ + λΔ
+
+``ties_sv`` adds a slack to the election: an entry of a protected model that lies in that
+model's top-``slack`` fraction by |τ| and loses the election is rescued, and where any
+entry is rescued the result is the weighted mean of the rescued entries alone.
+
+The work is fused: after the sparsifiers' selection passes (see ``sparsify``), one pass
+over the tensor in ``CHUNK``-sized pieces computes every expert's δ chunk, masks,
+weighs, elects and writes the output chunk, all in cache-sized buffers. The election
+uses only arithmetic: with g = ±1 the elected sign, mᵢwᵢδᵢ = g·relu(g·wᵢδᵢ).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+from orchestrator.errors import MergeError, RecipeError
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
+from orchestrator.methods.sparsify import (
+    Deltas,
+    Keep,
+    Rescale,
+    TopK,
+    keep_scales,
+    kept_count,
+    random_keep,
+    rescale_mode,
+    topk_sets,
+)
+
+Sparsifier = Literal["magnitude", "random"] | None
+
+
+def generalized_merge(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    densities: Sequence[float] | None = None,
+    sparsifier: Sparsifier = None,
+    consensus: bool = False,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+    rescale: Rescale = None,
+    seed: int = 0,
+    protected: Sequence[int] | None = None,
+    slack: float = 0.0,
+) -> MergeResult:
+    """θ₀ + λΔ as in the module doc; float32 (float64 for float64 inputs), base's shape.
+
+    ``protected`` (indices into ``experts``) turns on the protected drop-rate report
+    (consensus only) and, with ``slack`` > 0, ties_sv's rescue. ``seed`` feeds the CPU
+    generator of the random sparsifier; experts draw from it in order.
+    """
+    deltas = Deltas(experts, base)
+    if not experts:
+        return MergeResult(base.to(deltas.dtype, copy=True))
+    count = len(experts)
+    densities = list(densities) if densities is not None else [1.0] * count
+    protected = list(protected or ())
+    rescue = {p: kept_count(deltas.n, slack) for p in protected} if consensus and slack > 0 else {}
+
+    keeps: list[Keep] | None = None
+    rescue_sets: dict[int, TopK] = {}
+    if sparsifier == "magnitude":
+        kept = [kept_count(deltas.n, d) for d in densities]
+        ranks = [[k] + ([min(rescue[i], k)] if rescue.get(i) else []) for i, k in enumerate(kept)]
+        sets = topk_sets(deltas, ranks)
+        keeps = [s[0] for s in sets]
+        rescue_sets = {i: s[1] for i, s in enumerate(sets) if len(s) > 1 and s[1].kept > 0}
+    elif sparsifier == "random":
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        keeps = [random_keep(deltas.n, d, generator, deltas.device) for d in densities]
+    elif sparsifier is not None:
+        raise ValueError(f"unknown sparsifier {sparsifier!r}")
+    scales = keep_scales(deltas, keeps, densities, rescale) if keeps else [1.0] * count
+
+    combine = _Combine(deltas, weights, keeps, scales, consensus, normalize, lambda_, protected, rescue_sets)
+    out = combine.run()
+    report: dict[str, Any] = {}
+    if consensus and protected:
+        report = {
+            "protected_topk": [keeps[p].kept if keeps else deltas.n for p in protected],
+            "protected_dropped": combine.dropped,
+        }
+    return MergeResult(out.view(base.shape), report)
+
+
+class _Combine:
+    """The fused pass: δ chunks → sparsify, scale, weigh → elect → output chunk."""
+
+    def __init__(
+        self,
+        deltas: Deltas,
+        weights: Sequence[float],
+        keeps: Sequence[Keep] | None,
+        scales: Sequence[float],
+        consensus: bool,
+        normalize: bool,
+        lambda_: float,
+        protected: Sequence[int],
+        rescue_sets: dict[int, TopK],
+    ):
+        self.deltas, self.weights, self.keeps, self.scales = deltas, [float(w) for w in weights], keeps, scales
+        self.consensus, self.normalize, self.lambda_ = consensus, normalize, float(lambda_)
+        self.protected, self.rescue_sets = list(protected) if consensus else [], rescue_sets
+        self.dropped = [0] * len(self.protected)
+        count = len(self.weights)
+        self.x = [deltas.buffer() for _ in range(count)]  # wᵢδᵢ of the chunk, one per expert
+        self.acc, self.gamma, self.tmp = deltas.buffer(), deltas.buffer(), deltas.buffer()
+        self.div = deltas.buffer() if consensus and normalize else None
+        self.z = {p: deltas.buffer() for p in rescue_sets}  # wₚδₚ on p's slack set
+        if rescue_sets:
+            self.rescued, self.rescued_count = deltas.buffer(), deltas.buffer()
+            self.rescued_weight = deltas.buffer() if normalize else None
+        # Without consensus the divisor is one number; mergekit replaces |D| < 1e-8 by 1.
+        divisor = float(torch.tensor(self.weights, dtype=deltas.dtype).sum()) if count else 1.0
+        self.divisor = 1.0 if abs(divisor) < 1e-8 else divisor
+
+    def run(self) -> torch.Tensor:
+        deltas = self.deltas
+        out = torch.empty(deltas.n, dtype=deltas.dtype, device=deltas.device)
+        for start, stop in deltas.chunks():
+            x = [self._weighted_delta(i, start, stop) for i in range(len(self.weights))]
+            size = stop - start
+            delta = self._elect(x, size) if self.consensus else self._sum(x, size)
+            if self.lambda_ != 1.0:
+                delta.mul_(self.lambda_)
+            torch.add(deltas.base_chunk(start, stop), delta, out=out[start:stop])
+        return out
+
+    def _weighted_delta(self, i: int, start: int, stop: int) -> torch.Tensor:
+        x = self.deltas.delta(i, start, stop, self.x[i])  # (size,)
+        if self.keeps is not None:
+            self.keeps[i].apply_(x, start)
+        z = None
+        if i in self.rescue_sets:
+            z = self.z[i][: stop - start]
+            z.copy_(x)
+            self.rescue_sets[i].apply_(z, start)  # the slack set lies inside the kept set
+        for t in (x, z) if z is not None else (x,):
+            if self.scales[i] != 1.0:
+                t.mul_(self.scales[i])
+            t.mul_(self.weights[i])
+        return x
+
+    def _sum(self, x: list[torch.Tensor], size: int) -> torch.Tensor:
+        total = x[0]
+        if len(x) > 1:
+            total = torch.add(x[0], x[1], out=self.acc[:size])
+            for xi in x[2:]:
+                total.add_(xi)
+        if self.normalize:
+            total.div_(self.divisor)
+        return total
+
+    def _elect(self, x: list[torch.Tensor], size: int) -> torch.Tensor:
+        acc, gamma, tmp = self.acc[:size], self.gamma[:size], self.tmp[:size]
+        if len(x) > 1:
+            torch.add(x[0], x[1], out=acc)
+        else:
+            acc.copy_(x[0])
+        for xi in x[2:]:
+            acc.add_(xi)  # Σ wᵢδᵢ, in expert order
+        torch.sign(acc, out=gamma).add_(0.5).sign_()  # γ = +1 where the sum is ≥ 0, else −1
+        div = self.div[:size].zero_() if self.div is not None else None
+        if self.rescue_sets:
+            self._rescue(gamma, size)
+        acc.zero_()
+        for i, xi in enumerate(x):
+            report = i in self.protected
+            if report:
+                nonzero = float(torch.sign(xi, out=tmp).abs_().sum())
+            agreeing = torch.mul(xi, gamma, out=xi).relu_()  # |mᵢwᵢδᵢ|
+            acc.add_(agreeing)
+            if div is not None or report:
+                agrees = torch.sign(agreeing, out=tmp)  # mᵢ
+                if div is not None:
+                    div.add_(agrees, alpha=self.weights[i])
+                if report:
+                    slot = self.protected.index(i)
+                    self.dropped[slot] += int(nonzero - float(agrees.sum()))
+        if div is not None:
+            acc.div_(_nonzero_or_one(div, tmp))
+        acc.mul_(gamma)
+        if self.rescue_sets:
+            any_rescued = self.rescued_count[:size].sign_()
+            acc.mul_(torch.neg(any_rescued, out=tmp).add_(1)).add_(self.rescued[:size])
+        return acc
+
+    def _rescue(self, gamma: torch.Tensor, size: int) -> None:
+        """ties_sv: collect the protected entries in their slack sets that lose the election.
+
+        Leaves in ``rescued`` the value those positions take (−γ·Σ|rescued| / Σ w, or the
+        plain sum without normalize; 0 elsewhere) and in ``rescued_count`` how many there are.
+        """
+        rescued, count, tmp = self.rescued[:size].zero_(), self.rescued_count[:size].zero_(), self.tmp[:size]
+        weight = self.rescued_weight[:size].zero_() if self.rescued_weight is not None else None
+        for p, z in self.z.items():
+            lost = torch.mul(z[:size], gamma, out=z[:size]).neg_().relu_()  # |wₚδₚ| where it disagrees
+            rescued.add_(lost)
+            flags = torch.sign(lost, out=tmp)
+            count.add_(flags)
+            if weight is not None:
+                weight.add_(flags, alpha=self.weights[p])
+            self.dropped[self.protected.index(p)] -= int(float(flags.sum()))
+        if weight is not None:
+            rescued.div_(_nonzero_or_one(weight, tmp))
+        rescued.mul_(gamma).neg_()  # every rescued entry has the sign −γ
+
+
+def _nonzero_or_one(divisor: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """divisor with its zeros replaced by 1, in place and exactly (D + (1 − sign|D|))."""
+    one_if_zero = torch.abs(divisor, out=tmp).sign_().neg_().add_(1)
+    return divisor.add_(one_if_zero)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class _Variant:
+    name: str
+    sparsifier: Sparsifier
+    consensus: bool
+    normalize: bool
+    rescale: bool
+    slack: bool = False
+    doc: str = ""
+
+
+_VARIANTS = (
+    _Variant("task_arithmetic", None, False, False, False, doc="θ₀ + λ Σ wᵢτᵢ"),
+    _Variant("ties", "magnitude", True, True, False, doc="magnitude top-k, sign election, normalised"),
+    _Variant("dare_ties", "random", True, False, True, doc="DARE random drop with L1 rescale, sign election"),
+    _Variant("dare_linear", "random", False, False, True, doc="DARE random drop with L1 rescale, weighted sum"),
+    _Variant("ties_sv", "magnitude", True, True, False, slack=True, doc="ties with a slack for protected models"),
+)
+
+
+def _merge_for(variant: _Variant):
+    def merge(task: TensorTask) -> MergeResult:
+        if task.base is None:
+            raise MergeError(f"{variant.name} needs the base model's tensor for '{task.name}', and got none")
+        for i, expert in enumerate(task.experts):
+            if expert.shape != task.base.shape:
+                raise MergeError(
+                    f"tensor '{task.name}': expert {i} has shape {tuple(expert.shape)}, the base "
+                    f"{tuple(task.base.shape)}; the models must share one architecture"
+                )
+        g = task.global_params
+        params = task.model_params
+        weights = [_get(p, "weight", task.name, variant.name) for p in params]
+        protected: list[int] | None = None
+        if variant.consensus and variant.sparsifier == "magnitude":
+            marked = [i for i, p in enumerate(params) if p.get("protect", False)]
+            protected = marked or list(range(len(params)))
+        slack = float(g.get("slack", 0.1)) if variant.slack else 0.0
+        if not 0.0 <= slack <= 1.0:
+            raise RecipeError(f"{variant.name}: parameter 'slack' must lie in [0, 1], got {slack} (tensor '{task.name}')")
+        rescale = g.get("rescale", variant.rescale)
+        if rescale not in (True, False, "inverse"):
+            raise RecipeError(f"{variant.name}: parameter 'rescale' must be true, false or \"inverse\", got {rescale!r}")
+        return generalized_merge(
+            task.base,
+            task.experts,
+            weights,
+            densities=[float(p.get("density", 1.0)) for p in params] if variant.sparsifier else None,
+            sparsifier=variant.sparsifier,
+            consensus=variant.consensus,
+            normalize=bool(g.get("normalize", variant.normalize)),
+            lambda_=float(g.get("lambda", 1.0)),
+            rescale=rescale_mode(rescale),
+            seed=task.seed,
+            protected=protected,
+            slack=slack,
+        )
+
+    merge.__name__ = f"merge_{variant.name}"
+    return merge
+
+
+def _get(params: Any, name: str, tensor: str, method: str) -> float:
+    if name not in params:
+        raise RecipeError(f"{method}: parameter '{name}' is required for every model (tensor '{tensor}')")
+    return float(params[name])
+
+
+def _spec(variant: _Variant) -> MethodSpec:
+    model_params = [ParamSpec("weight", float, doc="this model's weight wᵢ")]
+    global_params = [
+        ParamSpec("lambda", float, 1.0, "scale of the merged task vector"),
+        ParamSpec("normalize", bool, variant.normalize, "divide by the (agreeing) weights' sum"),
+        ParamSpec("int8_mask", bool, False, "accepted for mergekit recipes; no numerical effect"),
+    ]
+    if variant.sparsifier:
+        model_params.append(ParamSpec("density", float, 1.0, "fraction of τᵢ's entries kept"))
+        global_params.append(
+            ParamSpec("rescale", bool, variant.rescale, 'true: L1-match what is kept; "inverse": divide by density')
+        )
+    if variant.consensus and variant.sparsifier == "magnitude":
+        model_params.append(ParamSpec("protect", bool, False, "report (and, in ties_sv, rescue) this model's top-k"))
+    if variant.slack:
+        global_params.append(ParamSpec("slack", float, 0.1, "fraction of a protected model's top |τ| kept past the election"))
+    return MethodSpec(
+        name=variant.name,
+        merge=_merge_for(variant),
+        needs_base=True,
+        model_params=tuple(model_params),
+        global_params=tuple(global_params),
+        uses_randomness=variant.sparsifier == "random",
+        sparsifies=variant.sparsifier is not None,
+        doc=variant.doc,
+    )
+
+
+SPECS: tuple[MethodSpec, ...] = tuple(_spec(v) for v in _VARIANTS)
