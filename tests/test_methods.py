@@ -508,3 +508,24 @@ def test_linear_bfloat16_inputs_and_zero_weight_sum():
     # as in mergekit the divisor is used as is: a zero sum gives non-finite values,
     # which the engine refuses with a message naming the tensor
     assert not torch.isfinite(linear_merge(tensors[:2], [1.0, -1.0])).all()
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    """Worker processes may run with fewer threads: sums (L1 rescale) must not change."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(600, 700, generator=g)
+    experts = [base + torch.randn(600, 700, generator=g) * torch.rand(1, 700, generator=g) for _ in range(3)]
+    params = models([1.0, 0.5, 0.25], density=[0.3, 0.5, 0.7])
+    before = torch.get_num_threads()
+    outputs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append([
+                run(name, base, experts, params, {**defaults(name), "rescale": True}, seed=5).tensor
+                for name in ("dare_ties", "dare_linear", "ties")
+            ])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*outputs):
+        assert one.numpy().tobytes() == two.numpy().tobytes()

@@ -37,6 +37,7 @@ RESCALE_EPS = 1e-7
 
 Rescale = Literal["l1", "inverse"] | None
 
+_SUM_ROW = 1024
 _LEVEL_BITS = 16
 _BINS = 1 << _LEVEL_BITS
 
@@ -294,6 +295,21 @@ def _tie_cuts(
     return cuts
 
 
+def stable_sum(values: torch.Tensor) -> float:
+    """Σ values (1-D) in float64, in an order that does not depend on the thread count.
+
+    A plain ``sum`` of a large 1-D tensor splits the work by thread, so its rounding
+    changes with ``torch.get_num_threads()`` (a worker process may run with fewer
+    threads). Rows of a fixed width are each reduced by one thread, and the few row
+    sums and the tail are below torch's parallel grain, so this order is fixed.
+    """
+    rows = values.numel() // _SUM_ROW
+    total = float(values[rows * _SUM_ROW :].sum(dtype=torch.float64))
+    if rows:
+        total += float(values[: rows * _SUM_ROW].view(rows, _SUM_ROW).sum(1, dtype=torch.float64).sum())
+    return total
+
+
 def l1_scales(deltas: Deltas, keeps: Sequence[Keep]) -> list[float]:
     """‖τᵢ‖₁ / ‖kept τᵢ‖₁ for each task vector (1 where either norm is below RESCALE_EPS,
     or where the sparsifier keeps everything or nothing)."""
@@ -305,9 +321,9 @@ def l1_scales(deltas: Deltas, keeps: Sequence[Keep]) -> list[float]:
         for start, stop in deltas.chunks():
             for i in todo:
                 chunk = deltas.delta(i, start, stop, values).abs_()
-                before[i] += float(chunk.sum())
+                before[i] += stable_sum(chunk)
                 keeps[i].apply_(chunk, start)
-                after[i] += float(chunk.sum())
+                after[i] += stable_sum(chunk)
     scales = [1.0] * len(keeps)
     for i in todo:
         if before[i] >= RESCALE_EPS and after[i] >= RESCALE_EPS:
