@@ -13,11 +13,12 @@ import queue
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.assemble import INDEX_FILE, MANIFEST_FILE, assemble
-from orchestrator.errors import OutputError
+from orchestrator.errors import MergeError, OutputError
 from orchestrator.plan import PLAN_FILE, Plan, build_plan
 from orchestrator.recipe import Recipe
 from orchestrator.shard import OnTensor, Receipt, receipt_file, run_shard
@@ -172,7 +173,14 @@ def run_shards(
             for child in multiprocessing.active_children():
                 child.terminate()
             executor.shutdown(wait=False, cancel_futures=True)
-            raise failed[0].exception()  # type: ignore[misc]
+            error = failed[0].exception()
+            if isinstance(error, BrokenProcessPool):
+                unfinished = sorted(futures[f] for f in futures if f not in done or f.exception() is not None)
+                raise MergeError(
+                    f"a shard worker process died (killed, or out of memory) while shard(s) {unfinished} ran; "
+                    "finished shards are kept: run the same command again to resume"
+                ) from None
+            raise error  # type: ignore[misc]
         results = {futures[f]: f.result() for f in done}
         return [results[i] for i in indices]
     finally:
