@@ -40,6 +40,7 @@ Rescale = Literal["l1", "inverse"] | None
 _SUM_ROW = 1024
 _LEVEL_BITS = 16
 _BINS = 1 << _LEVEL_BITS
+_SPREAD = 1024  # bins that entries outside a level's window are spread over
 
 
 def kept_count(n: int, density: float) -> int:
@@ -203,11 +204,12 @@ def topk_sets(deltas: Deltas, ranks: Sequence[Sequence[int]]) -> list[list[TopK]
     values = deltas.buffer()
     bits = deltas.buffer(int_dtype)
     keys = deltas.buffer(int_dtype)
+    spread = deltas.buffer(int_dtype)
     equal_counts: dict[tuple[int, int], int] = {}
     for shift in shifts:
         windows: dict[int, dict[int, torch.Tensor]] = {}  # vector → prefix → histogram
         for (i, _), (prefix, _) in pending.items():
-            windows.setdefault(i, {})[prefix] = torch.zeros(_BINS + 2, dtype=torch.int64, device=deltas.device)
+            windows.setdefault(i, {})[prefix] = torch.zeros(_BINS + _SPREAD, dtype=torch.int64, device=deltas.device)
         for start, stop in deltas.chunks():
             size = stop - start
             for i, histograms in windows.items():
@@ -215,12 +217,10 @@ def topk_sets(deltas: Deltas, ranks: Sequence[Sequence[int]]) -> list[list[TopK]
                 if shift:
                     level.bitwise_right_shift_(shift)
                 for prefix, histogram in histograms.items():
-                    # bin 0: below the window, 1..65536: in it, 65537: above it
-                    key = torch.sub(level, prefix << _LEVEL_BITS, out=keys[:size])
-                    key.clamp_(-1, _BINS).add_(1)
-                    histogram += torch.bincount(key, minlength=_BINS + 2)
+                    key = level if shift == shifts[0] else _window_key(level, prefix, keys[:size], spread[:size])
+                    histogram += torch.bincount(key, minlength=_BINS + _SPREAD)[: _BINS + _SPREAD]
         for query, state in pending.items():
-            counts = windows[query[0]][state[0]][1 : _BINS + 1]
+            counts = windows[query[0]][state[0]][:_BINS]
             bucket, above = _bucket_of_rank(counts, state[1])
             state[0] = (state[0] << _LEVEL_BITS) | bucket
             state[1] -= above
@@ -247,6 +247,20 @@ def _bit_layout(dtype: torch.dtype) -> tuple[torch.dtype, int, tuple[int, ...]]:
 def _magnitude_bits(values: torch.Tensor, magnitude_mask: int, out: torch.Tensor) -> torch.Tensor:
     """|values| as integers that order like the magnitudes (the sign bit cleared)."""
     return torch.bitwise_and(values.view(out.dtype), magnitude_mask, out=out)
+
+
+def _window_key(level: torch.Tensor, prefix: int, out: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Histogram keys for the window of entries whose bits above this level equal ``prefix``.
+
+    Inside the window the key is the level's 16 bits (0..65535). Outside, it is spread
+    over ``_SPREAD`` spare bins by the entry's bits just above the level, which differ
+    between entries outside the window (the low bits of bf16-born values are mostly
+    zero): ``bincount`` slows down several times when most entries hit one counter,
+    and those counts are not needed.
+    """
+    key = torch.bitwise_xor(level, prefix << _LEVEL_BITS, out=out)  # < 65536 exactly inside the window
+    spare = torch.bitwise_right_shift(level, _LEVEL_BITS, out=scratch).bitwise_and_(_SPREAD - 1).add_(_BINS)
+    return torch.minimum(key, spare, out=key)
 
 
 def _bucket_of_rank(counts: torch.Tensor, rank: int) -> tuple[int, int]:
