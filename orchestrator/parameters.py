@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 
 from orchestrator.errors import RecipeError
 from orchestrator.methods.base import MethodSpec, ParamSpec
-from orchestrator.recipe import ConditionalValue
+from orchestrator.recipe import ConditionalValue, Recipe
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
@@ -21,16 +21,6 @@ def layer_index(tensor_name: str) -> int | None:
     """The transformer block a tensor belongs to, or None for embeddings, norms, heads."""
     match = _LAYER_INDEX.search(tensor_name)
     return int(match.group(1)) if match else None
-
-
-def layer_position(tensor_name: str, num_layers: int) -> float:
-    """Where a tensor sits for gradients: 0 for non-layer tensors, i/(L-1) for layer i."""
-    index = layer_index(tensor_name)
-    if index is None:
-        return 0.0
-    if num_layers <= 1:
-        return 1.0
-    return index / (num_layers - 1)
 
 
 def _is_number(value: Any) -> bool:
@@ -81,54 +71,71 @@ def coerce(spec: ParamSpec, value: Any, *, where: str) -> Any:
     return value
 
 
-def check_parameter_names(
-    method: MethodSpec,
-    top_level: Mapping[str, Any],
-    per_model: Mapping[str, Mapping[str, Any]],
-) -> None:
-    """Refuse parameters the method does not take: a typo would otherwise be ignored."""
+def check_parameter_names(method: MethodSpec, scopes: Sequence[tuple[str, Mapping[str, Any], bool]]) -> None:
+    """Refuse parameters the method does not take: a typo would otherwise be ignored.
+
+    ``scopes`` are (where, settings, belongs to one model); a model's own settings may not
+    hold parameters that apply to the whole merge.
+    """
     known = {spec.name for spec in (*method.model_params, *method.global_params)}
+    model_level = {spec.name for spec in method.model_params}
     allowed = ", ".join(sorted(known)) or "(none)"
-    for name in top_level:
-        if name not in known:
-            raise RecipeError(f"parameters.{name}: '{method.name}' takes no parameter '{name}'; it takes: {allowed}")
-    for model, params in per_model.items():
-        for name in params:
+    for where, settings, per_model in scopes:
+        for name in settings:
             if name not in known:
+                raise RecipeError(f"{where}.{name}: '{method.name}' takes no parameter '{name}'; it takes: {allowed}")
+            if per_model and name not in model_level:
                 raise RecipeError(
-                    f"models[{model}].parameters.{name}: '{method.name}' takes no parameter '{name}'; it takes: {allowed}"
+                    f"{where}.{name}: '{name}' applies to the whole merge; move it to the top-level 'parameters:'"
                 )
-            if any(spec.name == name for spec in method.global_params) and not any(
-                spec.name == name for spec in method.model_params
-            ):
-                raise RecipeError(
-                    f"models[{model}].parameters.{name}: '{name}' applies to the whole merge; "
-                    "move it to the top-level 'parameters:'"
-                )
+
+
+def recipe_parameter_scopes(recipe: Recipe) -> list[tuple[str, Mapping[str, Any], bool]]:
+    """Every place a recipe sets parameters, labelled as the user wrote it."""
+    scopes: list[tuple[str, Mapping[str, Any], bool]] = [("parameters", recipe.parameters, False)]
+    for i, entry in enumerate(recipe.models):
+        scopes.append((f"models[{i}] ({entry.model}).parameters", entry.parameters, True))
+    for i, slice_ in enumerate(recipe.slices or []):
+        scopes.append((f"slices[{i}].parameters", slice_.parameters, False))
+        for j, source in enumerate(slice_.sources):
+            scopes.append((f"slices[{i}].sources[{j}] ({source.model}).parameters", source.parameters, True))
+    return scopes
 
 
 def resolve_tensor_parameters(
     method: MethodSpec,
     tensor_name: str,
     t: float,
-    top_level: Mapping[str, Any],
-    per_model: Sequence[tuple[str, Mapping[str, Any]]],
+    shared_settings: Sequence[Mapping[str, Any]],
+    model_settings: Sequence[tuple[str, str, Sequence[Mapping[str, Any]]]],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Per-model and global parameter values for one tensor, defaults applied."""
+    """Per-model and global parameter values for one tensor, defaults applied.
+
+    Each settings sequence is ordered from highest precedence (a slice source's own
+    parameters) to lowest (the recipe's top-level ``parameters``); the first that sets a
+    value wins. ``model_settings`` holds (model, its input tensor name, settings) per model.
+    """
     global_values: dict[str, Any] = {}
     for spec in method.global_params:
-        value = evaluate_value(top_level.get(spec.name), tensor_name, t)
-        global_values[spec.name] = _finish(spec, value, where=f"{tensor_name}")
+        value = _first_value(spec.name, shared_settings, tensor_name, t)
+        global_values[spec.name] = _finish(spec, value, where=tensor_name)
     model_values: list[dict[str, Any]] = []
-    for model, params in per_model:
+    for model, input_name, chain in model_settings:
         values: dict[str, Any] = {}
         for spec in method.model_params:
-            value = evaluate_value(params.get(spec.name), tensor_name, t)
-            if value is None:
-                value = evaluate_value(top_level.get(spec.name), tensor_name, t)
+            value = _first_value(spec.name, chain, input_name, t)
             values[spec.name] = _finish(spec, value, where=f"model {model}, tensor {tensor_name}")
         model_values.append(values)
     return model_values, global_values
+
+
+def _first_value(name: str, chain: Sequence[Mapping[str, Any]], tensor_name: str, t: float) -> Any:
+    for settings in chain:
+        if name in settings:
+            value = evaluate_value(settings[name], tensor_name, t)
+            if value is not None:
+                return value
+    return None
 
 
 def _finish(spec: ParamSpec, value: Any, *, where: str) -> Any:

@@ -2,7 +2,8 @@
 
 Only safetensors headers and config files are read here, so a bad input is refused
 before a single weight is loaded or an output file is written. The plan is a JSON
-document that is all a shard needs.
+document that is all a shard needs: for every output tensor, the byte ranges of its
+inputs and every parameter already resolved to a number.
 """
 
 from __future__ import annotations
@@ -19,13 +20,9 @@ from pydantic import BaseModel
 from orchestrator.errors import CheckpointError, PlanError, RecipeError
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec
-from orchestrator.parameters import (
-    check_parameter_names,
-    layer_index,
-    layer_position,
-    resolve_tensor_parameters,
-)
+from orchestrator.parameters import check_parameter_names, layer_index, recipe_parameter_scopes, resolve_tensor_parameters
 from orchestrator.recipe import Recipe
+from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, TensorInfo
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
@@ -50,13 +47,14 @@ TOKENIZER_FILES = (
 class PlanInput(BaseModel):
     name: str  # as the recipe names it
     ref: str  # where it is read from (differs only for converted pickle checkpoints)
-    role: str  # "base" or "expert"
     fingerprints: list[dict[str, Any]]
 
 
 class TensorRead(BaseModel):
     """Where one input's copy of a tensor lives."""
 
+    input: int  # index into Plan.inputs
+    name: str  # the tensor's name in that input (differs from the output's in slices)
     file: str
     begin: int
     end: int
@@ -67,9 +65,11 @@ class PlannedTensor(BaseModel):
     name: str
     shape: list[int]
     out_dtype: str
-    reads: list[TensorRead]  # aligned with Plan.inputs
-    model_params: list[dict[str, Any]]  # aligned with Plan.merge_inputs()
+    reads: list[TensorRead]
+    base: int | None  # position in ``reads`` of the base; the other reads are the experts
+    model_params: list[dict[str, Any]]  # one per expert, in ``reads`` order
     global_params: dict[str, Any]
+    group: str
 
     @property
     def out_bytes(self) -> int:
@@ -81,6 +81,9 @@ class PlannedTensor(BaseModel):
     @property
     def in_bytes(self) -> int:
         return sum(read.end - read.begin for read in self.reads)
+
+    def expert_reads(self) -> list[TensorRead]:
+        return [read for i, read in enumerate(self.reads) if i != self.base]
 
 
 class PlannedShard(BaseModel):
@@ -106,7 +109,7 @@ class Plan(BaseModel):
     random_seed: int
     output: str
     inputs: list[PlanInput]
-    base_index: int | None
+    base: int | None  # index into ``inputs`` of the recipe's base_model
     out_dtype: str
     config: dict[str, Any]
     tokenizer_source: int | None
@@ -117,10 +120,6 @@ class Plan(BaseModel):
         if not 0 <= index < len(self.shards):
             raise PlanError(f"shard index {index} is out of range: this plan has shards 0..{len(self.shards) - 1}")
         return self.shards[index]
-
-    def expert_indices(self) -> list[int]:
-        """Inputs handed to the method as experts (all inputs when it takes no base)."""
-        return [i for i in range(len(self.inputs)) if i != self.base_index]
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
@@ -185,97 +184,76 @@ def plan_layer_groups(sizes: list[int], count: int) -> list[tuple[int, int]]:
     return groups
 
 
-def order_tensors(names: list[str]) -> list[list[str]]:
-    """Tensors in checkpoint order, as atoms: embeddings first, each layer, then the rest."""
-    front = sorted(n for n in names if layer_index(n) is None and _is_embedding(n))
-    back = sorted(n for n in names if layer_index(n) is None and not _is_embedding(n))
-    layers: dict[int, list[str]] = {}
-    for name in names:
-        index = layer_index(name)
-        if index is not None:
-            layers.setdefault(index, []).append(name)
-    atoms = [front] if front else []
-    atoms += [sorted(layers[i]) for i in sorted(layers)]
-    if back:
-        atoms.append(back)
-    return atoms
-
-
-def _is_embedding(name: str) -> bool:
-    return any(part in name for part in ("embed", "wte", "wpe", "word_embeddings"))
-
-
 def _reference_dtype(tensors: dict[str, TensorInfo]) -> str:
     counts = Counter(info.dtype for info in tensors.values() if info.dtype in FLOAT_DTYPES)
     return counts.most_common(1)[0][0] if counts else "F32"
 
 
-def _open_inputs(recipe: Recipe, *, allow_pickle: bool, scratch: str | None) -> list[CheckpointSource]:
-    sources = []
-    for ref in recipe.model_refs():
-        sources.append(ckpt.open_checkpoint(ref, allow_pickle=allow_pickle, scratch=scratch))
-    return sources
+def _num_layers(config: dict[str, Any], index: dict[str, TensorInfo]) -> int:
+    counted = 1 + max((layer_index(name) for name in index if layer_index(name) is not None), default=-1)
+    return int(config.get("num_hidden_layers") or counted)
 
 
-def _check_compatible(
-    refs: list[str],
-    configs: list[dict[str, Any]],
-    indexes: list[dict[str, TensorInfo]],
-    reference: int,
-) -> None:
-    ref_arch = configs[reference].get("architectures")
-    for i, config in enumerate(configs):
-        if config.get("architectures") != ref_arch:
+def _check_architectures(refs: list[str], configs: dict[str, dict[str, Any]], reference: str) -> None:
+    expected = configs[reference].get("architectures")
+    for ref in refs:
+        if configs[ref].get("architectures") != expected:
             raise CheckpointError(
-                f"{refs[i]}/config.json has architectures {config.get('architectures')} but "
-                f"{refs[reference]}/config.json has {ref_arch}; only models of one architecture can be merged"
-            )
-    expected = indexes[reference]
-    for i, index in enumerate(indexes):
-        if i == reference:
-            continue
-        missing = sorted(set(expected) - set(index))
-        if missing:
-            raise CheckpointError(
-                f"{refs[i]} lacks tensor '{missing[0]}' that {refs[reference]} has"
-                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                + "; the models must have the same tensors"
-            )
-        extra = sorted(set(index) - set(expected))
-        if extra:
-            raise CheckpointError(
-                f"{refs[i]} has tensor '{extra[0]}' that {refs[reference]} lacks"
-                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-                + "; the models must have the same tensors"
-            )
-        for name, info in expected.items():
-            other = index[name]
-            if other.shape != info.shape:
-                raise CheckpointError(
-                    f"tensor '{name}' has shape {list(other.shape)} in {refs[i]} ({other.file}) but "
-                    f"{list(info.shape)} in {refs[reference]} ({info.file})"
-                )
-            if other.dtype != info.dtype:
-                raise CheckpointError(
-                    f"tensor '{name}' is {other.dtype} in {refs[i]} ({other.file}) but {info.dtype} in "
-                    f"{refs[reference]} ({info.file}); convert the models to one dtype first"
-                )
-    for name, info in expected.items():
-        if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(
-                f"tensor '{name}' in {refs[reference]} ({info.file}) is {info.dtype}; only floating-point tensors can be merged"
+                f"{ref}/config.json has architectures {configs[ref].get('architectures')} but "
+                f"{reference}/config.json has {expected}; only models of one architecture can be merged"
             )
 
 
-def _merge_inputs(recipe: Recipe, method: MethodSpec, refs: list[str]) -> tuple[int | None, list[str]]:
-    """The base's position among the inputs (None if the method takes none) and the roles."""
+def _check_tensor(tensor: OutputTensor, indexes: dict[str, dict[str, TensorInfo]]) -> TensorInfo:
+    """The first input's header entry, after checking the others agree with it."""
+    first_model, first_name = tensor.inputs[0]
+    info = indexes[first_model][first_name]
+    for model, name in tensor.inputs[1:]:
+        other = indexes[model][name]
+        if other.shape != info.shape:
+            raise CheckpointError(
+                f"tensor '{name}' has shape {list(other.shape)} in {model} ({other.file}) but "
+                f"{list(info.shape)} in {first_model} ({info.file})"
+            )
+        if other.dtype != info.dtype:
+            raise CheckpointError(
+                f"tensor '{name}' is {other.dtype} in {model} ({other.file}) but {info.dtype} in "
+                f"{first_model} ({info.file}); convert the models to one dtype first"
+            )
+    if info.dtype not in FLOAT_DTYPES:
+        raise CheckpointError(
+            f"tensor '{first_name}' in {first_model} ({info.file}) is {info.dtype}; only floating-point tensors can be merged"
+        )
+    return info
+
+
+def _base_position(method: MethodSpec, tensor: OutputTensor) -> int | None:
+    """Where the base sits among a tensor's inputs, or None when the method sees none."""
+    models = [model for model, _ in tensor.inputs]
     if method.needs_base:
-        if not recipe.base_model:
+        if tensor.base is None:
             raise RecipeError(
-                f"merge_method '{method.name}' needs a base_model: add 'base_model: PATH' (the model the experts were fine-tuned from)"
+                f"merge_method '{method.name}' needs a base_model: add 'base_model: PATH' "
+                "(the model the experts were fine-tuned from)"
             )
-        return 0, ["base"] + ["expert"] * (len(refs) - 1)
-    return None, ["expert"] * len(refs)
+        if tensor.base not in models:
+            raise RecipeError(f"base_model {tensor.base} must be one of the sources of the slice that makes '{tensor.name}'")
+        return models.index(tensor.base)
+    if method.optional_base and tensor.base in models:
+        return models.index(tensor.base)
+    return None
+
+
+def _check_expert_count(method: MethodSpec, tensor: OutputTensor, base: int | None) -> None:
+    experts = len(tensor.inputs) - (base is not None)
+    if experts < method.min_experts:
+        raise RecipeError(
+            f"merge_method '{method.name}' needs at least {method.min_experts} model(s) besides the base, got {experts}"
+        )
+    if method.max_experts is not None and experts > method.max_experts:
+        raise RecipeError(
+            f"merge_method '{method.name}' takes at most {method.max_experts} model(s) besides the base, got {experts}"
+        )
 
 
 def build_plan(
@@ -288,83 +266,76 @@ def build_plan(
 ) -> Plan:
     """Read the inputs' headers and configs, validate, resolve parameters, cut into shards."""
     method = get_method(recipe.merge_method)
+    check_parameter_names(method, recipe_parameter_scopes(recipe))
+    if method.needs_base and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
+        raise RecipeError(
+            f"merge_method '{method.name}' needs a base_model: add 'base_model: PATH' (the model the experts were fine-tuned from)"
+        )
+
     refs = recipe.model_refs()
-    base_index, roles = _merge_inputs(recipe, method, refs)
-    expert_refs = [ref for ref, role in zip(refs, roles) if role == "expert"]
-    if len(expert_refs) < method.min_experts:
-        raise RecipeError(f"merge_method '{method.name}' needs at least {method.min_experts} model(s) besides the base")
-    if method.max_experts is not None and len(expert_refs) > method.max_experts:
-        raise RecipeError(f"merge_method '{method.name}' takes at most {method.max_experts} model(s) besides the base")
-
-    per_model_settings = {entry.model: entry.parameters for entry in recipe.models}
-    check_parameter_names(method, recipe.parameters, per_model_settings)
-
     allow = recipe.fleet.allow_pickle if allow_pickle is None else allow_pickle
-    sources = _open_inputs(recipe, allow_pickle=allow, scratch=scratch)
-    configs = [ckpt.read_config(source) for source in sources]
-    indexes = [ckpt.read_tensor_index(source) for source in sources]
-    reference = base_index if base_index is not None else 0
-    _check_compatible(refs, configs, indexes, reference)
+    sources: dict[str, CheckpointSource] = {
+        ref: ckpt.open_checkpoint(ref, allow_pickle=allow, scratch=scratch) for ref in refs
+    }
+    configs = {ref: ckpt.read_config(source) for ref, source in sources.items()}
+    indexes = {ref: ckpt.read_tensor_index(source) for ref, source in sources.items()}
+    reference = recipe.base_model or refs[0]
+    _check_architectures(refs, configs, reference)
 
+    slices = output_slices(recipe, {ref: _num_layers(configs[ref], indexes[ref]) for ref in refs})
+    tensors = output_tensors(slices, {ref: list(index) for ref, index in indexes.items()}, recipe.parameters)
     out_dtype = (
         dtype_code(parse_dtype_name(recipe.out_dtype or recipe.dtype))
         if (recipe.out_dtype or recipe.dtype)
         else _reference_dtype(indexes[reference])
     )
-    num_layers = int(configs[reference].get("num_hidden_layers") or 0) or (
-        1 + max((layer_index(n) or 0) for n in indexes[reference])
-    )
-    atoms = order_tensors(list(indexes[reference]))
-    shard_count = shards if shards is not None else recipe.fleet.shards
-    atom_sizes = [sum(indexes[reference][n].nbytes for n in atom) for atom in atoms]
-    if shard_count > len(atoms):
-        atoms = [[name] for atom in atoms for name in atom]
-        atom_sizes = [indexes[reference][atom[0]].nbytes for atom in atoms]
-        if shard_count > len(atoms):
-            raise RecipeError(f"--shards {shard_count} is more than the {len(atoms)} tensors of the model; use at most {len(atoms)}")
-    groups = plan_layer_groups(atom_sizes, shard_count)
 
-    expert_settings = [(refs[i], per_model_settings.get(refs[i], {})) for i in range(len(refs)) if roles[i] == "expert"]
-    planned_shards: list[PlannedShard] = []
-    for shard_index, (start, stop) in enumerate(groups):
-        tensors = []
-        for atom in atoms[start:stop]:
-            for name in atom:
-                model_params, global_params = resolve_tensor_parameters(
-                    method, name, layer_position(name, num_layers), recipe.parameters, expert_settings
-                )
-                info = indexes[reference][name]
-                tensors.append(
-                    PlannedTensor(
-                        name=name,
-                        shape=list(info.shape),
-                        out_dtype=out_dtype,
-                        reads=[
-                            TensorRead(file=ix[name].file, begin=ix[name].begin, end=ix[name].end, dtype=ix[name].dtype)
-                            for ix in indexes
-                        ],
-                        model_params=model_params,
-                        global_params=global_params,
-                    )
-                )
-        planned_shards.append(PlannedShard(index=shard_index, file=shard_file_name(shard_index, shard_count), tensors=tensors))
+    position = {ref: i for i, ref in enumerate(refs)}
+    planned: list[PlannedTensor] = []
+    for tensor in tensors:
+        info = _check_tensor(tensor, indexes)
+        base = _base_position(method, tensor)
+        _check_expert_count(method, tensor, base)
+        experts = [i for i in range(len(tensor.inputs)) if i != base]
+        model_params, global_params = resolve_tensor_parameters(
+            method,
+            tensor.name,
+            tensor.t,
+            tensor.shared_settings,
+            [(tensor.inputs[i][0], tensor.inputs[i][1], tensor.model_settings[i]) for i in experts],
+        )
+        reads = []
+        for model, name in tensor.inputs:
+            entry = indexes[model][name]
+            reads.append(TensorRead(input=position[model], name=name, file=entry.file, begin=entry.begin, end=entry.end, dtype=entry.dtype))
+        planned.append(
+            PlannedTensor(
+                name=tensor.name,
+                shape=list(info.shape),
+                out_dtype=out_dtype,
+                reads=reads,
+                base=base,
+                model_params=model_params,
+                global_params=global_params,
+                group=tensor.group,
+            )
+        )
 
-    if method.sparsifies and all(
-        params.get("density", 1.0) >= 1.0 for shard in planned_shards for t in shard.tensors for params in t.model_params
-    ):
+    if method.sparsifies and all(params.get("density", 1.0) >= 1.0 for t in planned for params in t.model_params):
         log.warning(
             "%s runs with density 1 for every tensor, so nothing is sparsified; set 'density' (e.g. 0.2) per model",
             method.name,
         )
+    shard_count = shards if shards is not None else recipe.fleet.shards
+    planned_shards = cut_into_shards(planned, shard_count)
 
     inputs = [
-        PlanInput(name=ref, ref=source.uri, role=role, fingerprints=[asdict(fp) for fp in ckpt.fingerprints(source)])
-        for ref, role, source in zip(refs, roles, sources)
+        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in ckpt.fingerprints(sources[ref])])
+        for ref in refs
     ]
-    tokenizer_source = reference
-    tokenizer_files = [name for name in TOKENIZER_FILES if sources[tokenizer_source].exists(name)]
-    config = _output_config(configs[reference], out_dtype)
-    recipe_data = recipe.model_dump(mode="json", exclude_defaults=True)
+    tokenizer_files = [name for name in TOKENIZER_FILES if sources[reference].exists(name)]
+    layer_sources = [s.sources[0].start + offset for s in slices for offset in range(s.layers)]
+    config = _output_config(configs[reference], out_dtype, layer_sources if recipe.slices else None)
     identity = {
         "version": PLAN_VERSION,
         "recipe": recipe.recipe_hash(),
@@ -375,28 +346,57 @@ def build_plan(
     plan_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     return Plan(
         plan_id=plan_id,
-        recipe=recipe_data,
+        recipe=recipe.model_dump(mode="json", exclude_defaults=True),
         recipe_hash=recipe.recipe_hash(),
         method=method.name,
         random_seed=recipe.random_seed,
         output=output,
         inputs=inputs,
-        base_index=base_index,
+        base=position.get(recipe.base_model) if recipe.base_model else None,
         out_dtype=out_dtype,
         config=config,
-        tokenizer_source=tokenizer_source if tokenizer_files else None,
+        tokenizer_source=position[reference] if tokenizer_files else None,
         tokenizer_files=tokenizer_files,
         shards=planned_shards,
     )
 
 
+def cut_into_shards(tensors: list[PlannedTensor], count: int) -> list[PlannedShard]:
+    """Layer groups of near-equal output bytes; a layer is split only when shards outnumber layers."""
+    atoms: list[list[PlannedTensor]] = []
+    for tensor in tensors:
+        if atoms and atoms[-1][0].group == tensor.group:
+            atoms[-1].append(tensor)
+        else:
+            atoms.append([tensor])
+    if count > len(atoms):
+        atoms = [[tensor] for tensor in tensors]
+        if count > len(atoms):
+            raise RecipeError(f"--shards {count} is more than the {len(atoms)} tensors of the model; use at most {len(atoms)}")
+    groups = plan_layer_groups([sum(t.out_bytes for t in atom) for atom in atoms], count)
+    return [
+        PlannedShard(
+            index=i,
+            file=shard_file_name(i, count),
+            tensors=[tensor for atom in atoms[start:stop] for tensor in atom],
+        )
+        for i, (start, stop) in enumerate(groups)
+    ]
+
+
 _CONFIG_DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
-def _output_config(config: dict[str, Any], out_dtype: str) -> dict[str, Any]:
+def _output_config(config: dict[str, Any], out_dtype: str, layer_sources: list[int] | None) -> dict[str, Any]:
+    """The reference config with the output dtype and, for slices, the output's layers."""
     result = dict(config)
     name = _CONFIG_DTYPE_NAMES[out_dtype]
     result["torch_dtype"] = name
     if "dtype" in result or "transformers_version" in result:
         result["dtype"] = name
+    if layer_sources is not None:
+        result["num_hidden_layers"] = len(layer_sources)
+        types = result.get("layer_types")
+        if isinstance(types, list) and len(types) > max(layer_sources):
+            result["layer_types"] = [types[i] for i in layer_sources]
     return result

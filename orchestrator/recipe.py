@@ -102,20 +102,21 @@ class Recipe(BaseModel):
     def _has_inputs(self) -> "Recipe":
         if not self.models and not self.slices:
             raise ValueError("the recipe names no models: add a 'models:' list")
-        if self.slices:
-            raise ValueError("'slices:' recipes are not supported by this version yet; use 'models:'")
+        if self.models and self.slices:
+            raise ValueError("give either 'models:' or 'slices:', not both")
         if self.tokenizer_source not in (None, "base"):
             raise ValueError(f"tokenizer_source '{self.tokenizer_source}' is not supported yet; use 'base' or leave it out")
         return self
 
     def model_refs(self) -> list[str]:
         """Every model the merge reads, base first when there is one, without repeats."""
+        named = [self.base_model] + [entry.model for entry in self.models]
+        for slice_ in self.slices or []:
+            named += [slice_.base_model] + [source.model for source in slice_.sources]
         refs: list[str] = []
-        if self.base_model:
-            refs.append(self.base_model)
-        for entry in self.models:
-            if entry.model not in refs:
-                refs.append(entry.model)
+        for ref in named:
+            if ref and ref not in refs:
+                refs.append(ref)
         return refs
 
     def recipe_hash(self) -> str:

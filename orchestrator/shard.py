@@ -87,8 +87,8 @@ def check_inputs_unchanged(plan: Plan, sources: list[CheckpointSource]) -> None:
 def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor) -> list[torch.Tensor]:
     shape = tuple(tensor.shape)
     return [
-        ckpt.read_tensor(source, TensorInfo(tensor.name, read.dtype, shape, read.file, read.begin, read.end))
-        for source, read in zip(sources, tensor.reads)
+        ckpt.read_tensor(sources[read.input], TensorInfo(read.name, read.dtype, shape, read.file, read.begin, read.end))
+        for read in tensor.reads
     ]
 
 
@@ -101,8 +101,8 @@ def merge_tensor(
     """
     if device != "cpu":
         inputs = [t.to(device, non_blocking=True) for t in inputs]
-    base = inputs[plan.base_index] if plan.base_index is not None else None
-    experts = [inputs[i] for i in plan.expert_indices()]
+    base = inputs[tensor.base] if tensor.base is not None else None
+    experts = [t for i, t in enumerate(inputs) if i != tensor.base]
     task = TensorTask(
         name=tensor.name,
         base=base,

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import RecipeError
-from orchestrator.parameters import evaluate_value, layer_position
-from orchestrator.plan import build_plan, order_tensors, plan_layer_groups
+from orchestrator.parameters import evaluate_value
+from orchestrator.plan import build_plan, plan_layer_groups
+from orchestrator.slices import OutputSlice, SourceLayers, output_tensors, rename_layer
 from orchestrator.recipe import load_recipe, parse_recipe
 from tests.helpers import gta_recipe, write_recipe
 
@@ -85,9 +86,6 @@ def test_gradients_and_filters_resolve_as_mergekit() -> None:
     assert evaluate_value([1.0, 0.7, 0.1], "x", 0.25) == pytest.approx(0.85)
     assert evaluate_value([1.0, 0.7, 0.1], "x", 1.0) == pytest.approx(0.1)
     assert evaluate_value(["a", "b"], "x", 0.6) == "a"
-    assert layer_position("model.embed_tokens.weight", 8) == 0.0
-    assert layer_position("model.layers.7.mlp.up_proj.weight", 8) == 1.0
-    assert layer_position("model.layers.0.mlp.up_proj.weight", 1) == 1.0
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 8])
@@ -106,10 +104,26 @@ def test_layer_groups_are_contiguous_and_minimise_the_largest(count: int) -> Non
     assert largest == best
 
 
-def test_tensor_order_puts_embeddings_first_and_head_last() -> None:
+def test_output_tensors_embeddings_first_layers_renumbered_head_last() -> None:
     names = ["lm_head.weight", "model.layers.1.mlp.w", "model.norm.weight", "model.layers.0.mlp.w", "model.layers.10.a", "model.embed_tokens.weight"]
-    atoms = order_tensors(names)
-    assert atoms == [["model.embed_tokens.weight"], ["model.layers.0.mlp.w"], ["model.layers.1.mlp.w"], ["model.layers.10.a"], ["lm_head.weight", "model.norm.weight"]]
+    slices = [
+        OutputSlice((SourceLayers("a", 0, 2, {}),), None, {}),
+        OutputSlice((SourceLayers("a", 10, 11, {}),), None, {}),
+        OutputSlice((SourceLayers("a", 0, 1, {}),), None, {}),
+    ]
+    tensors = output_tensors(slices, {"a": names}, {})
+    assert [t.name for t in tensors] == [
+        "model.embed_tokens.weight",
+        "model.layers.0.mlp.w",
+        "model.layers.1.mlp.w",
+        "model.layers.2.a",
+        "model.layers.3.mlp.w",
+        "lm_head.weight",
+        "model.norm.weight",
+    ]
+    assert [t.inputs[0][1] for t in tensors][3:5] == ["model.layers.10.a", "model.layers.0.mlp.w"]
+    assert [t.t for t in tensors][:4] == [0.0, 0.0, 1.0, 1.0]
+    assert rename_layer("model.layers.12.self_attn.q_proj.weight", 3) == "model.layers.3.self_attn.q_proj.weight"
 
 
 def test_plan_is_balanced_and_content_addressed(family, tmp_path: Path) -> None:

@@ -66,6 +66,10 @@ class MethodSpec:
     name: str
     merge: MergeFunction
     needs_base: bool
+    # A base that is handed over as ``task.base`` when the recipe names one, and left
+    # out otherwise (multislerp, nuslerp). When False and the method needs no base, a
+    # named base is just another input among the experts (linear).
+    optional_base: bool = False
     model_params: tuple[ParamSpec, ...] = ()
     global_params: tuple[ParamSpec, ...] = ()
     uses_randomness: bool = False
