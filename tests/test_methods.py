@@ -51,15 +51,17 @@ def ref_family(
     protected=(),
     slack=0.0,
     densities=None,
+    report=(),
 ):
-    """θ₀ + λΔ per METHODS.md, one position at a time, with ties_sv's rescue and the
-    protected drop-rate report. ``sparsified`` gives each δᵢ (default: τᵢ)."""
+    """θ₀ + λΔ per METHODS.md, one position at a time, with ties_sv's rescue of the
+    ``protected`` models' entries and the drop-rate report of the ``report`` models.
+    ``sparsified`` gives each δᵢ (default: τᵢ)."""
     base = np.asarray(base, dtype=np.float64).ravel()
     taus = [np.asarray(e, dtype=np.float64).ravel() - base for e in experts]
     deltas = sparsified if sparsified is not None else taus
     n = base.size
     slack_sets = {p: ref_top_positions(taus[p], int(slack * n)) for p in protected}
-    dropped = {p: 0 for p in protected}
+    dropped = {p: 0 for p in report}
     out = np.empty(n)
     for j in range(n):
         x = [w * d[j] for w, d in zip(weights, deltas)]
@@ -70,7 +72,7 @@ def ref_family(
             gamma = 1.0 if sum(x) >= 0 else -1.0
             agree = [np.sign(v) == gamma for v in x]
             rescued = [p for p in protected if x[p] != 0 and not agree[p] and j in slack_sets[p]]
-            for p in protected:
+            for p in report:
                 if x[p] != 0 and not agree[p] and p not in rescued:
                     dropped[p] += 1
             if rescued:
@@ -81,8 +83,8 @@ def ref_family(
             divisor = 1.0 if divisor == 0 else divisor
         delta = total / divisor if normalize else total
         out[j] = base[j] + lam * delta
-    topk = [ref_kept(n, densities[p]) if densities else n for p in protected]
-    return out, {"protected_topk": topk, "protected_dropped": [dropped[p] for p in protected]}
+    topk = [ref_kept(n, densities[p]) if densities else n for p in report]
+    return out, {"protected_topk": topk, "protected_dropped": [dropped[p] for p in report]}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -126,11 +128,12 @@ def test_registered_methods_are_pinned():
     assert all(spec.name == name for name, spec in METHODS.items())
 
 
-def test_unknown_method_lists_available_names():
+@pytest.mark.parametrize("name", ["tis", "nope"])
+def test_unknown_method_lists_available_names(name):
     with pytest.raises(RecipeError) as error:
-        get_method("tis")
+        get_method(name)
     assert str(error.value) == (
-        "unknown merge_method 'tis'; available: dare_linear, dare_ties, linear, task_arithmetic, ties, ties_sv"
+        f"unknown merge_method '{name}'; available: dare_linear, dare_ties, linear, task_arithmetic, ties, ties_sv"
     )
 
 
@@ -241,7 +244,7 @@ def test_ties_matches_reference(chunking, quantise):
     sparse = [ref_magnitude((e - base).numpy(), d) for e, d in zip(experts, densities)]
     expected, report = ref_family(
         base, experts, weights, sparsified=sparse, consensus=True, normalize=True,
-        protected=range(4), densities=densities,
+        report=range(4), densities=densities,
     )
     np.testing.assert_allclose(result.tensor.numpy(), expected, rtol=0, atol=1e-12)
     assert result.report == report
@@ -254,7 +257,7 @@ def test_ties_report_counts_only_protected_models():
     result = run("ties", base, experts, params, defaults("ties"))
     sparse = [ref_magnitude((e - base).numpy(), 0.4) for e in experts]
     _, report = ref_family(
-        base, experts, [1.0] * 3, sparsified=sparse, consensus=True, protected=[1], densities=[0.4] * 3
+        base, experts, [1.0] * 3, sparsified=sparse, consensus=True, report=[1], densities=[0.4] * 3
     )
     assert result.report == report
     assert report["protected_dropped"][0] > 0  # the case does exercise the count
@@ -382,10 +385,21 @@ def test_ties_sv_matches_reference(chunking, slack):
     sparse = [ref_magnitude((e - base).numpy(), d) for e, d in zip(experts, densities)]
     expected, report = ref_family(
         base, experts, weights, sparsified=sparse, consensus=True, normalize=True,
-        protected=[0, 2], slack=slack, densities=densities,
+        protected=[0, 2], slack=slack, densities=densities, report=[0, 2],
     )
     np.testing.assert_allclose(result.tensor.numpy(), expected, rtol=0, atol=1e-12)
     assert result.report == report
+
+
+def test_ties_sv_without_protected_models_is_ties():
+    """Only models marked ``protect: true`` are rescued; with none marked the drop rate of
+    every model is reported, as for ties."""
+    base, experts = random_case(3, 40, seed=22, quantise=True)
+    params = models([1.0, 1.0, 1.0], density=[0.5, 0.5, 0.5])
+    ties = run("ties", base, experts, params, defaults("ties"))
+    sv = run("ties_sv", base, experts, params, {**defaults("ties_sv"), "slack": 0.5})
+    assert torch.equal(ties.tensor, sv.tensor)
+    assert ties.report == sv.report and len(sv.report["protected_dropped"]) == 3
 
 
 def test_ties_sv_rejects_slack_outside_unit_interval():
@@ -529,3 +543,17 @@ def test_results_do_not_depend_on_the_thread_count():
         torch.set_num_threads(before)
     for one, two in zip(*outputs):
         assert one.numpy().tobytes() == two.numpy().tobytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_inputs_give_the_cpu_result():
+    base, experts = random_case(3, 5000, seed=14)
+    base, experts = base.float(), [e.float() for e in experts]
+    params = models([1.0, 0.5, 0.25], density=[0.3, 0.5, 0.7], protect=[True, False, False])
+    for name in ("linear", "task_arithmetic", "ties", "ties_sv", "dare_ties", "dare_linear"):
+        cpu_base, gpu_base = (None, None) if name == "linear" else (base, base.cuda())
+        on_cpu = run(name, cpu_base, experts, params, defaults(name), seed=3)
+        on_gpu = run(name, gpu_base, [e.cuda() for e in experts], params, defaults(name), seed=3)
+        assert on_gpu.tensor.device.type == "cuda"
+        torch.testing.assert_close(on_gpu.tensor.cpu(), on_cpu.tensor, rtol=1e-6, atol=1e-6)
+        assert on_gpu.report == on_cpu.report

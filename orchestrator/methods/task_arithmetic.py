@@ -18,6 +18,8 @@ uses only arithmetic: with g = ±1 the elected sign, mᵢwᵢδᵢ = g·relu(g·
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -37,6 +39,8 @@ from orchestrator.methods.sparsify import (
     topk_sets,
 )
 
+log = logging.getLogger(__name__)
+
 Sparsifier = Literal["magnitude", "random"] | None
 
 
@@ -52,21 +56,25 @@ def generalized_merge(
     lambda_: float = 1.0,
     rescale: Rescale = None,
     seed: int = 0,
-    protected: Sequence[int] | None = None,
+    protected: Sequence[int] = (),
     slack: float = 0.0,
+    report: Sequence[int] = (),
 ) -> MergeResult:
     """θ₀ + λΔ as in the module doc; float32 (float64 for float64 inputs), base's shape.
 
-    ``protected`` (indices into ``experts``) turns on the protected drop-rate report
-    (consensus only) and, with ``slack`` > 0, ties_sv's rescue. ``seed`` feeds the CPU
-    generator of the random sparsifier; experts draw from it in order.
+    With consensus, ``protected`` (indices into ``experts``) are the models whose entries
+    a ``slack`` > 0 may rescue (ties_sv), and ``report`` the models whose drop rate goes
+    into the result's report: per model, its kept entries (``protected_topk``) and how
+    many of them the election discarded in the end (``protected_dropped``; an entry that
+    is zero after weighting is not counted). ``seed`` feeds the CPU generator of the
+    random sparsifier; the experts draw from it in order.
     """
     deltas = Deltas(experts, base)
     if not experts:
         return MergeResult(base.to(deltas.dtype, copy=True))
     count = len(experts)
     densities = list(densities) if densities is not None else [1.0] * count
-    protected = list(protected or ())
+    report = list(report) if consensus else []
     rescue = {p: kept_count(deltas.n, slack) for p in protected} if consensus and slack > 0 else {}
 
     keeps: list[Keep] | None = None
@@ -84,15 +92,15 @@ def generalized_merge(
         raise ValueError(f"unknown sparsifier {sparsifier!r}")
     scales = keep_scales(deltas, keeps, densities, rescale) if keeps else [1.0] * count
 
-    combine = _Combine(deltas, weights, keeps, scales, consensus, normalize, lambda_, protected, rescue_sets)
+    combine = _Combine(deltas, weights, keeps, scales, consensus, normalize, lambda_, report, rescue_sets)
     out = combine.run()
-    report: dict[str, Any] = {}
-    if consensus and protected:
-        report = {
-            "protected_topk": [keeps[p].kept if keeps else deltas.n for p in protected],
+    figures: dict[str, Any] = {}
+    if report:
+        figures = {
+            "protected_topk": [keeps[p].kept if keeps else deltas.n for p in report],
             "protected_dropped": combine.dropped,
         }
-    return MergeResult(out.view(base.shape), report)
+    return MergeResult(out.view(base.shape), figures)
 
 
 class _Combine:
@@ -107,13 +115,13 @@ class _Combine:
         consensus: bool,
         normalize: bool,
         lambda_: float,
-        protected: Sequence[int],
+        report: Sequence[int],
         rescue_sets: dict[int, TopK],
     ):
         self.deltas, self.weights, self.keeps, self.scales = deltas, [float(w) for w in weights], keeps, scales
         self.consensus, self.normalize, self.lambda_ = consensus, normalize, float(lambda_)
-        self.protected, self.rescue_sets = list(protected) if consensus else [], rescue_sets
-        self.dropped = [0] * len(self.protected)
+        self.report, self.rescue_sets = list(report), rescue_sets
+        self.dropped = [0] * len(self.report)
         count = len(self.weights)
         self.x = [deltas.buffer() for _ in range(count)]  # wᵢδᵢ of the chunk, one per expert
         self.acc, self.gamma, self.tmp = deltas.buffer(), deltas.buffer(), deltas.buffer()
@@ -177,18 +185,17 @@ class _Combine:
             self._rescue(gamma, size)
         acc.zero_()
         for i, xi in enumerate(x):
-            report = i in self.protected
-            if report:
+            counted = i in self.report
+            if counted:
                 nonzero = float(torch.sign(xi, out=tmp).abs_().sum())
             agreeing = torch.mul(xi, gamma, out=xi).relu_()  # |mᵢwᵢδᵢ|
             acc.add_(agreeing)
-            if div is not None or report:
+            if div is not None or counted:
                 agrees = torch.sign(agreeing, out=tmp)  # mᵢ
                 if div is not None:
                     div.add_(agrees, alpha=self.weights[i])
-                if report:
-                    slot = self.protected.index(i)
-                    self.dropped[slot] += int(nonzero - float(agrees.sum()))
+                if counted:
+                    self.dropped[self.report.index(i)] += int(nonzero - float(agrees.sum()))
         if div is not None:
             acc.div_(_nonzero_or_one(div, tmp))
         acc.mul_(gamma)
@@ -212,7 +219,8 @@ class _Combine:
             count.add_(flags)
             if weight is not None:
                 weight.add_(flags, alpha=self.weights[p])
-            self.dropped[self.protected.index(p)] -= int(float(flags.sum()))
+            if p in self.report:
+                self.dropped[self.report.index(p)] -= int(float(flags.sum()))
         if weight is not None:
             rescued.div_(_nonzero_or_one(weight, tmp))
         rescued.mul_(gamma).neg_()  # every rescued entry has the sign −γ
@@ -260,10 +268,13 @@ def _merge_for(variant: _Variant):
         g = task.global_params
         params = task.model_params
         weights = [_get(p, "weight", task.name, variant.name) for p in params]
-        protected: list[int] | None = None
+        marked: list[int] = []
+        report: list[int] = []
         if variant.consensus and variant.sparsifier == "magnitude":
             marked = [i for i, p in enumerate(params) if p.get("protect", False)]
-            protected = marked or list(range(len(params)))
+            report = marked or list(range(len(params)))
+            if variant.slack and not marked and task.experts:
+                _warn_once(f"{variant.name}: no model sets 'protect: true', so nothing is rescued and it runs as ties")
         slack = float(g.get("slack", 0.1)) if variant.slack else 0.0
         if not 0.0 <= slack <= 1.0:
             raise RecipeError(f"{variant.name}: parameter 'slack' must lie in [0, 1], got {slack} (tensor '{task.name}')")
@@ -281,12 +292,18 @@ def _merge_for(variant: _Variant):
             lambda_=float(g.get("lambda", 1.0)),
             rescale=rescale_mode(rescale),
             seed=task.seed,
-            protected=protected,
+            protected=marked,
             slack=slack,
+            report=report,
         )
 
     merge.__name__ = f"merge_{variant.name}"
     return merge
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def _get(params: Any, name: str, tensor: str, method: str) -> float:
@@ -308,7 +325,7 @@ def _spec(variant: _Variant) -> MethodSpec:
             ParamSpec("rescale", bool, variant.rescale, 'true: L1-match what is kept; "inverse": divide by density')
         )
     if variant.consensus and variant.sparsifier == "magnitude":
-        model_params.append(ParamSpec("protect", bool, False, "report (and, in ties_sv, rescue) this model's top-k"))
+        model_params.append(ParamSpec("protect", bool, False, "report this model's drop rate (ties_sv: and rescue its top-slack entries); if no model sets it, all are reported"))
     if variant.slack:
         global_params.append(ParamSpec("slack", float, 0.1, "fraction of a protected model's top |τ| kept past the election"))
     return MethodSpec(
