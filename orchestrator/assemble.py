@@ -23,7 +23,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 def collect_receipts(plan: Plan) -> list[Receipt]:
     """Every shard's receipt, checked against the plan; names the first shard that is not done."""
-    sink = ckpt.open_output(plan.output)
+    sink = ckpt.open_output(plan.output, storage=plan.storage)
     receipts = []
     for shard in plan.shards:
         receipt = load_receipt(sink, shard.index)
@@ -54,7 +54,7 @@ def _expected_size(plan: Plan, index: int) -> int:
 def assemble(plan: Plan) -> dict[str, Any]:
     """Write index, config, tokenizer files and the manifest; return the manifest."""
     receipts = collect_receipts(plan)
-    sink = ckpt.open_output(plan.output)
+    sink = ckpt.open_output(plan.output, storage=plan.storage)
 
     weight_map = {name: receipt.file for receipt in receipts for name in receipt.tensors}
     total_size = sum(t.out_bytes for shard in plan.shards for t in shard.tensors)
@@ -64,7 +64,7 @@ def assemble(plan: Plan) -> dict[str, Any]:
 
     copied = []
     if plan.tokenizer_source is not None:
-        source = ckpt.open_source(plan.inputs[plan.tokenizer_source].ref)
+        source = ckpt.open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
         for name in plan.tokenizer_files:
             sink.write_file(name, source.read_file(name))
             copied.append(name)

@@ -180,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # their debug logs show request headers
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     for name in ("shards", "workers"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

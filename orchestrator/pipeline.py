@@ -23,7 +23,7 @@ from orchestrator.plan import PLAN_FILE, Plan, build_plan
 from orchestrator.recipe import Recipe
 from orchestrator.shard import OnTensor, Receipt, receipt_file, run_shard
 from orchestrator.storage import checkpoint as ckpt
-from orchestrator.storage.base import OutputSink
+from orchestrator.storage.base import OutputSink, StorageOptions
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +54,20 @@ class MergeSummary:
         }
 
 
-def load_plan(ref: str) -> Plan:
-    """A plan from its JSON file, or from the output location that holds it."""
+def load_plan(ref: str, *, storage: StorageOptions | None = None) -> Plan:
+    """A plan from its JSON file, or from the output location that holds it.
+
+    ``storage`` opens an ``s3://`` location (default: the environment's settings).
+    """
     if ref.endswith(".json"):
         directory, _, name = ref.rpartition("/")
         directory = directory or "."
         if directory.endswith(".mergefleet"):
             directory = directory[: -len("/.mergefleet")] or "."
             name = f".mergefleet/{name}"
-        sink = ckpt.open_output(directory)
+        sink = ckpt.open_output(directory, storage=storage)
     else:
-        sink, name = ckpt.open_output(ref), PLAN_FILE
+        sink, name = ckpt.open_output(ref, storage=storage), PLAN_FILE
     if not sink.exists(name):
         raise OutputError(f"no plan at {sink.uri}/{name}; create one with 'mergefleet plan RECIPE OUT'")
     return Plan.from_json(sink.read_file(name), source=f"{sink.uri}/{name}")
@@ -80,7 +83,7 @@ def _owned_files(plan: Plan | None) -> list[str]:
 
 def prepare_output(plan: Plan, *, overwrite: bool = False) -> OutputSink:
     """Refuse an output that holds another merge (unless overwriting); then write the plan."""
-    sink = ckpt.open_output(plan.output)
+    sink = ckpt.open_output(plan.output, storage=plan.storage)
     previous: Plan | None = None
     if sink.exists(PLAN_FILE):
         try:
@@ -187,7 +190,7 @@ def run_shards(
         executor.shutdown(wait=True, cancel_futures=True)
         stop.set()
         drainer.join()
-        ckpt.open_output(plan.output).remove_partials()
+        ckpt.open_output(plan.output, storage=plan.storage).remove_partials()
 
 
 def merge(
@@ -208,7 +211,7 @@ def merge(
     if on_plan:
         on_plan(plan)
     prepare_output(plan, overwrite=overwrite)
-    ckpt.open_output(plan.output).remove_partials()
+    ckpt.open_output(plan.output, storage=plan.storage).remove_partials()
     results = run_shards(
         plan,
         workers=workers if workers is not None else recipe.fleet.workers,

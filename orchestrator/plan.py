@@ -24,7 +24,7 @@ from orchestrator.parameters import check_parameter_names, layer_index, recipe_p
 from orchestrator.recipe import Recipe
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage import checkpoint as ckpt
-from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, TensorInfo
+from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, StorageOptions, TensorInfo
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ class Plan(BaseModel):
     tokenizer_source: int | None
     tokenizer_files: list[str]
     shards: list[PlannedShard]
+    storage: StorageOptions = StorageOptions()  # how every process opens s3:// inputs and output
 
     def shard(self, index: int) -> PlannedShard:
         if not 0 <= index < len(self.shards):
@@ -275,7 +276,7 @@ def build_plan(
     refs = recipe.model_refs()
     allow = recipe.fleet.allow_pickle if allow_pickle is None else allow_pickle
     sources: dict[str, CheckpointSource] = {
-        ref: ckpt.open_checkpoint(ref, allow_pickle=allow, scratch=scratch) for ref in refs
+        ref: ckpt.open_checkpoint(ref, allow_pickle=allow, scratch=scratch, storage=recipe.fleet.storage) for ref in refs
     }
     configs = {ref: ckpt.read_config(source) for ref, source in sources.items()}
     indexes = {ref: ckpt.read_tensor_index(source) for ref, source in sources.items()}
@@ -358,6 +359,7 @@ def build_plan(
         tokenizer_source=position[reference] if tokenizer_files else None,
         tokenizer_files=tokenizer_files,
         shards=planned_shards,
+        storage=recipe.fleet.storage,
     )
 
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import RecipeError
+from orchestrator.storage.base import StorageOptions
 
 Scalar = Union[bool, int, float, str]
 
@@ -73,10 +74,11 @@ class FleetSettings(BaseModel):
     workers: int = Field(default=1, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     allow_pickle: bool = False
+    storage: StorageOptions = Field(default_factory=StorageOptions)  # S3 endpoint, region, cache; never credentials
 
 
 class Recipe(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
     merge_method: str
     models: list[ModelEntry] = Field(default_factory=list)
@@ -140,7 +142,7 @@ def _describe(error: ValidationError, source: str) -> str:
 
 def _allowed_keys(location: tuple[Any, ...]) -> str:
     model: type[BaseModel] = Recipe
-    nested = {"fleet": FleetSettings, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
+    nested = {"fleet": FleetSettings, "storage": StorageOptions, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
     for part in location[:-1]:
         if isinstance(part, str) and part in nested:
             model = nested[part]

@@ -78,8 +78,8 @@ def check_inputs_unchanged(plan: Plan, sources: list[CheckpointSource]) -> None:
             if now is None or now.size != recorded["size"] or now.version != recorded["version"]:
                 raise PlanError(
                     f"input {planned.ref} changed after planning ({recorded['file']}: "
-                    f"planned size {recorded['size']} version {recorded['version']}, now "
-                    f"{'missing' if now is None else f'size {now.size} version {now.version}'}); "
+                    f"planned size {recorded['size']} {ckpt.describe_version(recorded['version'])}, now "
+                    f"{'missing' if now is None else f'size {now.size} {ckpt.describe_version(now.version)}'}); "
                     "run 'mergefleet plan' again (or 'mergefleet merge --overwrite')"
                 )
 
@@ -138,7 +138,7 @@ def run_shard(
 ) -> tuple[Receipt, bool]:
     """Run shard ``index`` of ``plan``; returns its receipt and whether it was skipped."""
     shard: PlannedShard = plan.shard(index)
-    sink = ckpt.open_output(plan.output)
+    sink = ckpt.open_output(plan.output, storage=plan.storage)
     if not force:
         done = finished_receipt(plan, sink, index)
         if done is not None:
@@ -149,10 +149,11 @@ def run_shard(
         raise MergeError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device cpu")
 
     method = get_method(plan.method)
-    sources = [ckpt.open_source(inp.ref) for inp in plan.inputs]
+    sources = [ckpt.open_source(inp.ref, storage=plan.storage) for inp in plan.inputs]
     check_inputs_unchanged(plan, sources)
-    for source in sources:
+    for position, source in enumerate(sources):
         source.bytes_read = 0
+        ckpt.prefetch(source, [(r.file, r.begin, r.end) for t in shard.tensors for r in t.reads if r.input == position])
 
     started = time.perf_counter()
     report: dict[str, Any] = {}

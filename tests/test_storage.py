@@ -30,6 +30,7 @@ from orchestrator.storage.checkpoint import (
     weight_files,
     write_safetensors,
 )
+from orchestrator.storage.base import StorageOptions
 from orchestrator.storage.local import LocalCheckpoint, LocalOutput
 from orchestrator.storage.safetensors_format import aligned_order, dtype_code
 
@@ -217,10 +218,12 @@ def test_output_remove_partials_and_bad_paths(tmp_path):
 def test_open_source_and_output(tmp_path):
     assert isinstance(open_source(str(single_checkpoint(tmp_path / "m"))), LocalCheckpoint)
     assert isinstance(open_output(tmp_path / "o"), LocalOutput)
-    with pytest.raises(CheckpointError, match="cannot read s3://bucket/model: S3 support is not installed yet"):
-        open_source("s3://bucket/model")
-    with pytest.raises(OutputError, match="cannot write to s3://bucket/out: S3 support is not installed yet"):
-        open_output("s3://bucket/out")
+    from orchestrator.storage.s3 import S3Output
+
+    sink = open_output("s3://bucket/out/", storage=StorageOptions(endpoint_url="http://127.0.0.1:9"))
+    assert isinstance(sink, S3Output) and sink.uri == "s3://bucket/out"  # opening sends no request
+    with pytest.raises(CheckpointError, match="not a valid bucket name"):
+        open_source("s3://B/model")
     with pytest.raises(CheckpointError, match="unsupported scheme 'hf'"):
         open_source("hf://org/model")
 

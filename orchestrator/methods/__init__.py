@@ -8,10 +8,11 @@ with one ``TensorTask`` per tensor.
 from __future__ import annotations
 
 from orchestrator.errors import RecipeError
-from orchestrator.methods import linear, task_arithmetic
+from orchestrator.methods import karcher, linear, model_stock, multislerp, passthrough, sce, slerp, task_arithmetic
 from orchestrator.methods.base import MethodSpec
 
-METHODS: dict[str, MethodSpec] = {spec.name: spec for module in (linear, task_arithmetic) for spec in module.SPECS}
+_MODULES = (linear, task_arithmetic, slerp, multislerp, karcher, model_stock, sce, passthrough)
+METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _MODULES for spec in module.SPECS}
 
 
 def get_method(name: str) -> MethodSpec:

@@ -27,6 +27,7 @@ import torch
 
 from orchestrator.errors import MergeError, RecipeError
 from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
+from orchestrator.methods.rank_sparsify import check_rank_params, della_keeps, outlier_keeps
 from orchestrator.methods.sparsify import (
     Deltas,
     Keep,
@@ -41,7 +42,7 @@ from orchestrator.methods.sparsify import (
 
 log = logging.getLogger(__name__)
 
-Sparsifier = Literal["magnitude", "random"] | None
+Sparsifier = Literal["magnitude", "random", "magnitude_outliers", "della"] | None
 
 
 def generalized_merge(
@@ -59,6 +60,8 @@ def generalized_merge(
     protected: Sequence[int] = (),
     slack: float = 0.0,
     report: Sequence[int] = (),
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
 ) -> MergeResult:
     """θ₀ + λΔ as in the module doc; float32 (float64 for float64 inputs), base's shape.
 
@@ -67,7 +70,8 @@ def generalized_merge(
     into the result's report: per model, its kept entries (``protected_topk``) and how
     many of them the election discarded in the end (``protected_dropped``; an entry that
     is zero after weighting is not counted). ``seed`` feeds the CPU generator of the
-    random sparsifier; the experts draw from it in order.
+    random sparsifier; the experts draw from it in order. ``gammas`` (breadcrumbs'
+    outlier fraction) and ``epsilons`` (DELLA's probability spread) are per expert.
     """
     deltas = Deltas(experts, base)
     if not experts:
@@ -88,6 +92,11 @@ def generalized_merge(
     elif sparsifier == "random":
         generator = torch.Generator(device="cpu").manual_seed(seed)
         keeps = [random_keep(deltas.n, d, generator, deltas.device) for d in densities]
+    elif sparsifier == "magnitude_outliers":
+        keeps = outlier_keeps(deltas, densities, gammas if gammas is not None else [0.01] * count)
+    elif sparsifier == "della":
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        keeps = della_keeps(deltas, base.shape, densities, epsilons if epsilons is not None else [0.15] * count, generator)
     elif sparsifier is not None:
         raise ValueError(f"unknown sparsifier {sparsifier!r}")
     scales = keep_scales(deltas, keeps, densities, rescale) if keeps else [1.0] * count
@@ -252,6 +261,10 @@ _VARIANTS = (
     _Variant("dare_ties", "random", True, False, True, doc="DARE random drop with L1 rescale, sign election"),
     _Variant("dare_linear", "random", False, False, True, doc="DARE random drop with L1 rescale, weighted sum"),
     _Variant("ties_sv", "magnitude", True, True, False, slack=True, doc="ties with a slack for protected models"),
+    _Variant("breadcrumbs", "magnitude_outliers", False, False, False, doc="drop the largest γ and the smallest |τ|, weighted sum"),
+    _Variant("breadcrumbs_ties", "magnitude_outliers", True, False, False, doc="breadcrumbs' band, sign election"),
+    _Variant("della", "della", True, True, True, doc="rank-probability drop with L1 rescale, sign election"),
+    _Variant("della_linear", "della", False, False, True, doc="rank-probability drop with L1 rescale, weighted sum"),
 )
 
 
@@ -281,6 +294,7 @@ def _merge_for(variant: _Variant):
         rescale = g.get("rescale", variant.rescale)
         if rescale not in (True, False, "inverse"):
             raise RecipeError(f"{variant.name}: parameter 'rescale' must be true, false or \"inverse\", got {rescale!r}")
+        check_rank_params(variant.sparsifier, params, f"{variant.name}, tensor '{task.name}'")
         return generalized_merge(
             task.base,
             task.experts,
@@ -295,6 +309,8 @@ def _merge_for(variant: _Variant):
             protected=marked,
             slack=slack,
             report=report,
+            gammas=[float(p.get("gamma", 0.01)) for p in params] if variant.sparsifier == "magnitude_outliers" else None,
+            epsilons=[float(p.get("epsilon", 0.15)) for p in params] if variant.sparsifier == "della" else None,
         )
 
     merge.__name__ = f"merge_{variant.name}"
@@ -326,15 +342,20 @@ def _spec(variant: _Variant) -> MethodSpec:
         )
     if variant.consensus and variant.sparsifier == "magnitude":
         model_params.append(ParamSpec("protect", bool, False, "report this model's drop rate (ties_sv: and rescue its top-slack entries); if no model sets it, all are reported"))
+    if variant.sparsifier == "magnitude_outliers":
+        model_params.append(ParamSpec("gamma", float, 0.01, "fraction of τᵢ's largest |τ| dropped as outliers"))
+    if variant.sparsifier == "della":
+        model_params.append(ParamSpec("epsilon", float, 0.15, "keep probabilities run from density − ε to density + ε"))
     if variant.slack:
         global_params.append(ParamSpec("slack", float, 0.1, "fraction of a protected model's top |τ| kept past the election"))
     return MethodSpec(
         name=variant.name,
         merge=_merge_for(variant),
         needs_base=True,
+        streams_inputs=True,
         model_params=tuple(model_params),
         global_params=tuple(global_params),
-        uses_randomness=variant.sparsifier == "random",
+        uses_randomness=variant.sparsifier in ("random", "della"),
         sparsifies=variant.sparsifier is not None,
         doc=variant.doc,
     )

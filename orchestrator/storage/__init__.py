@@ -1,7 +1,7 @@
 """Where checkpoints are read from and merges are written to.
 
-``open_source``/``open_output`` turn a reference (a local path; ``s3://`` later) into a
-``CheckpointSource``/``OutputSink``; the functions below work on any backend.
+``open_source``/``open_output`` turn a reference (a local path or ``s3://bucket/prefix``)
+into a ``CheckpointSource``/``OutputSink``; the functions below work on any backend.
 """
 
 from orchestrator.storage.base import (
@@ -9,6 +9,7 @@ from orchestrator.storage.base import (
     CheckpointSource,
     FileFingerprint,
     OutputSink,
+    StorageOptions,
     TensorInfo,
 )
 from orchestrator.storage.checkpoint import (
@@ -20,6 +21,7 @@ from orchestrator.storage.checkpoint import (
     open_output,
     open_source,
     pickle_weight_files,
+    prefetch,
     read_config,
     read_header,
     read_rows,
@@ -48,6 +50,7 @@ __all__ = [
     "LocalOutput",
     "OutputSink",
     "SafetensorsWriter",
+    "StorageOptions",
     "TensorInfo",
     "aligned_order",
     "build_header",
@@ -62,6 +65,7 @@ __all__ = [
     "parse_dtype_name",
     "parse_header",
     "pickle_weight_files",
+    "prefetch",
     "read_config",
     "read_header",
     "read_rows",

@@ -1,13 +1,19 @@
 """The storage interface: where checkpoints are read from and merges are written to.
 
-A backend (local disk now, S3 next) implements ``CheckpointSource`` for inputs and
-``OutputSink`` for outputs. Everything above this layer speaks only these two.
+A backend (local disk, S3) implements ``CheckpointSource`` for inputs and ``OutputSink``
+for outputs. Everything above this layer speaks only these two. ``StorageOptions`` are
+the backend settings a recipe may give (``fleet.storage``); they travel in the plan to
+every process that opens storage. Credentials are never among them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import BinaryIO, ContextManager, Protocol
+from typing import Any, BinaryIO, ContextManager, Literal, Protocol, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MiB = 1 << 20
 
 # safetensors dtype codes and their widths in bytes.
 DTYPE_SIZES: dict[str, int] = {
@@ -43,6 +49,62 @@ class FileFingerprint:
     version: str
 
 
+_CREDENTIAL_WORDS = ("access_key", "secret", "token", "password", "credential", "passphrase")
+
+
+class StorageOptions(BaseModel):
+    """Object-storage settings (S3 and S3-compatible endpoints); local disk ignores them.
+
+    Anything left unset comes from boto3's own chain: ``AWS_ENDPOINT_URL(_S3)``,
+    ``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, the config files. Credentials are not
+    settings: they come only from the environment, a profile or the pod's role.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    endpoint_url: str | None = None
+    """An S3-compatible endpoint, e.g. ``http://127.0.0.1:9000`` (default: AWS, or AWS_ENDPOINT_URL)."""
+    region: str | None = None
+    addressing_style: Literal["auto", "virtual", "path"] | None = None
+    cache_dir: str | None = None
+    """A local directory that keeps fetched byte ranges, keyed by object and ETag."""
+    max_concurrency: int = Field(default=8, ge=1, le=64)
+    """Ranged GETs (per process) and part uploads (per file) in flight at once."""
+    request_bytes: int = Field(default=32 * MiB, ge=MiB, le=1024 * MiB)
+    """Largest ranged GET: neighbouring tensors are coalesced up to this, larger ones split."""
+    readahead_bytes: int = Field(default=128 * MiB, ge=MiB)
+    """Bytes fetched ahead of the merge, per input."""
+    part_size: int = Field(default=16 * MiB, ge=5 * MiB, le=5 * 1024 * MiB)
+    """Multipart upload part size (S3's minimum is 5 MiB); a smaller file is one PUT."""
+    max_attempts: int = Field(default=5, ge=1, le=20)
+    """Attempts per request, with backoff, on throttling, 5xx and broken connections."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if any(word in str(key).lower() for word in _CREDENTIAL_WORDS):
+                    raise ValueError(
+                        f"'{key}' looks like a credential, and credentials never go in a recipe or a plan: "
+                        "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment, "
+                        "or run with the pod's role"
+                    )
+        return data
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _plain_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme.lower() not in ("http", "https") or not rest.strip("/"):
+            raise ValueError(f"endpoint_url {value!r} must look like http://host:port or https://host")
+        if "@" in rest.split("/", 1)[0]:
+            raise ValueError("endpoint_url must not carry a user name or password; credentials come from the environment")
+        return value.rstrip("/")
+
+
 class CheckpointSource(Protocol):
     """A read-only checkpoint: a directory of files (safetensors, config, tokenizer)."""
 
@@ -55,6 +117,13 @@ class CheckpointSource(Protocol):
     def fingerprint(self, file: str) -> FileFingerprint: ...
     def read_range(self, file: str, begin: int, end: int) -> bytes | memoryview: ...
     def read_file(self, file: str) -> bytes: ...
+    def prefetch(self, ranges: Sequence[tuple[str, int, int]]) -> None:
+        """A hint: every ``(file, begin, end)`` about to be read, in reading order.
+
+        A remote backend fetches them ahead (coalesced, concurrently, within a memory
+        budget) and serves the reads that follow from memory; local disk ignores it.
+        """
+        ...
 
 
 class OutputSink(Protocol):

@@ -1,7 +1,8 @@
 """Checkpoints on any backend: find the weight files, read headers and tensors, write shards.
 
-Everything here speaks only ``CheckpointSource`` / ``OutputSink``, so the S3 backend is a
-second implementation of those two and one more branch in ``open_source``/``open_output``.
+Everything here speaks only ``CheckpointSource`` / ``OutputSink``; the S3 backend
+(``storage/s3.py``) is a second implementation of those two, chosen by ``open_source`` and
+``open_output`` for ``s3://`` references.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from orchestrator.storage.base import (
     CheckpointSource,
     FileFingerprint,
     OutputSink,
+    StorageOptions,
     TensorInfo,
 )
 from orchestrator.storage.local import LocalCheckpoint, LocalOutput
@@ -64,35 +66,36 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # ---------------------------------------------------------------- opening
 
 
-def open_source(ref: str | os.PathLike[str]) -> CheckpointSource:
-    """A checkpoint from a reference: a local directory (``s3://bucket/prefix`` later)."""
+def open_source(ref: str | os.PathLike[str], *, storage: StorageOptions | None = None) -> CheckpointSource:
+    """A checkpoint from a reference: a local directory or ``s3://bucket/prefix``.
+
+    ``storage`` (the plan's ``fleet.storage``) configures object storage; ``None`` leaves
+    everything to the environment.
+    """
     text = os.fspath(ref)
     match = _SCHEME.match(text)
     if match is None:
         return LocalCheckpoint(text)
     if match.group(1).lower() == "s3":
-        # The S3 backend hooks in here: return S3Checkpoint(text).
-        raise CheckpointError(
-            f"cannot read {text}: S3 support is not installed yet; "
-            "copy the checkpoint to local disk and give its path"
-        )
+        from orchestrator.storage.s3 import S3Checkpoint
+
+        return S3Checkpoint(text, options=storage)
     raise CheckpointError(
         f"cannot read {text}: unsupported scheme {match.group(1)!r}; "
         "give a local directory or an s3:// URI"
     )
 
 
-def open_output(ref: str | os.PathLike[str]) -> OutputSink:
-    """An output location from a reference: a local directory (``s3://`` later)."""
+def open_output(ref: str | os.PathLike[str], *, storage: StorageOptions | None = None) -> OutputSink:
+    """An output location from a reference: a local directory or ``s3://bucket/prefix``."""
     text = os.fspath(ref)
     match = _SCHEME.match(text)
     if match is None:
         return LocalOutput(text)
     if match.group(1).lower() == "s3":
-        # The S3 backend hooks in here: return S3Output(text).
-        raise OutputError(
-            f"cannot write to {text}: S3 support is not installed yet; give a local directory"
-        )
+        from orchestrator.storage.s3 import S3Output
+
+        return S3Output(text, options=storage)
     raise OutputError(
         f"cannot write to {text}: unsupported scheme {match.group(1)!r}; "
         "give a local directory or an s3:// URI"
@@ -104,11 +107,12 @@ def open_checkpoint(
     *,
     allow_pickle: bool = False,
     scratch: str | os.PathLike[str] | None = None,
+    storage: StorageOptions | None = None,
 ) -> CheckpointSource:
     """``open_source``, plus the ``--allow-pickle`` path: a pickle-only checkpoint is
     converted once to safetensors under ``scratch`` (default ``~/.cache/mergefleet/converted``)
     and the converted copy is returned. Without ``allow_pickle`` it is refused."""
-    source = open_source(ref)
+    source = open_source(ref, storage=storage)
     pickles = pickle_weight_files(source)
     if not pickles:
         return source
@@ -129,6 +133,12 @@ def open_checkpoint(
         dest,
     )
     return convert_pickle_checkpoint(source, dest)
+
+
+def describe_version(version: str) -> str:
+    """A fingerprint's version for a message: ``etag:…`` → ``ETag …``."""
+    kind, sep, value = version.partition(":")
+    return f"{'ETag' if kind == 'etag' else kind} {value}" if sep else version
 
 
 def _label(source: CheckpointSource | OutputSink, file: str) -> str:
@@ -303,6 +313,15 @@ def read_config(source: CheckpointSource) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- tensor data
+
+
+def prefetch(source: CheckpointSource, ranges: Sequence[tuple[str, int, int]]) -> None:
+    """Announce every ``(file, begin, end)`` about to be read from ``source``, in reading
+    order. On S3 they are fetched ahead (coalesced, concurrently, in bounded memory) and
+    the reads that follow are served from memory; local disk ignores the hint."""
+    hint = getattr(source, "prefetch", None)
+    if hint is not None and ranges:
+        hint(ranges)
 
 
 def _read_bytes_into(source: CheckpointSource, file: str, begin: int, buffer: torch.Tensor) -> None:

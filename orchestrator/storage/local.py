@@ -13,7 +13,7 @@ import os
 import secrets
 import threading
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Iterator, Sequence
 
 from orchestrator.errors import CheckpointError, OutputError
 from orchestrator.storage.base import FileFingerprint
@@ -151,6 +151,9 @@ class LocalCheckpoint:
 
     def read_file(self, file: str) -> bytes:
         return bytes(self.read_range(file, 0, self.size(file)))
+
+    def prefetch(self, ranges: Sequence[tuple[str, int, int]]) -> None:
+        """Nothing to do: positioned reads from disk (or the page cache) need no read-ahead."""
 
     # -- lifetime
 

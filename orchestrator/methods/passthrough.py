@@ -1,0 +1,44 @@
+"""passthrough: the single input as it is, optionally multiplied by its ``scale``.
+
+For recipes that copy tensors (typically ``slices:`` frankenmerges): exactly one model per
+tensor, base or not. The result is the input upcast to float32 (float64 stays), so the
+engine's cast to the output dtype returns the stored values unchanged; with ``scale`` the
+product is taken in float32, as mergekit does for a bfloat16 input, and rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from orchestrator.errors import MergeError
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, compute_dtype
+
+
+def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    out = tensor.to(compute_dtype(tensor), copy=True)
+    if scale is not None:
+        out.mul_(float(scale))
+    return out
+
+
+def _merge(task: TensorTask) -> MergeResult:
+    if len(task.experts) != 1 or task.base is not None:
+        count = len(task.experts) + (task.base is not None)
+        raise MergeError(
+            f"passthrough takes exactly one model per tensor, got {count} for '{task.name}'; "
+            "use 'slices:' with one source per slice"
+        )
+    return MergeResult(passthrough(task.experts[0], task.model_params[0].get("scale")))
+
+
+SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        name="passthrough",
+        merge=_merge,
+        needs_base=False,
+        model_params=(ParamSpec("scale", float, None, "multiply this model's tensor by it (none: unchanged)"),),
+        min_experts=1,
+        max_experts=1,
+        doc="copy the single input, optionally scaled",
+    ),
+)

@@ -1,0 +1,177 @@
+"""slerp and nuslerp: spherical interpolation between two models.
+
+slerp (the base and exactly one other model; ``t`` required, t = 0 gives the base):
+flatten both, cos Ω = ⟨v₀/‖v₀‖, v₁/‖v₁‖⟩ (a norm ≤ 1e-8 counts as 1); if |cos Ω| > 0.9995
+fall back to (1 − t)v₀ + t v₁, else θ = [sin((1 − t)Ω) v₀ + sin(tΩ) v₁] / sin Ω.
+
+nuslerp (exactly two models besides an optional base; ``weight`` per model): t = w₂/(w₁ + w₂)
+(½ when |w₁ + w₂| < 1e-6). With a base the task vectors are interpolated and the base is
+added back. ``nuslerp_flatten`` (default true) treats the tensor as one vector; otherwise
+each row (the last dimension) is one vector, or with ``nuslerp_row_wise`` each column
+(the first dimension), as in mergekit. Norms are clamped at 1e-7; vectors count as
+collinear only when 1 − cos² ≤ 1e-16, and then interpolate linearly.
+
+Both are Σ cᵢxᵢ with coefficients from inner products: one pass for the inner products
+(float64), one for the output (see ``vectors``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from orchestrator.errors import MergeError, RecipeError
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
+from orchestrator.methods.sparsify import Deltas
+from orchestrator.methods.vectors import Rows, column_gram, combine, gram, row_gram
+
+SLERP_DOT_THRESHOLD = 0.9995
+SLERP_EPS = 1e-8
+NUSLERP_NORM_EPS = 1e-7
+NUSLERP_EPS = 1e-8
+
+
+def slerp_coefficients(t: float, g: np.ndarray) -> tuple[float, float]:
+    """(c₀, c₁) of slerp from the 2 × 2 Gram matrix of (v₀, v₁)."""
+    n0, n1 = math.sqrt(g[0, 0]), math.sqrt(g[1, 1])
+    n0, n1 = (n0 if n0 > SLERP_EPS else 1.0), (n1 if n1 > SLERP_EPS else 1.0)
+    cos = min(1.0, max(-1.0, g[0, 1] / (n0 * n1)))
+    if abs(cos) > SLERP_DOT_THRESHOLD:
+        return 1.0 - t, t
+    omega = math.acos(cos)
+    return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """slerp from v₀ (t = 0) to v₁ (t = 1) over the flattened tensors; float32/float64."""
+    deltas = Deltas([v0, v1])
+    c0, c1 = slerp_coefficients(float(t), gram(deltas))
+    return combine(deltas, [c0, c1]).view(v0.shape)
+
+
+def nuslerp_coefficients(t: float, n00: torch.Tensor, n11: torch.Tensor, n01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c₀, c₁) of nuslerp per vector, from float64 tensors of ⟨v₀,v₀⟩, ⟨v₁,v₁⟩, ⟨v₀,v₁⟩."""
+    n0 = n00.sqrt().clamp(min=NUSLERP_NORM_EPS)
+    n1 = n11.sqrt().clamp(min=NUSLERP_NORM_EPS)
+    cos = (n01 / (n0 * n1)).clamp(-1.0, 1.0)
+    collinear = (1 - cos.square()) <= NUSLERP_EPS**2
+    omega = torch.acos(torch.where(collinear, torch.zeros_like(cos), cos))
+    sin = torch.where(collinear, torch.ones_like(cos), torch.sin(omega))
+    c0 = torch.where(collinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * omega) / sin)
+    c1 = torch.where(collinear, torch.full_like(cos, t), torch.sin(t * omega) / sin)
+    return c0, c1
+
+
+def nuslerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    base: torch.Tensor | None = None,
+    flatten: bool = True,
+    row_wise: bool = False,
+) -> torch.Tensor:
+    """nuslerp of (v₀, v₁), or of their task vectors plus the base (module doc)."""
+    t = float(t)
+    shape = v0.shape
+    if flatten or v0.dim() <= 1:
+        deltas = Deltas([v0, v1], base)
+        g = torch.from_numpy(gram(deltas))
+        c0, c1 = nuslerp_coefficients(t, g[0, 0], g[1, 1], g[0, 1])
+        return combine(deltas, [float(c0), float(c1)]).view(shape)
+    if not row_wise:  # each row (last dimension) is a vector
+        rows = Rows([v0, v1], base, *Rows.layout(shape))
+        out = torch.empty(rows.rows, rows.cols, dtype=rows.dtype, device=rows.device)
+        g = row_gram(rows)
+        c0, c1 = nuslerp_coefficients(t, g[:, 0, 0], g[:, 1, 1], g[:, 0, 1])
+        c0, c1 = c0.to(rows.dtype).unsqueeze(1), c1.to(rows.dtype).unsqueeze(1)
+    else:  # each column (first dimension) is a vector
+        rows = Rows([v0, v1], base, shape[0], v0.numel() // shape[0])
+        out = torch.empty(rows.rows, rows.cols, dtype=rows.dtype, device=rows.device)
+        g = column_gram(rows)
+        c0, c1 = nuslerp_coefficients(t, g[:, 0, 0], g[:, 1, 1], g[:, 0, 1])
+        c0, c1 = c0.to(rows.dtype).unsqueeze(0), c1.to(rows.dtype).unsqueeze(0)
+    for first, end, (x0, x1), b in rows.blocks():
+        a0 = c0[first:end] if not row_wise else c0
+        a1 = c1[first:end] if not row_wise else c1
+        block = torch.mul(x0, a0, out=out[first:end]).addcmul_(x1, a1)
+        if b is not None:
+            block.add_(b)
+    return out.view(shape)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _same_shapes(task: TensorTask, method: str) -> None:
+    tensors = ([task.base] if task.base is not None else []) + list(task.experts)
+    for tensor in tensors[1:]:
+        if tensor.shape != tensors[0].shape:
+            raise MergeError(
+                f"{method}: tensor '{task.name}' has shapes {[tuple(x.shape) for x in tensors]} across the models; "
+                "the models must share one architecture"
+            )
+
+
+def _merge_slerp(task: TensorTask) -> MergeResult:
+    if task.base is None or len(task.experts) != 1:
+        raise MergeError(
+            f"slerp needs the base and exactly one other model for '{task.name}', got "
+            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
+        )
+    _same_shapes(task, "slerp")
+    if "t" not in task.global_params or task.global_params["t"] is None:
+        raise RecipeError("slerp: parameter 't' is required (0 gives the base model, 1 the other)")
+    return MergeResult(slerp(float(task.global_params["t"]), task.base, task.experts[0]))
+
+
+def _merge_nuslerp(task: TensorTask) -> MergeResult:
+    if len(task.experts) != 2:
+        raise MergeError(f"nuslerp needs exactly two models besides the base for '{task.name}', got {len(task.experts)}")
+    _same_shapes(task, "nuslerp")
+    weights = []
+    for params in task.model_params:
+        if params.get("weight") is None:
+            raise RecipeError(f"nuslerp: parameter 'weight' is required for both models (tensor '{task.name}')")
+        weights.append(float(params["weight"]))
+    total = weights[0] + weights[1]
+    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    g = task.global_params
+    merged = nuslerp(
+        t,
+        task.experts[0],
+        task.experts[1],
+        base=task.base,
+        flatten=bool(g.get("nuslerp_flatten", True)),
+        row_wise=bool(g.get("nuslerp_row_wise", False)),
+    )
+    return MergeResult(merged)
+
+
+SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        name="slerp",
+        merge=_merge_slerp,
+        needs_base=True,
+        global_params=(ParamSpec("t", float, doc="interpolation factor: 0 is the base model, 1 the other"),),
+        min_experts=1,
+        max_experts=1,
+        doc="spherical interpolation from the base to one other model",
+    ),
+    MethodSpec(
+        name="nuslerp",
+        merge=_merge_nuslerp,
+        needs_base=False,
+        optional_base=True,
+        model_params=(ParamSpec("weight", float, doc="this model's weight; t = w₂ / (w₁ + w₂)"),),
+        global_params=(
+            ParamSpec("nuslerp_flatten", bool, True, "one vector per tensor (false: per row or column)"),
+            ParamSpec("nuslerp_row_wise", bool, False, "without flatten: vectors along the first dimension"),
+        ),
+        min_experts=2,
+        max_experts=2,
+        doc="slerp of two models (of their task vectors when a base is named)",
+    ),
+)
