@@ -241,10 +241,14 @@ def test_task_arithmetic_weights_summing_to_zero_are_not_divided():
     np.testing.assert_allclose(result.tensor.numpy(), (experts[0] - experts[1] + base).numpy(), atol=1e-12)
 
 
-@pytest.mark.parametrize("quantise", [False, True])
-def test_ties_matches_reference(chunking, quantise):
+@pytest.mark.parametrize(
+    "quantise, weights",
+    [(False, [1.0, 0.5, 2.0, 0.75]), (True, [1.0, 0.5, 2.0, 0.75]), (True, [1.0, -1.0, 0.0, 0.5])],
+)
+def test_ties_matches_reference(chunking, quantise, weights):
+    """Negative and zero weights too: agreeing weights may then sum to 0 (divisor → 1)."""
     base, experts = random_case(4, 57, seed=7, quantise=quantise)
-    weights, densities = [1.0, 0.5, 2.0, 0.75], [0.3, 0.5, 1.0, 0.1]
+    densities = [0.3, 0.5, 1.0, 0.1]
     result = run("ties", base, experts, models(weights, density=densities), defaults("ties"))
     sparse = [ref_magnitude((e - base).numpy(), d) for e, d in zip(experts, densities)]
     expected, report = ref_family(

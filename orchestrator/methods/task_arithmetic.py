@@ -134,6 +134,9 @@ class _Combine:
         count = len(self.weights)
         self.x = [deltas.buffer() for _ in range(count)]  # wᵢδᵢ of the chunk, one per expert
         self.acc, self.gamma, self.tmp = deltas.buffer(), deltas.buffer(), deltas.buffer()
+        self.ones = deltas.buffer().fill_(1) if consensus else None
+        as_stored = torch.tensor(self.weights, dtype=deltas.dtype)  # the weights as the tensors see them
+        self.smallest_weight = float(as_stored.min()) if count else 0.0
         self.div = deltas.buffer() if consensus and normalize else None
         self.z = {p: deltas.buffer() for p in rescue_sets}  # wₚδₚ on p's slack set
         if rescue_sets:
@@ -188,30 +191,43 @@ class _Combine:
             acc.copy_(x[0])
         for xi in x[2:]:
             acc.add_(xi)  # Σ wᵢδᵢ, in expert order
-        torch.sign(acc, out=gamma).add_(0.5).sign_()  # γ = +1 where the sum is ≥ 0, else −1
+        # γ = +1 where the sum is ≥ 0, else −1. The sum is −0 only where every term is ±0,
+        # and there no entry agrees with either sign, so copysign's −1 changes nothing.
+        torch.copysign(self.ones[:size], acc, out=gamma)
         div = self.div[:size].zero_() if self.div is not None else None
         if self.rescue_sets:
             self._rescue(gamma, size)
-        acc.zero_()
         for i, xi in enumerate(x):
-            counted = i in self.report
-            if counted:
-                nonzero = float(torch.sign(xi, out=tmp).abs_().sum())
-            agreeing = torch.mul(xi, gamma, out=xi).relu_()  # |mᵢwᵢδᵢ|
-            acc.add_(agreeing)
-            if div is not None or counted:
-                agrees = torch.sign(agreeing, out=tmp)  # mᵢ
-                if div is not None:
-                    div.add_(agrees, alpha=self.weights[i])
-                if counted:
-                    self.dropped[self.report.index(i)] += int(nonzero - float(agrees.sum()))
+            signed = torch.mul(xi, gamma, out=xi)  # > 0 where wᵢδᵢ agrees with γ, < 0 where it loses
+            if i in self.report:
+                lost = torch.clamp_max(signed, 0, out=tmp).sign_()
+                self.dropped[self.report.index(i)] -= int(float(lost.sum()))
+            agreeing = signed.relu_()  # |mᵢwᵢδᵢ|
+            if i == 0:
+                acc.copy_(agreeing)
+            else:
+                acc.add_(agreeing)
+            if div is not None:
+                div.add_(torch.sign(agreeing, out=tmp), alpha=self.weights[i])  # Σ mᵢwᵢ
         if div is not None:
-            acc.div_(_nonzero_or_one(div, tmp))
+            acc.div_(self._nonzero_or_one(div, tmp))
         acc.mul_(gamma)
         if self.rescue_sets:
             any_rescued = self.rescued_count[:size].sign_()
             acc.mul_(torch.neg(any_rescued, out=tmp).add_(1)).add_(self.rescued[:size])
         return acc
+
+    def _nonzero_or_one(self, divisor: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+        """The divisor with its zeros replaced by 1, in place, exactly.
+
+        With positive weights a sum of agreeing weights is 0 or at least the smallest
+        weight, and where it is 0 nothing agrees (the dividend is 0): one clamp does.
+        Otherwise D + (1 − sign|D|).
+        """
+        if self.smallest_weight > 0:
+            return divisor.clamp_min_(self.smallest_weight)
+        one_if_zero = torch.abs(divisor, out=tmp).sign_().neg_().add_(1)
+        return divisor.add_(one_if_zero)
 
     def _rescue(self, gamma: torch.Tensor, size: int) -> None:
         """ties_sv: collect the protected entries in their slack sets that lose the election.
@@ -231,14 +247,8 @@ class _Combine:
             if p in self.report:
                 self.dropped[self.report.index(p)] -= int(float(flags.sum()))
         if weight is not None:
-            rescued.div_(_nonzero_or_one(weight, tmp))
+            rescued.div_(self._nonzero_or_one(weight, tmp))
         rescued.mul_(gamma).neg_()  # every rescued entry has the sign −γ
-
-
-def _nonzero_or_one(divisor: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
-    """divisor with its zeros replaced by 1, in place and exactly (D + (1 − sign|D|))."""
-    one_if_zero = torch.abs(divisor, out=tmp).sign_().neg_().add_(1)
-    return divisor.add_(one_if_zero)
 
 
 # ----------------------------------------------------------------------------- registration
