@@ -78,7 +78,10 @@ class Deltas:
         self.n = reference.numel()
         self.device = reference.device
         self.dtype = compute_dtype(base, *experts)
-        self._base_chunk = self.buffer() if self.base is not None else None
+        # The base is upcast once per chunk into a buffer, unless it is in the compute dtype.
+        self._upcast_base = self.base is not None and self.base.dtype != self.dtype
+        self._base_buffer = self.buffer() if self._upcast_base else None
+        self._base_chunk: torch.Tensor | None = None
 
     def buffer(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A scratch tensor of one chunk."""
@@ -87,21 +90,26 @@ class Deltas:
     def chunks(self) -> Iterator[tuple[int, int]]:
         """Walk the chunks; the base's chunk is upcast once per chunk, for every expert."""
         for start, stop in chunk_bounds(self.n):
-            if self.base is not None:
-                self._base_chunk[: stop - start].copy_(self.base[start:stop])
+            if self._upcast_base:
+                self._base_chunk = self._base_buffer[: stop - start].copy_(self.base[start:stop])
+            elif self.base is not None:
+                self._base_chunk = self.base[start:stop]
             yield start, stop
+        self._base_chunk = None
 
     def base_chunk(self, start: int, stop: int) -> torch.Tensor:
-        """θ₀[start:stop] in the compute dtype; valid inside ``chunks()`` at that chunk."""
-        return self._base_chunk[: stop - start]
+        """θ₀[start:stop] in the compute dtype, read-only (it may be a view of the input);
+        valid inside ``chunks()`` at that chunk."""
+        return self._base_chunk
 
     def delta(self, i: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """τᵢ[start:stop] into ``out`` (a buffer); valid inside ``chunks()`` at that chunk."""
-        out = out[: stop - start]
-        out.copy_(self.experts[i][start:stop])
-        if self._base_chunk is not None:
-            out.sub_(self._base_chunk[: stop - start])
-        return out
+        out, expert = out[: stop - start], self.experts[i][start:stop]
+        if self._base_chunk is None:
+            return out.copy_(expert)
+        if expert.dtype == self.dtype:
+            return torch.sub(expert, self._base_chunk, out=out)
+        return out.copy_(expert).sub_(self._base_chunk)  # upcast first: faster than a mixed-dtype sub
 
 
 class Keep(Protocol):
