@@ -298,11 +298,11 @@ class _Piece:
 
 
 class ReadAhead:
-    """Fetches planned requests ahead of the reader, within a byte budget, in order.
+    """Fetches planned requests ahead of the reader, in order, within a byte budget.
 
     ``serve`` copies a read out of the fetched pieces; a piece is freed once a read ends
-    at its end or a read moves past it. A read the plan does not cover returns False
-    (the caller fetches it directly).
+    at its end. A read the plan does not cover (or covers no more: a second pass over a
+    freed piece) returns False, and the caller fetches it directly.
     """
 
     def __init__(
@@ -375,6 +375,13 @@ class ReadAhead:
         return best
 
     def serve(self, file: str, begin: int, view: memoryview) -> bool:
+        """Copy bytes ``begin``… of ``file`` into ``view`` from the planned pieces.
+
+        Reads may come as whole ranges or in windows, and a window of one tensor may
+        interleave with reads of the next (a streaming method): a piece not yet in flight
+        is then fetched directly for this read, and every piece is freed once a read
+        reaches its end.
+        """
         end = begin + len(view)
         with self._lock:
             first = self._find(file, begin)
@@ -387,21 +394,17 @@ class ReadAhead:
                     return False
                 chain.append(piece)
                 position, index = piece.end, index + 1
-            for piece in self._pieces[self._low : first]:  # the reader has moved past these
-                self._release(piece)
             self._pump()
         for piece in chain:
-            with self._lock:
-                if piece.future is None:
-                    self._pump()
-                future = piece.future
             low, high = max(begin, piece.begin), min(end, piece.end)
-            if future is None:  # released meanwhile (closed): fetch this part directly
+            with self._lock:
+                future = piece.future
+            if future is None:  # not in flight yet (the budget is held by earlier pieces)
                 self._fetch(file, low, view[low - begin : high - begin])
-                continue
-            data = future.result()
-            view[low - begin : high - begin] = memoryview(data)[low - piece.begin : high - piece.begin]
-            del data
+            else:
+                data = future.result()
+                view[low - begin : high - begin] = memoryview(data)[low - piece.begin : high - piece.begin]
+                del data
             with self._lock:
                 if high == piece.end:
                     self._release(piece)

@@ -1,0 +1,192 @@
+"""A real S3 HTTP server for the tests: moto in server mode on 127.0.0.1, started and
+stopped by the tests themselves. Nothing here mocks a client: every call goes over HTTP.
+
+``s3_server`` (session scope) starts it, points the ``AWS_*`` environment at it with
+fake keys, and stops it afterwards. ``FlakyProxy`` sits in front of it and injects
+``503 SlowDown`` answers and bodies cut off midway, to test retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import http.server
+import json
+import logging
+import os
+import threading
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+ACCESS_KEY = "AKIAMERGEFLEETTEST01"
+SECRET_KEY = "mergefleet-test-secret-never-in-outputs-7f3a9c"
+REGION = "us-east-1"
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+
+    def client(self, service: str = "s3", **kwargs: Any) -> Any:
+        import boto3
+
+        return boto3.client(service, endpoint_url=self.endpoint, region_name=REGION, **kwargs)
+
+    def upload_dir(self, path: Path, bucket: str, prefix: str) -> str:
+        """Upload every file under ``path`` to ``s3://bucket/prefix/…``; returns that URI."""
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=bucket)
+        for file in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            client.upload_file(str(file), bucket, f"{prefix}/{file.relative_to(path).as_posix()}")
+        return f"s3://{bucket}/{prefix}"
+
+    def bucket(self, name: str) -> str:
+        client = self.client()
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+            client.create_bucket(Bucket=name)
+        return name
+
+    @contextlib.contextmanager
+    def enforce_auth(self) -> Iterator[None]:
+        """Make the server check signatures and IAM policies, as AWS does (moto's switch)."""
+        def reset(count: str) -> None:
+            request = urllib.request.Request(
+                f"{self.endpoint}/moto-api/reset-auth", data=count.encode(), method="POST",
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            urllib.request.urlopen(request, timeout=10).read()
+
+        reset("0")
+        try:
+            yield
+        finally:
+            reset("inf")
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                patch.delenv(name)
+        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        patch.setenv("AWS_DEFAULT_REGION", REGION)
+        patch.setenv("AWS_ENDPOINT_URL", endpoint)
+        patch.setenv("AWS_CONFIG_FILE", os.devnull)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        try:
+            yield S3Server(endpoint)
+        finally:
+            server.stop()
+
+
+# ---------------------------------------------------------------- a flaky link
+
+
+_SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
+
+
+class FlakyProxy:
+    """An HTTP proxy to ``target`` that answers every ``throttle_every``-th request with
+    503 SlowDown and cuts every ``cut_every``-th ranged GET's body off halfway."""
+
+    def __init__(self, target: str, *, throttle_every: int = 4, cut_every: int = 5) -> None:
+        self.target = target.removeprefix("http://")
+        self.throttle_every, self.cut_every = throttle_every, cut_every
+        self.requests = self.throttled = self.cut = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy._lock:
+                    proxy.requests += 1
+                    number = proxy.requests
+                    throttle = number % proxy.throttle_every == 0
+                    ranged = self.command == "GET" and "Range" in self.headers
+                    cut = ranged and not throttle and number % proxy.cut_every == 0
+                    proxy.throttled += throttle
+                    proxy.cut += cut
+                if throttle:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(_SLOW_DOWN)))
+                    self.end_headers()
+                    self.wfile.write(_SLOW_DOWN)
+                    return
+                upstream = http.client.HTTPConnection(proxy.target, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
+                upstream.request(self.command, self.path, body=body, headers=headers)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
+                        self.send_header(key, value)
+                upstream_length = response.getheader("Content-Length")
+                head = self.command == "HEAD" and upstream_length is not None
+                self.send_header("Content-Length", upstream_length if head else str(len(data)))
+                if cut and len(data) > 1:
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> FlakyProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join()
+
+
+def deny_policy(*actions: str) -> str:
+    """An IAM policy allowing every S3 action except ``actions``."""
+    return json.dumps(
+        {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": "s3:*", "Resource": "*"},
+                {"Effect": "Deny", "Action": list(actions), "Resource": "*"},
+            ],
+        }
+    )
