@@ -178,36 +178,53 @@ def test_breadcrumbs_rejects_gamma_outside_unit_interval():
 # ----------------------------------------------------------------------------- DELLA
 
 
-def ref_della_mask(tau, density, epsilon, generator):
-    """METHODS.md's DELLA draw, naively: ranks per row of |τ| at bf16 precision (mid-rank for
-    ties, a bottom bin 2¹⁶ below the row's largest), u ~ torch.rand per block of rows."""
+def ref_della_mask(tau, density, epsilon, seed, expert=0):
+    """METHODS.md's DELLA draw, naively: the mid-rank of each entry's |τ| in its row (at
+    bf16 precision, a bottom bin 2¹⁶ below the row's largest); kept with probability
+    (d − ε) + 2ε·rank/(m − 1), drawn as v ~ uniform_ in rank space (rank_sparsify's doc)."""
     tau32 = np.ascontiguousarray(np.asarray(tau, dtype=np.float32))
     m = tau32.shape[-1] if tau32.ndim >= 2 else tau32.size
     rows = tau32.reshape(-1, m)
     keys = (rows.view(np.int32) & 0x7FFFFFFF) >> 16
     block = rank_sparsify.della_block_rows(m)
-    low, width = np.float32(density - epsilon), np.float32(2 * epsilon)
+    generator = torch.Generator().manual_seed(rank_sparsify.della_seed(seed, expert))
+    if m == 1:
+        low, high = 0.5 - density, 1.5 - density
+    else:
+        span = (m - 1) / (2 * epsilon)
+        low, high = 0.5 - (density - epsilon) * span, 0.5 + (1 - density + epsilon) * span
     mask = np.zeros(rows.shape, dtype=bool)
     for first in range(0, rows.shape[0], block):
         end = min(first + block, rows.shape[0])
-        u = torch.rand((end - first) * m, generator=generator).numpy().reshape(end - first, m)
+        v = torch.empty((end - first) * m).uniform_(low, high, generator=generator).numpy().reshape(end - first, m)
         for r in range(first, end):
             key = np.maximum(keys[r], keys[r].max() - (rank_sparsify.DELLA_BINS - 1))
             for c in range(m):
                 below, equal = int((key < key[c]).sum()), int((key == key[c]).sum())
-                mid = np.float32(below + (equal - 1) / 2)
-                p = low + width / 2 if m == 1 else mid * np.float32(width / np.float32(m - 1)) + low
-                mask[r, c] = u[r - first, c] < np.float32(p)
+                midrank = below + (equal - 1) / 2  # 0-based mean rank of the tied entries
+                mask[r, c] = v[r - first, c] < midrank + 0.5
     return mask.reshape(np.shape(tau))
 
 
-@pytest.mark.parametrize("shape", [(9, 13), (40,), (5, 1)])
+def test_della_draw_has_the_rank_probability():
+    """The rank-space draw is the probability METHODS.md gives: (d − ε) + 2ε·rank/(m − 1)."""
+    m, density, epsilon = 5, 0.4, 0.3
+    tau = torch.arange(1, m + 1, dtype=torch.float32).repeat(40_000, 1)  # ranks 0..4 in every row
+    kept = rank_sparsify.della(tau, density, epsilon, seed=3, rescale=None) != 0
+    expected = (density - epsilon) + 2 * epsilon * np.arange(m) / (m - 1)
+    sigma = np.sqrt(expected * (1 - expected) / 40_000)
+    assert np.all(np.abs(kept.float().mean(0).numpy() - expected) < 4 * sigma)
+    single = rank_sparsify.della(torch.ones(100_000, 1), 0.3, 0.2, seed=1, rescale=None) != 0  # m = 1: p = d
+    assert abs(float(single.float().mean()) - 0.3) < 4 * np.sqrt(0.21 / 100_000)
+
+
+@pytest.mark.parametrize("shape", [(9, 13), (40,), (5, 1), (3, 300)])
 def test_della_mask_matches_reference(chunking, shape):
     tau = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     tau.view(-1)[::3] = 0.25  # ties share their mid-rank
     for density, epsilon in ((0.5, 0.3), (0.2, 0.15)):
-        got = rank_sparsify.della(tau, density, epsilon, generator=torch.Generator().manual_seed(9), rescale=None)
-        mask = ref_della_mask(tau.numpy(), density, epsilon, torch.Generator().manual_seed(9))
+        got = rank_sparsify.della(tau, density, epsilon, seed=9, rescale=None)
+        mask = ref_della_mask(tau.numpy(), density, epsilon, 9)
         np.testing.assert_array_equal(got.numpy(), np.where(mask, tau.numpy(), 0.0))
 
 
@@ -218,11 +235,10 @@ def test_della_merge_matches_reference_given_its_masks(chunking, name):
     seed = tensor_seed(4, "model.layers.1.mlp.up_proj.weight")
     params = [{"weight": w, "density": d, "epsilon": e} for w, d, e in zip(weights, densities, epsilons)]
     got = run(name, base, experts, params, seed=seed)
-    generator = torch.Generator().manual_seed(seed)
     sparse = []
-    for e, d, eps in zip(experts, densities, epsilons):
+    for i, (e, d, eps) in enumerate(zip(experts, densities, epsilons)):
         tau = np_(e - base)
-        kept = tau * ref_della_mask(tau, d, eps, generator)
+        kept = tau * ref_della_mask(tau, d, eps, seed, expert=i)
         sparse.append((kept * np.abs(tau).sum() / np.abs(kept).sum()).ravel())  # L1 rescale
     expected = ref_family(np_(base), sparse, weights, consensus=name == "della", normalize=name == "della")
     np.testing.assert_allclose(np_(got.tensor).ravel(), expected, rtol=0, atol=1e-12)
@@ -233,7 +249,7 @@ def test_della_statistics():
     rows, m = 256, 1024
     tau = torch.randn(rows, m, generator=torch.Generator().manual_seed(1))
     for density, epsilon in ((0.2, 0.15), (0.5, 0.4), (0.8, 0.1)):
-        kept = rank_sparsify.della(tau, density, epsilon, generator=torch.Generator().manual_seed(3), rescale=None) != 0
+        kept = rank_sparsify.della(tau, density, epsilon, seed=3, rescale=None) != 0
         ranks = np.arange(m) / (m - 1)
         p = (density - epsilon) + 2 * epsilon * ranks
         sigma = math.sqrt(rows * float((p * (1 - p)).sum()))
@@ -243,9 +259,9 @@ def test_della_statistics():
         bottom = kept.gather(1, order[:, : m // 10]).float().mean()
         assert abs(float(top) - (density + 0.9 * epsilon)) < 0.02
         assert abs(float(bottom) - (density - 0.9 * epsilon)) < 0.02
-    rescaled = rank_sparsify.della(tau.double(), 0.3, 0.2, generator=torch.Generator().manual_seed(3))
+    rescaled = rank_sparsify.della(tau.double(), 0.3, 0.2, seed=3)
     assert float(rescaled.abs().sum()) == pytest.approx(float(tau.double().abs().sum()), rel=1e-12)
-    assert torch.equal(rank_sparsify.della(tau, 1.0, 0.5, generator=torch.Generator()), tau)  # d = 1: identity
+    assert torch.equal(rank_sparsify.della(tau, 1.0, 0.5), tau)  # d = 1: identity
 
 
 def test_della_bounds_are_checked():
@@ -255,7 +271,7 @@ def test_della_bounds_are_checked():
         with pytest.raises(RecipeError, match=rf"{name}, tensor 't', expert 1: della needs density ± epsilon inside \(0, 1\)"):
             run(name, base, experts, bad)
     with pytest.raises(RecipeError, match="epsilon below 0.1"):
-        rank_sparsify.della(torch.ones(4, 4), 0.9, 0.1, generator=torch.Generator())
+        rank_sparsify.della(torch.ones(4, 4), 0.9, 0.1)
     # density 1 (identity) needs no check, as in mergekit
     run("della", base, experts, [{"weight": 1.0, "density": 1.0, "epsilon": 0.5}] * 2)
 
@@ -542,9 +558,12 @@ def ref_sce(base, experts, select_topk):
 
 @pytest.mark.parametrize("select_topk", [1.0, 0.5, 0.1, 0.0])
 def test_sce_matches_reference(chunking, select_topk):
-    base, experts = case(3, (6, 10), seed=17, scale=1.0, quantise=True)
-    got = run("sce", base, experts, [{}] * 3, {"select_topk": select_topk}).tensor
-    np.testing.assert_allclose(np_(got), ref_sce(np_(base), [np_(e) for e in experts], select_topk), atol=1e-12)
+    # four experts with quantised task vectors: exact variances, so ties are real ties
+    # (broken by position); three with continuous ones
+    for count, quantise in ((4, True), (3, False)):
+        base, experts = case(count, (6, 10), seed=17, scale=1.0, quantise=quantise)
+        got = run("sce", base, experts, [{}] * count, {"select_topk": select_topk}).tensor
+        np.testing.assert_allclose(np_(got), ref_sce(np_(base), [np_(e) for e in experts], select_topk), atol=1e-12)
 
 
 def test_sce_single_expert_and_tiny_task_vectors():
@@ -639,6 +658,6 @@ def test_della_is_identical_across_shard_counts(family, tmp_path):
     base, experts = family
     recipe = parse_recipe(gta_recipe("della", base, experts))
     merge(recipe, str(tmp_path / "one"), shards=1, workers=1)
-    merge(recipe, str(tmp_path / "three"), shards=3, workers=2)
+    merge(recipe, str(tmp_path / "three"), shards=3, workers=1)
     one, three = _read(tmp_path / "one"), _read(tmp_path / "three")
     assert one.keys() == three.keys() and all(one[name] == three[name] for name in one)

@@ -5,20 +5,24 @@
   d > 0); when γ·n + k > n the top cut shrinks to n − k. Ranks are by |τ|, ties broken by
   position (lowest flat index counts as larger), exactly as ``sparsify.magnitude``. The
   band is the difference of two exact top-k sets, found together by ``topk_sets``: no sort.
-- ``della(tau, density, epsilon, generator=...)`` ranks |τ| within each row (the last
+- ``della(tau, density, epsilon, seed=...)`` ranks |τ| within each row (the last
   dimension; a 0-/1-D tensor is one row) and keeps each entry with probability
-  p = (d − ε) + 2ε·r, r = rank / (m − 1) ∈ [0, 1], m the row length (r = ½ when m = 1).
-  Ranks are taken on |τ| at bfloat16 precision (the magnitude's top 8 significant bits)
+  p = (d − ε) + 2ε·r, r = rank / (m − 1) ∈ [0, 1], m the row length (p = d when m = 1).
+  Ranks are taken on |τ| at bfloat16 precision (its top 8 significant bits, truncated)
   and entries with equal such magnitude share their mean rank; entries more than 2¹⁶
   times smaller than their row's largest share the row's bottom bin. This makes the rank
   one histogram per row (no sort) and independent of tie order; the expected number kept
   is exactly d·m per row, as with exact ranks. mergekit ranks the exact float values with
-  an unstable argsort (ties in arbitrary order); the two differ only in how near-equal
-  magnitudes (within 0.8 %) are ordered, which is below the resolution that matters here.
+  an unstable argsort (ties in arbitrary order); the two differ only in how magnitudes
+  within 0.8 % of each other are ordered.
 
-Both return ``Keep`` objects for the fused merge of ``task_arithmetic``; the draws of
-``della`` come from a CPU generator, ``torch.rand`` over blocks of whole rows whose size
-depends only on the tensor's shape, experts one after the other.
+  The draw, exactly: in blocks of whole rows (``della_block_rows``, a function of the
+  shape only), v ~ U[low, high) from ``Tensor.uniform_`` (float32) on the expert's own CPU
+  generator (``della_seed``), with (low, high) = ½ + ((ε − d), (1 − d + ε))·(m − 1)/2ε; the
+  entry is kept iff v < r·(m − 1) + ½, i.e. with probability p. Drawing in rank space
+  saves a pass over the tensor; one generator per expert lets the pass go block by block.
+
+Both return ``Keep`` objects for the fused merge of ``task_arithmetic``.
 """
 
 from __future__ import annotations
@@ -29,13 +33,17 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from orchestrator.errors import RecipeError
-from orchestrator.methods.sparsify import Deltas, RandomKeep, TopK, keep_scales, kept_count, topk_sets, Rescale
+from orchestrator.methods.base import tensor_seed
+from orchestrator.methods.sparsify import RESCALE_EPS, Deltas, Rescale, TopK, keep_scales, kept_count, stable_sum, topk_sets
 
-DELLA_BLOCK = 1 << 19
+DELLA_BLOCK = 1 << 17
 """Entries per block of rows in DELLA's pass (and at most as many histogram bins)."""
 
 DELLA_BINS = 2048
 """Histogram bins per row: 128 per octave (bfloat16 precision) over 16 octaves."""
+
+SHORT_ROW = 256
+"""Rows shorter than this are ranked by a sort (same ranks): their table would be mostly empty."""
 
 _DELLA_BITS = {torch.float32: (torch.int32, 0x7FFF_FFFF, 23 - 7), torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 52 - 7)}
 
@@ -147,7 +155,33 @@ def row_layout(shape: Sequence[int]) -> tuple[int, int]:
 
 def della_block_rows(m: int) -> int:
     """Rows per block: a fixed function of the row length, so draws depend on the shape only."""
-    return max(1, DELLA_BLOCK // max(m, DELLA_BINS))
+    return max(1, DELLA_BLOCK // (m if m < SHORT_ROW else max(m, DELLA_BINS)))
+
+
+def della_seed(seed: int, expert: int) -> int:
+    """The seed of expert ``expert``'s generator: each expert draws from its own stream."""
+    return tensor_seed(seed, f"della expert {expert}")
+
+
+def della_draw_range(m: int, density: float, epsilon: float) -> tuple[float, float]:
+    """(low, high) of v in rank space: keep iff v < midrank + ½ with v ~ U[low, high)."""
+    if m == 1:
+        return 0.5 - density, 1.5 - density  # the single entry is kept with probability d
+    span = (m - 1) / (2 * epsilon)
+    return 0.5 - (density - epsilon) * span, 0.5 + (1 - density + epsilon) * span
+
+
+class RankKeep:
+    """DELLA's draw: ``mask`` (uint8 0/1, n) marks the kept entries (uint8 multiplies fast)."""
+
+    def __init__(self, n: int, kept: int, mask: torch.Tensor | None):
+        self.n, self.kept, self.mask = n, kept, mask
+
+    def apply_(self, chunk: torch.Tensor, start: int) -> None:
+        if self.kept == 0:
+            chunk.zero_()
+        elif self.mask is not None:
+            chunk.mul_(self.mask[start : start + chunk.numel()])
 
 
 def della_keeps(
@@ -155,67 +189,99 @@ def della_keeps(
     shape: Sequence[int],
     densities: Sequence[float],
     epsilons: Sequence[float],
-    generator: torch.Generator,
-) -> list[RandomKeep]:
-    """DELLA's draw for each task vector in turn (see the module doc)."""
-    return [_della_keep(deltas, i, shape, d, e, generator) for i, (d, e) in enumerate(zip(densities, epsilons))]
+    seed: int,
+) -> tuple[list[RankKeep], list[float]]:
+    """DELLA's draw for each task vector, and each one's L1 rescale factor ‖τ‖₁ / ‖kept‖₁
+    (1 where either is below ``RESCALE_EPS`` or nothing or everything is kept).
 
-
-def _della_keep(
-    deltas: Deltas, i: int, shape: Sequence[int], density: float, epsilon: float, generator: torch.Generator
-) -> RandomKeep:
+    One pass in blocks of whole rows; per block the base is upcast once, then for each
+    expert: τ, the bins of |τ|, one ``bincount``, the mid-ranks per bin, the draws from the
+    expert's own generator (``della_seed``), the comparison, and the two L1 sums.
+    """
     n = deltas.n
-    if density >= 1:
-        return RandomKeep(n, n, None)
-    if density <= 0 or n == 0:
-        return RandomKeep(n, 0, torch.zeros(n, dtype=torch.bool, device=deltas.device))
-    check_della_bounds(density, epsilon, f"expert {i}")
+    device = deltas.device
+    keeps: list[RankKeep | None] = [None] * len(densities)
+    active = []
+    for i, (density, epsilon) in enumerate(zip(densities, epsilons)):
+        if density >= 1:
+            keeps[i] = RankKeep(n, n, None)
+        elif density <= 0 or n == 0:
+            keeps[i] = RankKeep(n, 0, None)
+        else:
+            check_della_bounds(density, epsilon, f"expert {i}")
+            active.append(i)
+    scales = [1.0] * len(densities)
+    if not active:
+        return keeps, scales  # type: ignore[return-value]
+
     rows, m = row_layout(shape)
     block_rows = della_block_rows(m)
     int_dtype, magnitude_mask, shift = _DELLA_BITS[deltas.dtype]
-    device = deltas.device
-    expert, base = deltas.experts[i], deltas.base
     size = min(block_rows, rows) * m
+    base_block = torch.empty(size, dtype=deltas.dtype, device=device) if deltas.base is not None else None
     tau = torch.empty(size, dtype=deltas.dtype, device=device)
-    scratch = torch.empty(size, dtype=deltas.dtype, device=device) if base is not None else None
     key = torch.empty(size, dtype=int_dtype, device=device)
-    uniform = torch.empty(size, dtype=torch.float32)
-    mask = torch.empty(n, dtype=torch.bool, device=device)
-    low, width = density - epsilon, 2 * epsilon
+    draws = torch.empty(size, dtype=torch.float32)
+    generators = {i: torch.Generator(device="cpu").manual_seed(della_seed(seed, i)) for i in active}
+    ranges = {i: della_draw_range(m, densities[i], epsilons[i]) for i in active}
+    masks = {i: torch.empty(n, dtype=torch.uint8, device=device) for i in active}
+    before = {i: 0.0 for i in active}
+    after = {i: 0.0 for i in active}
     for first in range(0, rows, block_rows):
         count = min(block_rows, rows - first)
         start, stop = first * m, (first + count) * m
-        block = tau[: stop - start]
-        block.copy_(expert[start:stop])
-        if base is not None:
-            block.sub_(scratch[: stop - start].copy_(base[start:stop]))
-        bins = _row_bins(block.view(count, m), key[: stop - start].view(count, m), magnitude_mask, shift)
-        probability = _bin_probabilities(bins, count, m, low, width)  # (count · DELLA_BINS,)
-        p = probability.index_select(0, bins.view(-1))
-        draws = torch.rand(stop - start, generator=generator, out=uniform[: stop - start])
-        torch.lt(draws.to(device, non_blocking=True), p, out=mask[start:stop])
-    return RandomKeep(n, int(mask.sum()), mask)
+        if base_block is not None:
+            base_block[: stop - start].copy_(deltas.base[start:stop])
+        for i in active:
+            block = tau[: stop - start]
+            block.copy_(deltas.experts[i][start:stop])
+            if base_block is not None:
+                block.sub_(base_block[: stop - start])
+            bits = torch.bitwise_and(block.view(int_dtype), magnitude_mask, out=key[: stop - start])
+            before[i] += _l1(bits.view(deltas.dtype).view(count, m))  # bits hold |τ|
+            keys, midrank = _midranks(bits.view(count, m), shift)  # mid-rank + ½ per key
+            low, high = ranges[i]
+            v = draws[: stop - start].uniform_(low, high, generator=generators[i]).to(device, non_blocking=True)
+            keep = torch.lt(v, midrank.index_select(0, keys), out=masks[i][start:stop].view(torch.bool))
+            after[i] += _l1(block.abs_().mul_(keep.view(torch.uint8)).view(count, m))
+    for i in active:
+        kept = int(torch.count_nonzero(masks[i]))
+        keeps[i] = RankKeep(n, kept, masks[i])
+        if 0 < kept < n and before[i] >= RESCALE_EPS and after[i] >= RESCALE_EPS:
+            scales[i] = before[i] / after[i]
+    return keeps, scales  # type: ignore[return-value]
 
 
-def _row_bins(block: torch.Tensor, out: torch.Tensor, magnitude_mask: int, shift: int) -> torch.Tensor:
-    """Each entry's histogram bin: row · BINS + its bf16-precision |τ| relative to the row's
-    largest (BINS − 1), clamped at 0. ``block`` and ``out`` are (rows, m)."""
-    key = torch.bitwise_and(block.view(out.dtype), magnitude_mask, out=out).bitwise_right_shift_(shift)
-    rows = key.shape[0]
-    row_start = torch.arange(rows, dtype=key.dtype, device=key.device).mul_(DELLA_BINS).unsqueeze(1)  # (rows, 1)
+def _l1(values: torch.Tensor) -> float:
+    """Σ of a (rows, m) block of non-negative values: float32 per row (each row one thread),
+    then float64 over the rows, so the order does not depend on the thread count."""
+    if values.shape[0] == 1:
+        return stable_sum(values.view(-1))
+    return float(values.sum(1).sum(dtype=torch.float64))
+
+
+def _midranks(bits: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """From ``bits`` (rows, m: |τ|'s bit patterns; overwritten) each entry's key into the
+    returned table, and the table: the mean rank of the key's entries plus ½ (float32,
+    0-based). Ranks compare |τ| at bf16 precision relative to the row's largest (BINS − 1
+    steps of 1/128 octave below it, the rest in the bottom bin)."""
+    key = bits.bitwise_right_shift_(shift)
+    rows, m = key.shape
     top = key.amax(1, keepdim=True)
+    if m < SHORT_ROW:  # a sort of short rows costs less than a table of BINS per row
+        key = torch.maximum(key, top - (DELLA_BINS - 1), out=key)
+        ordered = torch.sort(key, dim=1).values
+        below = torch.searchsorted(ordered, key, side="left")
+        through = torch.searchsorted(ordered, key, side="right")
+        midrank = below.add_(through).to(torch.float32).mul_(0.5)  # below + count/2 = mean rank + ½
+        index = torch.arange(rows * m, dtype=torch.int64, device=key.device)
+        return index, midrank.view(-1)
+    row_start = torch.arange(rows, dtype=key.dtype, device=key.device).mul_(DELLA_BINS).unsqueeze(1)  # (rows, 1)
     key.add_(row_start + (DELLA_BINS - 1) - top)  # the row's largest lands in its last bin
-    return torch.maximum(key, row_start, out=key)
-
-
-def _bin_probabilities(bins: torch.Tensor, rows: int, m: int, low: float, width: float) -> torch.Tensor:
-    """Keep probability of each (row, bin): (d − ε) + 2ε · midrank / (m − 1), float32."""
-    counts = torch.bincount(bins.view(-1), minlength=rows * DELLA_BINS).to(torch.float32).view(rows, DELLA_BINS)
-    if m == 1:
-        return torch.full((rows * DELLA_BINS,), low + width / 2, dtype=torch.float32, device=bins.device)
-    below = counts.cumsum(1).sub_(counts)  # entries of the row in lower bins (exact below 2²⁴)
-    midrank = below.add_(counts.sub_(1).mul_(0.5))  # mean rank (0-based) of the bin's entries
-    return midrank.mul_(width / (m - 1)).add_(low).view(-1)
+    torch.maximum(key, row_start, out=key)
+    counts = torch.bincount(key.view(-1), minlength=rows * DELLA_BINS).view(rows, DELLA_BINS)
+    through = torch.cumsum(counts, 1, dtype=torch.float32)  # entries in this bin and below
+    return key.view(-1), through.sub_(counts, alpha=0.5).view(-1)  # below + (count − 1)/2 + ½
 
 
 def check_rank_params(sparsifier: str | None, model_params: Sequence[Mapping[str, Any]], where: str, models: Sequence[str] | None = None) -> None:
@@ -252,10 +318,10 @@ def magnitude_outliers(tau: torch.Tensor, density: float, gamma: float = 0.01, *
 
 
 def della(
-    tau: torch.Tensor, density: float, epsilon: float = 0.15, *, generator: torch.Generator, rescale: Rescale = "l1"
+    tau: torch.Tensor, density: float, epsilon: float = 0.15, *, seed: int = 0, rescale: Rescale = "l1"
 ) -> torch.Tensor:
     """τ with each entry kept with its rank's probability, then rescaled (module doc)."""
     deltas = Deltas([tau])
-    keep = della_keeps(deltas, tau.shape, [density], [epsilon], generator)[0]
-    scale = keep_scales(deltas, [keep], [density], rescale)[0]
-    return _sparsified(tau, deltas, keep, scale)
+    keeps, l1 = della_keeps(deltas, tau.shape, [density], [epsilon], seed)
+    scale = l1[0] if rescale == "l1" else keep_scales(deltas, keeps, [density], rescale)[0]
+    return _sparsified(tau, deltas, keeps[0], scale)

@@ -32,11 +32,25 @@ WEIGHT_FLOOR = 1e-6
 
 def _variance_top(deltas: Deltas, select_topk: float) -> tuple[TopK, torch.Tensor]:
     """The set of the k largest variances across the experts (step 1), and the variances."""
+    count = len(deltas.experts)
     variance = torch.empty(deltas.n, dtype=deltas.dtype, device=deltas.device)  # (n,)
-    buffers = [deltas.buffer() for _ in deltas.experts]
+    buffers = [deltas.buffer() for _ in range(count)]
+    mean, tmp = deltas.buffer(), deltas.buffer()
     for start, stop in deltas.chunks():
-        stacked = torch.stack([deltas.delta(i, start, stop, buffers[i]) for i in range(len(deltas.experts))])
-        torch.var(stacked, dim=0, unbiased=False, out=variance[start:stop])
+        size = stop - start
+        xs = [deltas.delta(i, start, stop, buffers[i]) for i in range(count)]
+        for x in xs[1:]:
+            x.sub_(xs[0])  # shifted by the first expert: equal values give exactly 0
+        shift = mean[:size].zero_()
+        for x in xs[1:]:
+            shift.add_(x)
+        shift.div_(count)
+        out = variance[start:stop]
+        torch.mul(shift, shift, out=out)  # the first expert's deviation, (0 − mean)²
+        for x in xs[1:]:
+            d = torch.sub(x, shift, out=tmp[:size])
+            out.addcmul_(d, d)
+        out.div_(count)
     k = int(int(torch.count_nonzero(variance)) * select_topk)
     return exact_topk_sets(Deltas([variance]), [[k]])[0][0] if k > 0 else TopK(deltas.n, 0), variance
 

@@ -94,12 +94,14 @@ def generalized_merge(
         keeps = [random_keep(deltas.n, d, generator, deltas.device) for d in densities]
     elif sparsifier == "magnitude_outliers":
         keeps = outlier_keeps(deltas, densities, gammas if gammas is not None else [0.01] * count)
-    elif sparsifier == "della":
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        keeps = della_keeps(deltas, base.shape, densities, epsilons if epsilons is not None else [0.15] * count, generator)
+    elif sparsifier == "della":  # its pass also sums the L1 norms
+        keeps, l1 = della_keeps(deltas, base.shape, densities, epsilons if epsilons is not None else [0.15] * count, seed)
     elif sparsifier is not None:
         raise ValueError(f"unknown sparsifier {sparsifier!r}")
-    scales = keep_scales(deltas, keeps, densities, rescale) if keeps else [1.0] * count
+    if sparsifier == "della" and rescale == "l1":
+        scales = l1
+    else:
+        scales = keep_scales(deltas, keeps, densities, rescale) if keeps else [1.0] * count
 
     combine = _Combine(deltas, weights, keeps, scales, consensus, normalize, lambda_, report, rescue_sets)
     out = combine.run()
