@@ -90,14 +90,17 @@ def download_all(client, bucket: str, prefix: str, models: list[Path], dest: Pat
     return time.perf_counter() - started
 
 
-def recipe(method: str, base: str, experts: list[str], density: float) -> dict:
+def recipe(method: str, base: str, experts: list[str], density: float, storage: dict | None = None) -> dict:
     models: list[dict] = [{"model": base}]
     for ref in experts:
         params: dict = {"weight": 1.0 / len(experts)}
         if method not in ("linear", "task_arithmetic"):
             params["density"] = density
         models.append({"model": ref, "parameters": params})
-    return {"merge_method": method, "base_model": base, "models": models, "dtype": "bfloat16"}
+    data = {"merge_method": method, "base_model": base, "models": models, "dtype": "bfloat16"}
+    if storage:
+        data["fleet"] = {"storage": storage}
+    return data
 
 
 def run_merge(recipe_path: Path, output: str, args: argparse.Namespace, env: dict[str, str]) -> float:
@@ -136,6 +139,7 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=ROOT / "out")
     parser.add_argument("--endpoint", help="use this S3 server (AWS_* credentials from the environment)")
     parser.add_argument("--bucket", default="bench")
+    parser.add_argument("--storage", type=json.loads, default={}, help='fleet.storage of the S3 merge, as JSON, e.g. \'{"request_bytes": 8388608}\'')
     parser.add_argument("--no-verify", action="store_true", help="skip comparing the two merges' tensors")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -169,7 +173,7 @@ def main() -> int:
 
             s3_recipe = scratch / "s3.yaml"
             s3_inputs = [f"s3://{args.bucket}/{tag}/{m.name}" for m in models]
-            s3_recipe.write_text(yaml.safe_dump(recipe(args.method, s3_inputs[0], s3_inputs[1:], args.density)))
+            s3_recipe.write_text(yaml.safe_dump(recipe(args.method, s3_inputs[0], s3_inputs[1:], args.density, args.storage)))
             output = f"s3://{args.bucket}/merged-{args.method}"
             s3_s = run_merge(s3_recipe, output, args, env)
 
@@ -200,9 +204,11 @@ def main() -> int:
         "download_s": round(download_s, 2), "local_merge_s": round(local_s, 2), "s3_merge_s": round(s3_s, 2),
         "ratio": round(s3_s / floor, 3), "target": 1.3, "fetched_bytes": fetched, "tensor_bytes": wanted,
         "identical": same, "cpus": os.cpu_count(), "shards": args.shards, "workers": args.workers,
+        "storage": args.storage,
     }
     print(f"\n{args.experts} experts + base, {tag}, {total / 1e9:.2f} GB of inputs, {args.method}, "
-          f"{args.shards} shards on {args.workers} workers, {os.cpu_count()} CPUs")
+          f"{args.shards} shards on {args.workers} workers, {os.cpu_count()} CPUs"
+          + (f", fleet.storage {json.dumps(args.storage)}" if args.storage else ""))
     print(f"  download_file, all inputs   {download_s:8.1f} s  ({total / download_s / 1e6:.0f} MB/s)")
     print(f"  merge from local files      {local_s:8.1f} s")
     print(f"  merge S3 -> S3              {s3_s:8.1f} s  (fetched {fetched / 1e9:.2f} GB for {wanted / 1e9:.2f} GB of tensors)")

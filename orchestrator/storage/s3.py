@@ -36,7 +36,7 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Sequence
 
@@ -399,12 +399,15 @@ class ReadAhead:
             low, high = max(begin, piece.begin), min(end, piece.end)
             with self._lock:
                 future = piece.future
-            if future is None:  # not in flight yet (the budget is held by earlier pieces)
+            try:
+                data = future.result() if future is not None else None
+            except CancelledError:  # freed meanwhile by a read on another thread
+                data = None
+            if data is None:  # not in flight (the budget is held by earlier pieces), or freed
                 self._fetch(file, low, view[low - begin : high - begin])
             else:
-                data = future.result()
                 view[low - begin : high - begin] = memoryview(data)[low - piece.begin : high - piece.begin]
-                del data
+            data = future = None
             with self._lock:
                 if high == piece.end:
                     self._release(piece)
@@ -798,7 +801,7 @@ class _Upload:
         number = len(self._parts) + 1
         if number > _MAX_PARTS:
             raise OutputError(f"s3://{self._output.bucket}/{self._key} needs over {_MAX_PARTS} parts; raise fleet.storage.part_size")
-        data, self._buffer = bytes(self._buffer), bytearray()
+        data, self._buffer = self._buffer, bytearray()  # handed over, not copied
         self._slots.acquire()
         assert self._executor is not None
         future = self._executor.submit(self._put_part, number, data)
@@ -807,7 +810,7 @@ class _Upload:
         if number % 1000 == 0:  # stay under S3's 10,000 parts for any file size
             self._part_size = min(2 * self._part_size, 5 * 1024 * MiB)
 
-    def _put_part(self, number: int, data: bytes) -> dict[str, Any]:
+    def _put_part(self, number: int, data: bytearray) -> dict[str, Any]:
         try:
             response = self._client.upload_part(
                 Bucket=self._output.bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=data
@@ -822,7 +825,7 @@ class _Upload:
         bucket = self._output.bucket
         if self._upload_id is None:
             try:
-                self._client.put_object(Bucket=bucket, Key=self._key, Body=bytes(self._buffer))
+                self._client.put_object(Bucket=bucket, Key=self._key, Body=self._buffer)
             except (ClientError, BotoCoreError) as exc:
                 raise self._output._error(exc, "write", self._key) from None
             self._buffer = bytearray()
