@@ -8,6 +8,8 @@ manifest ``mergefleet.json`` is written last; its presence marks a complete merg
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from orchestrator import __version__
@@ -16,6 +18,7 @@ from orchestrator.plan import Plan, shard_metadata
 from orchestrator.shard import Receipt, add_report, load_receipt
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.safetensors_format import build_header
+from orchestrator.vocabulary import build_output_tokenizer, load_tokenizer
 
 MANIFEST_FILE = "mergefleet.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,6 +54,30 @@ def _expected_size(plan: Plan, index: int) -> int:
 
 
 
+def write_tokenizer(plan: Plan, sink: Any) -> list[str]:
+    """Copy the tokenizer source's files, or save the union tokenizer; apply the chat template."""
+    files: dict[str, bytes] = {}
+    if plan.tokenizer_mode == "union":
+        sources = {inp.name: ckpt.open_source(inp.ref, storage=plan.storage) for inp in plan.inputs}
+        tokenizers = {name: load_tokenizer(source) for name, source in sources.items()}
+        base = plan.inputs[plan.base if plan.base is not None else 0].name
+        with tempfile.TemporaryDirectory(prefix="mergefleet-tokenizer-") as scratch:
+            build_output_tokenizer("union", tokenizers, base).save_pretrained(scratch)
+            files = {path.name: path.read_bytes() for path in Path(scratch).iterdir() if path.is_file()}
+    elif plan.tokenizer_source is not None:
+        source = ckpt.open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
+        files = {name: source.read_file(name) for name in plan.tokenizer_files}
+    if plan.chat_template is not None:
+        files["chat_template.jinja"] = plan.chat_template.encode()
+        if "tokenizer_config.json" in files:
+            config = json.loads(files["tokenizer_config.json"])
+            config["chat_template"] = plan.chat_template
+            files["tokenizer_config.json"] = json.dumps(config, indent=2).encode()
+    for name, data in files.items():
+        sink.write_file(name, data)
+    return sorted(files)
+
+
 def assemble(plan: Plan) -> dict[str, Any]:
     """Write index, config, tokenizer files and the manifest; return the manifest."""
     receipts = collect_receipts(plan)
@@ -62,12 +89,7 @@ def assemble(plan: Plan) -> dict[str, Any]:
     sink.write_file(INDEX_FILE, json.dumps(index, indent=2).encode())
     sink.write_file("config.json", json.dumps(plan.config, indent=2).encode())
 
-    copied = []
-    if plan.tokenizer_source is not None:
-        source = ckpt.open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
-        for name in plan.tokenizer_files:
-            sink.write_file(name, source.read_file(name))
-            copied.append(name)
+    copied = write_tokenizer(plan, sink)
 
     report: dict[str, Any] = {}
     for receipt in receipts:

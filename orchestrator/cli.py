@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -19,7 +20,7 @@ from orchestrator import __version__
 from orchestrator.errors import MergefleetError
 from orchestrator.progress import MergeProgress
 
-COMMANDS = ("assemble", "merge", "plan", "shard")
+COMMANDS = ("assemble", "compare", "deploy", "merge", "plan", "run", "shard")
 
 
 def _human_bytes(count: float) -> str:
@@ -80,7 +81,7 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.pipeline import prepare_output
-    from orchestrator.plan import PLAN_FILE, build_plan
+    from orchestrator.plan import PLAN_FILE, build_plan, explain_plan
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -91,6 +92,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         {"index": s.index, "file": s.file, "tensors": len(s.tensors), "bytes_out": s.out_bytes, "bytes_in": s.in_bytes}
         for s in plan.shards
     ]
+    groups = explain_plan(plan) if args.explain else []
     if not args.json and not args.quiet:
         console.print(f"plan {plan.plan_id}: {plan.method}, {len(plan.inputs)} inputs, written to {output}/{PLAN_FILE}", highlight=False)
         for shard in shards:
@@ -99,7 +101,20 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 f"reads {_human_bytes(shard['bytes_in'])}, writes {_human_bytes(shard['bytes_out'])}",
                 highlight=False,
             )
-    return {"plan_id": plan.plan_id, "plan": f"{output}/{PLAN_FILE}", "method": plan.method, "shards": shards}
+        if groups:
+            console.print(f"  {'shard':>5}  {'group':<12}{'tensors':>8}{'reads':>12}{'writes':>12}{'peak memory':>14}", highlight=False)
+            for row in groups:
+                console.print(
+                    f"  {row['shard']:>5}  {row['group']:<12}{row['tensors']:>8}{_human_bytes(row['bytes_read']):>12}"
+                    f"{_human_bytes(row['bytes_written']):>12}{_human_bytes(row['peak_bytes']):>14}",
+                    highlight=False,
+                )
+            top = max(groups, key=lambda row: row["peak_bytes"])
+            console.print(f"  expected peak memory of a shard: {_human_bytes(top['peak_bytes'])} ({top['group']})", highlight=False)
+    result = {"plan_id": plan.plan_id, "plan": f"{output}/{PLAN_FILE}", "method": plan.method, "shards": shards}
+    if groups:
+        result["groups"] = groups
+    return result
 
 
 def cmd_shard(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -130,6 +145,134 @@ def cmd_assemble(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return manifest
 
 
+class _RunNameFormatter(logging.Formatter):
+    """Prefixes Prefect's run logs with the run's name (``shard-2: ...``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        message = super().format(record)
+        return f"{name}: {message}" if name else message
+
+
+def _prefect_defaults(*, quiet: bool) -> None:
+    """Settings for Prefect, set before it is imported; the user's environment wins."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+    if quiet:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, RichHandler):
+            handler.setFormatter(_RunNameFormatter("%(message)s"))
+
+
+def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from orchestrator.recipe import load_recipe, parse_recipe
+
+    recipe = load_recipe(args.recipe)  # a bad recipe fails here, before Prefect starts
+    output = _resolve_output(recipe, args.output)
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
+    overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool")}
+    data["fleet"] = data.get("fleet", {}) | {key: value for key, value in overrides.items() if value is not None}
+    parse_recipe(data, source=args.recipe)
+    _prefect_defaults(quiet=args.json or args.quiet)
+    from flows.merge_and_eval import merge_and_eval
+
+    result = merge_and_eval(data, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
+    if not args.json and not args.quiet:
+        if result.get("skipped"):
+            console.print(f"{result['output']}: {result['reason']}; nothing to do", highlight=False)
+            return result
+        rate = result["bytes_written"] / result["seconds"] if result["seconds"] else 0.0
+        console.print(
+            f"merged {result['tensors']} tensors with {result['method']} into {result['output']}: "
+            f"{_human_bytes(result['bytes_written'])} in {result['shards']} shard(s) ({result['target']})"
+            + (f" ({result['shards_skipped']} already done)" if result["shards_skipped"] else "")
+            + f", {result['seconds']:.1f} s ({_human_bytes(rate)}/s); plan {result['plan_id']}, flow run {result['flow_run_id']}",
+            highlight=False,
+        )
+        _print_report(console, result["report"])
+        if result.get("evaluation"):
+            scores = result["evaluation"]["merged"]["scores"]
+            console.print("scores: " + ", ".join(f"{task} {value:.3f}" for task, value in scores.items()), highlight=False)
+        if result.get("tracking"):
+            tracked = result["tracking"]
+            console.print(f"recorded as MLflow run {tracked['run_id']} in {tracked.get('url') or tracked['tracking_uri']}", highlight=False)
+    return result
+
+
+def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from pathlib import Path
+
+    from orchestrator.errors import RecipeError
+    from orchestrator.recipe import load_recipe
+    from orchestrator.schedule import portable_recipe
+
+    recipe = load_recipe(args.recipe)
+    pool = args.pool or recipe.fleet.work_pool
+    if not pool:
+        raise RecipeError("no work pool: give --pool NAME or set 'fleet: {work_pool: NAME}' in the recipe")
+    data = portable_recipe(recipe, root=Path.cwd(), output=_resolve_output(recipe, args.output))
+    _prefect_defaults(quiet=args.json or args.quiet)
+    from prefect.client.schemas.schedules import CronSchedule
+
+    if args.cron:
+        try:
+            CronSchedule(cron=args.cron)
+        except ValueError:
+            raise RecipeError(f"--cron '{args.cron}' is not a cron expression (e.g. '0 2 * * *': every night at 02:00)") from None
+    from flows.deploy import deploy
+
+    name = args.name or recipe.name or Path(args.recipe).stem
+    result = deploy(data, name=name, pool=pool, flow_pool=args.flow_pool, cron=args.cron, image=args.image)
+    if not args.json and not args.quiet:
+        shard, nightly = result["merge_shard"], result["merge_and_eval"]
+        when = f"cron '{args.cron}'" if args.cron else "no schedule"
+        console.print(
+            f"registered {shard['name']} on pool {shard['pool']} ({shard['pool_type']}) and {nightly['name']} "
+            f"on pool {nightly['pool']} ({when}, skips runs when nothing changed); "
+            f"start one now with: prefect deployment run '{nightly['name']}'",
+            highlight=False,
+        )
+    return result
+
+
+def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from orchestrator.tracking import compare_rows, compare_series, compare_tracking_uri, find_merge_runs, score_chart
+
+    uri = compare_tracking_uri(args.tracking_uri)
+    runs = find_merge_runs(args.refs, tracking_uri=uri)
+    rows, params, tasks = compare_rows(runs)
+    chart = str(score_chart(compare_series(rows), args.chart, title=f"{len(rows)} merge(s)")) if tasks else None
+    if not args.json and not args.quiet:
+        from rich.table import Table
+
+        table = Table(show_edge=False, pad_edge=False)
+        for column in ["run", "method", *params, *tasks, "normalised", "seconds"]:
+            table.add_column(column.removeprefix("parameters."), justify="left" if column in ("run", "method") else "right")
+
+        def number(value: Any, digits: int = 3) -> str:
+            return "" if value is None else f"{value:.{digits}f}"
+
+        for row in rows:
+            scores = [
+                number(row["scores"][t]) + (f" ({row['normalised'][t]:.2f})" if row["normalised"].get(t) is not None else "")
+                for t in tasks
+            ]
+            table.add_row(
+                row["name"] or row["run_id"][:8],
+                row["method"] or "",
+                *[str(row["params"].get(p) or "") for p in params],
+                *scores,
+                number(row["normalised_mean"], 2),
+                number(row["seconds"], 1),
+            )
+        console.print(table)
+        console.print(f"scores: primary metric per task (normalised in brackets); runs in {uri}", highlight=False)
+        if chart:
+            console.print(f"chart: {chart}", highlight=False)
+    return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart}
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print one JSON object to stdout, no progress")
@@ -156,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--shards", type=int)
     plan.add_argument("--overwrite", action="store_true")
     plan.add_argument("--allow-pickle", action="store_true")
+    plan.add_argument("--explain", action="store_true", help="per tensor group: bytes read and written, expected peak memory")
     plan.set_defaults(handler=cmd_plan)
 
     shard = commands.add_parser("shard", parents=[common], help="run one shard of a plan")
@@ -168,6 +312,34 @@ def build_parser() -> argparse.ArgumentParser:
     assemble = commands.add_parser("assemble", parents=[common], help="write index, config, tokenizer and manifest")
     assemble.add_argument("plan")
     assemble.set_defaults(handler=cmd_assemble)
+
+    run = commands.add_parser("run", parents=[common], help="run the merge_and_eval Prefect flow (ephemeral Prefect by default)")
+    run.add_argument("recipe", help="mergekit YAML recipe (with an optional fleet: section)")
+    run.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
+    run.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards or 1)")
+    run.add_argument("--workers", type=int, help="inline target: shards run at once (default: fleet.workers or 1)")
+    run.add_argument("--device", choices=["cpu", "cuda"], help="where tensors are merged (default: fleet.device or cpu)")
+    run.add_argument("--target", choices=["inline", "deployment"], help="where shards run (default: fleet.target or inline)")
+    run.add_argument("--work-pool", help="deployment target: the work pool of the merge-shard deployment")
+    run.add_argument("--overwrite", action="store_true", help="replace a different merge already in OUT")
+    run.add_argument("--skip-unchanged", action="store_true", help="do nothing if no input changed since the last merge")
+    run.set_defaults(handler=cmd_run)
+
+    deploy = commands.add_parser("deploy", parents=[common], help="register merge-shard and a scheduled merge-and-eval with Prefect")
+    deploy.add_argument("recipe")
+    deploy.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
+    deploy.add_argument("--pool", help="work pool of the merge-shard deployment (default: fleet.work_pool)")
+    deploy.add_argument("--flow-pool", help="work pool of the merge-and-eval deployment (default: --pool)")
+    deploy.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (nightly; a run skips when nothing changed)")
+    deploy.add_argument("--name", help="name of the merge-and-eval deployment (default: the recipe's name or file name)")
+    deploy.add_argument("--image", help="container image for container-based pools (kubernetes)")
+    deploy.set_defaults(handler=cmd_deploy)
+
+    compare = commands.add_parser("compare", parents=[common], help="a table and a chart of merges recorded in MLflow")
+    compare.add_argument("refs", nargs="+", metavar="RUN_OR_EXPERIMENT", help="MLflow run ids, or experiment names or ids (all their merges)")
+    compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
+    compare.add_argument("--chart", default="mergefleet-compare.png", help="where the chart goes (PNG; default: %(default)s)")
+    compare.set_defaults(handler=cmd_compare)
     return parser
 
 

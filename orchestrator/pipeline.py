@@ -24,6 +24,7 @@ from orchestrator.recipe import Recipe
 from orchestrator.shard import OnTensor, Receipt, receipt_file, run_shard
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import OutputSink, StorageOptions
+from orchestrator.vocabulary import TOKENIZER_FILES
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def _owned_files(plan: Plan | None) -> list[str]:
     files = [INDEX_FILE, MANIFEST_FILE, "config.json", PLAN_FILE]
     if plan is not None:
         files += [shard.file for shard in plan.shards] + [receipt_file(s.index) for s in plan.shards]
-        files += plan.tokenizer_files
+        files += list(TOKENIZER_FILES)
     return files
 
 

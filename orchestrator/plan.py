@@ -12,11 +12,12 @@ import hashlib
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
+from orchestrator.chat_templates import resolve_chat_template
 from orchestrator.errors import CheckpointError, PlanError, RecipeError
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec
@@ -26,22 +27,20 @@ from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, StorageOptions, TensorInfo
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
+from orchestrator.vocabulary import (
+    TOKENIZER_FILES,
+    build_output_tokenizer,
+    check_tokenizer_source,
+    is_vocabulary_tensor,
+    load_tokenizer,
+    vocabulary_maps,
+)
 
 log = logging.getLogger(__name__)
 
 PLAN_VERSION = 1
 PLAN_FILE = ".mergefleet/plan.json"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
 
 
 class PlanInput(BaseModel):
@@ -70,6 +69,7 @@ class PlannedTensor(BaseModel):
     model_params: list[dict[str, Any]]  # one per expert, in ``reads`` order
     global_params: dict[str, Any]
     group: str
+    vocab: bool = False  # rows are token ids: permuted into the output vocabulary first
 
     @property
     def out_bytes(self) -> int:
@@ -84,6 +84,13 @@ class PlannedTensor(BaseModel):
 
     def expert_reads(self) -> list[TensorRead]:
         return [read for i, read in enumerate(self.reads) if i != self.base]
+
+
+class VocabularyPlan(BaseModel):
+    """The output vocabulary's size and, per input, its row for each output token (-1: lacks it)."""
+
+    size: int
+    rows: dict[int, list[int]]  # input index -> row map
 
 
 class PlannedShard(BaseModel):
@@ -112,8 +119,11 @@ class Plan(BaseModel):
     base: int | None  # index into ``inputs`` of the recipe's base_model
     out_dtype: str
     config: dict[str, Any]
-    tokenizer_source: int | None
+    tokenizer_source: int | None  # input whose tokenizer files are copied
     tokenizer_files: list[str]
+    tokenizer_mode: str | None = None  # "union" when assembly builds a tokenizer
+    vocabulary: "VocabularyPlan | None" = None
+    chat_template: str | None = None
     shards: list[PlannedShard]
     storage: StorageOptions = StorageOptions()  # how every process opens s3:// inputs and output
 
@@ -205,13 +215,17 @@ def _check_architectures(refs: list[str], configs: dict[str, dict[str, Any]], re
             )
 
 
-def _check_tensor(tensor: OutputTensor, indexes: dict[str, dict[str, TensorInfo]]) -> TensorInfo:
-    """The first input's header entry, after checking the others agree with it."""
+def _check_tensor(tensor: OutputTensor, indexes: dict[str, dict[str, TensorInfo]], vocab: bool) -> TensorInfo:
+    """The first input's header entry, after checking the others agree with it.
+
+    A vocabulary tensor may differ in its row count when the vocabulary is permuted.
+    """
     first_model, first_name = tensor.inputs[0]
     info = indexes[first_model][first_name]
     for model, name in tensor.inputs[1:]:
         other = indexes[model][name]
-        if other.shape != info.shape:
+        compared = (other.shape[1:], info.shape[1:]) if vocab else (other.shape, info.shape)
+        if compared[0] != compared[1]:
             raise CheckpointError(
                 f"tensor '{name}' has shape {list(other.shape)} in {model} ({other.file}) but "
                 f"{list(info.shape)} in {first_model} ({info.file})"
@@ -283,6 +297,8 @@ def build_plan(
     reference = recipe.base_model or refs[0]
     _check_architectures(refs, configs, reference)
 
+    check_tokenizer_source(recipe.tokenizer_source, refs)
+    vocabulary, tokenizer_mode = _plan_vocabulary(recipe, refs, sources, configs, reference)
     slices = output_slices(recipe, {ref: _num_layers(configs[ref], indexes[ref]) for ref in refs})
     tensors = output_tensors(slices, {ref: list(index) for ref, index in indexes.items()}, recipe.parameters)
     out_dtype = (
@@ -294,7 +310,11 @@ def build_plan(
     position = {ref: i for i, ref in enumerate(refs)}
     planned: list[PlannedTensor] = []
     for tensor in tensors:
-        info = _check_tensor(tensor, indexes)
+        vocab = vocabulary is not None and all(
+            is_vocabulary_tensor(name, indexes[model][name].shape, configs[model].get("vocab_size"))
+            for model, name in tensor.inputs
+        )
+        info = _check_tensor(tensor, indexes, vocab)
         base = _base_position(method, tensor)
         _check_expert_count(method, tensor, base)
         experts = [i for i in range(len(tensor.inputs)) if i != base]
@@ -312,13 +332,14 @@ def build_plan(
         planned.append(
             PlannedTensor(
                 name=tensor.name,
-                shape=list(info.shape),
+                shape=[vocabulary.size, *info.shape[1:]] if vocab else list(info.shape),
                 out_dtype=out_dtype,
                 reads=reads,
                 base=base,
                 model_params=model_params,
                 global_params=global_params,
                 group=tensor.group,
+                vocab=vocab,
             )
         )
 
@@ -334,9 +355,12 @@ def build_plan(
         PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in ckpt.fingerprints(sources[ref])])
         for ref in refs
     ]
-    tokenizer_files = [name for name in TOKENIZER_FILES if sources[reference].exists(name)]
+    tokenizer_ref = recipe.tokenizer_source if recipe.tokenizer_source in refs else reference
+    tokenizer_files = [name for name in TOKENIZER_FILES if sources[tokenizer_ref].exists(name)]
     layer_sources = [s.sources[0].start + offset for s in slices for offset in range(s.layers)]
     config = _output_config(configs[reference], out_dtype, layer_sources if recipe.slices else None)
+    if vocabulary is not None:
+        config["vocab_size"] = vocabulary.size
     identity = {
         "version": PLAN_VERSION,
         "recipe": recipe.recipe_hash(),
@@ -356,11 +380,88 @@ def build_plan(
         base=position.get(recipe.base_model) if recipe.base_model else None,
         out_dtype=out_dtype,
         config=config,
-        tokenizer_source=position[reference] if tokenizer_files else None,
+        tokenizer_source=position[tokenizer_ref] if tokenizer_files else None,
         tokenizer_files=tokenizer_files,
+        tokenizer_mode=tokenizer_mode,
+        vocabulary=VocabularyPlan(size=vocabulary.size, rows={position[r]: m for r, m in vocabulary.rows.items()})
+        if vocabulary is not None
+        else None,
+        chat_template=resolve_chat_template(
+            recipe.chat_template,
+            [sources[ref].read_file("tokenizer_config.json") if sources[ref].exists("tokenizer_config.json") else None for ref in refs],
+        ),
         shards=planned_shards,
         storage=recipe.fleet.storage,
     )
+
+
+@dataclass
+class _Vocabulary:
+    size: int
+    rows: dict[str, list[int]]
+
+
+def _plan_vocabulary(
+    recipe: Recipe,
+    refs: list[str],
+    sources: dict[str, CheckpointSource],
+    configs: dict[str, dict[str, Any]],
+    reference: str,
+) -> tuple[_Vocabulary | None, str | None]:
+    """Row maps into the output vocabulary, or None when every model already uses it."""
+    if recipe.tokenizer_source is None:
+        return None, None
+    tokenizers = {ref: load_tokenizer(sources[ref]) for ref in refs}
+    mode = reference if recipe.tokenizer_source == "base" else recipe.tokenizer_source
+    output = build_output_tokenizer(mode, tokenizers, reference)
+    sizes = {ref: int(configs[ref].get("vocab_size") or len(tokenizers[ref])) for ref in refs}
+    rows = vocabulary_maps(output, tokenizers, sizes)
+    size = len(next(iter(rows.values())))
+    identity = list(range(size))
+    if all(r == identity and sizes[ref] == size for ref, r in rows.items()):
+        return None, "union" if mode == "union" else None
+    return _Vocabulary(size, rows), "union" if mode == "union" else None
+
+
+WORKING_SET_BYTES = 64 << 20
+"""Method scratch beyond the tensors themselves (chunk buffers, histograms): a generous bound."""
+
+
+def tensor_peak_bytes(tensor: PlannedTensor, following: PlannedTensor | None, method: MethodSpec) -> int:
+    """Memory a shard holds while merging ``tensor``: its inputs (or their read windows when
+    streamed), the next tensor's inputs (read ahead), the float32 result, its cast copy and
+    the method's working set."""
+    from orchestrator.shard import should_stream
+    from orchestrator.streaming import WINDOW_BYTES
+
+    def held(t: PlannedTensor) -> int:
+        return WINDOW_BYTES * len(t.reads) if should_stream(method, t, "cpu") else t.in_bytes
+
+    elements = tensor.out_bytes // DTYPE_SIZES[tensor.out_dtype]
+    ahead = held(following) if following is not None else 0
+    permuted = tensor.out_bytes * len(tensor.reads) if tensor.vocab else 0
+    return held(tensor) + ahead + permuted + elements * 4 + tensor.out_bytes + WORKING_SET_BYTES
+
+
+def explain_plan(plan: Plan) -> list[dict[str, Any]]:
+    """Per shard and tensor group: tensors, bytes read, bytes written and the expected peak memory."""
+    method = get_method(plan.method)
+    rows: list[dict[str, Any]] = []
+    for shard in plan.shards:
+        tensors = shard.tensors
+        for position, tensor in enumerate(tensors):
+            following = tensors[position + 1] if position + 1 < len(tensors) else None
+            peak = tensor_peak_bytes(tensor, following, method)
+            if rows and rows[-1]["shard"] == shard.index and rows[-1]["group"] == tensor.group:
+                row = rows[-1]
+            else:
+                row = {"shard": shard.index, "group": tensor.group, "tensors": 0, "bytes_read": 0, "bytes_written": 0, "peak_bytes": 0}
+                rows.append(row)
+            row["tensors"] += 1
+            row["bytes_read"] += tensor.in_bytes
+            row["bytes_written"] += tensor.out_bytes
+            row["peak_bytes"] = max(row["peak_bytes"], peak)
+    return rows
 
 
 def cut_into_shards(tensors: list[PlannedTensor], count: int) -> list[PlannedShard]:

@@ -8,6 +8,7 @@ matches the plan is not run again, so a re-run after a crash does only missing w
 from __future__ import annotations
 
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -20,8 +21,10 @@ from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec, TensorTask, tensor_seed
 from orchestrator.plan import Plan, PlannedShard, PlannedTensor, shard_metadata
 from orchestrator.storage import checkpoint as ckpt
-from orchestrator.storage.base import CheckpointSource, OutputSink, TensorInfo
+from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, TensorInfo
 from orchestrator.storage.safetensors_format import torch_dtype
+from orchestrator.streaming import StoredTensor
+from orchestrator.vocabulary import permute_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +87,26 @@ def check_inputs_unchanged(plan: Plan, sources: list[CheckpointSource]) -> None:
                 )
 
 
-def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor) -> list[torch.Tensor]:
-    shape = tuple(tensor.shape)
-    return [
-        ckpt.read_tensor(sources[read.input], TensorInfo(read.name, read.dtype, shape, read.file, read.begin, read.end))
-        for read in tensor.reads
-    ]
+EAGER_INPUT_BYTES = 2 << 30
+"""Above this many input bytes for one tensor, a streaming method reads its inputs a window
+at a time (``StoredTensor``) instead of loading them, so memory does not grow with the tensor."""
+
+
+def should_stream(method: MethodSpec, tensor: PlannedTensor, device: str, *, limit: int = EAGER_INPUT_BYTES) -> bool:
+    return method.streams_inputs and device == "cpu" and not tensor.vocab and tensor.in_bytes > limit
+
+
+def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream: bool) -> list[torch.Tensor]:
+    inputs: list[Any] = []
+    for read in tensor.reads:
+        shape = tuple(tensor.shape)
+        if tensor.vocab:  # each input has its own vocabulary size
+            row_bytes = math.prod(shape[1:]) * DTYPE_SIZES[read.dtype]
+            shape = ((read.end - read.begin) // row_bytes, *shape[1:])
+        info = TensorInfo(read.name, read.dtype, shape, read.file, read.begin, read.end)
+        source = sources[read.input]
+        inputs.append(StoredTensor(source, info) if stream else ckpt.read_tensor(source, info))
+    return inputs
 
 
 def merge_tensor(
@@ -99,6 +116,9 @@ def merge_tensor(
 
     The writer's guard refuses NaN/Inf, after the cast, so an overflow in the cast is caught too.
     """
+    if tensor.vocab and plan.vocabulary is not None:
+        maps = [torch.tensor(plan.vocabulary.rows[read.input]) for read in tensor.reads]
+        inputs = permute_rows(inputs, maps, tensor.base)
     if device != "cpu":
         inputs = [t.to(device, non_blocking=True) for t in inputs]
     base = inputs[tensor.base] if tensor.base is not None else None
@@ -160,12 +180,15 @@ def run_shard(
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors]
     metadata = shard_metadata(plan, index)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-        pending = prefetch.submit(_read_inputs, sources, shard.tensors[0]) if shard.tensors else None
+        def read(tensor: PlannedTensor) -> Any:
+            return prefetch.submit(_read_inputs, sources, tensor, should_stream(method, tensor, device))
+
+        pending = read(shard.tensors[0]) if shard.tensors else None
         with ckpt.SafetensorsWriter(sink, shard.file, entries, metadata) as writer:
             for position, tensor in enumerate(shard.tensors):
                 inputs = pending.result()
                 if position + 1 < len(shard.tensors):
-                    pending = prefetch.submit(_read_inputs, sources, shard.tensors[position + 1])
+                    pending = read(shard.tensors[position + 1])
                 merged, tensor_report = merge_tensor(plan, method, tensor, inputs, device)
                 del inputs
                 add_report(report, tensor_report)

@@ -122,6 +122,22 @@ def save_checkpoint(
     return path
 
 
+def save_word_tokenizer(path: str | Path, words: list[str]) -> Path:
+    """A whitespace word-level tokenizer over ``words`` (after four special tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[UNK]", "[PAD]", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
+    tokenizer.save_pretrained(str(path))
+    return Path(path)
+
+
 def make_model_family(
     root: str | Path,
     *,

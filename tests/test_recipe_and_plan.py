@@ -151,3 +151,21 @@ def test_too_many_shards(family, tmp_path: Path) -> None:
     base, experts = family
     with pytest.raises(RecipeError, match="more than the 75 tensors"):
         build_plan(parse_recipe(gta_recipe("ties", base, experts)), str(tmp_path / "out"), shards=500)
+
+
+def test_plan_explain_accounts_for_every_byte(family, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from orchestrator import cli
+
+    base, experts = family
+    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts))
+    assert cli.main(["plan", str(recipe), str(tmp_path / "out"), "--shards", "3", "--explain", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    groups = result["groups"]
+    assert [g["group"] for g in groups][0] == "pre" and groups[-1]["group"] == "post"
+    assert len([g for g in groups if g["group"].startswith("layer ")]) == 8
+    for shard in result["shards"]:
+        mine = [g for g in groups if g["shard"] == shard["index"]]
+        assert sum(g["bytes_read"] for g in mine) == shard["bytes_in"]
+        assert sum(g["bytes_written"] for g in mine) == shard["bytes_out"]
+    embedding_inputs = 4 * 96 * 32 * 4  # base and three experts, float32
+    assert groups[0]["peak_bytes"] > embedding_inputs

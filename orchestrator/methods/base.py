@@ -70,6 +70,9 @@ class MethodSpec:
     # out otherwise (multislerp, nuslerp). When False and the method needs no base, a
     # named base is just another input among the experts (linear).
     optional_base: bool = False
+    # The method reads its inputs only through contiguous slices of their flat views
+    # (``x.reshape(-1)[a:b]``), so the engine may hand it tensors still in storage.
+    streams_inputs: bool = False
     model_params: tuple[ParamSpec, ...] = ()
     global_params: tuple[ParamSpec, ...] = ()
     uses_randomness: bool = False

@@ -59,6 +59,7 @@ SPECS: tuple[MethodSpec, ...] = (
         name="linear",
         merge=_merge,
         needs_base=False,
+        streams_inputs=True,
         model_params=(ParamSpec("weight", float, doc="this model's weight wᵢ"),),
         global_params=(ParamSpec("normalize", bool, True, "divide by the sum of the weights"),),
         doc="Σ wᵢθᵢ / Σ wᵢ",
