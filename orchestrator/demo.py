@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     base, experts = make_model_family(workdir / "models", experts=3, shape=DEMO_SHAPE, dtype=torch.bfloat16)
     recipe = write_demo_recipe(workdir, base, experts)
 
-    print(f"2/3 mergefleet merge {recipe} --overwrite   (ties, 3 shards, 2 workers)")
-    status = cli.main(["merge", str(recipe), "--overwrite"])
+    print(f"2/3 mergefleet run {recipe} --overwrite   (the merge_and_eval Prefect flow: ties, 3 shards, 2 at once)")
+    status = cli.main(["run", str(recipe), "--overwrite"])
     if status != 0:
         return status
 

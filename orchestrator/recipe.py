@@ -75,6 +75,31 @@ class FleetSettings(BaseModel):
     device: Literal["cpu", "cuda"] = "cpu"
     allow_pickle: bool = False
     storage: StorageOptions = Field(default_factory=StorageOptions)  # S3 endpoint, region, cache; never credentials
+    # Where the shards of `mergefleet run` (the merge_and_eval flow) run: in the flow's own
+    # process, or as runs of the merge-shard deployment on a Prefect work pool.
+    target: Literal["inline", "deployment"] = "inline"
+    work_pool: str | None = None
+    shard_deployment: str | None = None  # default: merge-shard/<work_pool>
+    shard_retries: int = Field(default=2, ge=0)
+    # A Prefect global concurrency limit each shard holds one slot of while it runs (e.g.
+    # 'gpu'); with concurrency_slots the flow creates it or sets its size.
+    concurrency_limit: str | None = None
+    concurrency_slots: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _target_is_complete(self) -> "FleetSettings":
+        if self.target == "deployment" and not (self.work_pool or self.shard_deployment):
+            raise ValueError(
+                "target 'deployment' runs shards on a Prefect work pool: set 'work_pool: NAME' "
+                "(the pool that 'mergefleet deploy --pool NAME' registered merge-shard on)"
+            )
+        if self.concurrency_slots is not None and not self.concurrency_limit:
+            raise ValueError("concurrency_slots needs a limit name: set 'concurrency_limit: NAME' (e.g. gpu)")
+        return self
+
+    def shard_deployment_name(self) -> str:
+        """The deployment the ``deployment`` target fans shards out to."""
+        return self.shard_deployment or f"merge-shard/{self.work_pool}"
 
 
 class Recipe(BaseModel):

@@ -22,3 +22,15 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
         split = 40_000 if i == 1 else None
         experts.append(save_checkpoint(root / f"expert{i + 1}", fine_tuned(weights, seed=100 + i), TINY, max_file_bytes=split))
     return base, experts
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A temporary Prefect API (SQLite in a temp folder) for the whole session."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield

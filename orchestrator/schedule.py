@@ -1,0 +1,85 @@
+"""What a scheduled merge needs, without Prefect: a recipe that runs anywhere, and
+whether anything changed since the last successful merge into an output.
+
+A nightly deployment re-merges only when an input checkpoint (or the recipe) changed:
+the inputs' fingerprints now are compared with those the output's ``mergefleet.json``
+recorded, and that manifest exists only once a merge has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from orchestrator.assemble import MANIFEST_FILE
+from orchestrator.recipe import Recipe, parse_recipe
+from orchestrator.storage import checkpoint as ckpt
+
+
+def _absolute(ref: str | None, root: Path) -> str | None:
+    if ref is None or "://" in ref:
+        return ref
+    path = Path(ref).expanduser()
+    return os.path.normpath(path if path.is_absolute() else root / path)
+
+
+def portable_recipe(recipe: Recipe, *, root: Path, output: str | None = None) -> dict[str, Any]:
+    """The recipe as a mapping whose local paths (models, output) are absolute.
+
+    A deployment's flow runs in another working directory (a worker's temp folder, a pod),
+    so a path relative to where the user typed the command would point nowhere there.
+    """
+    data = recipe.model_dump(mode="json", exclude_defaults=True)
+    data["base_model"] = _absolute(data.get("base_model"), root)
+    for entry in data.get("models", []):
+        entry["model"] = _absolute(entry["model"], root)
+    for slice_ in data.get("slices") or []:
+        slice_["base_model"] = _absolute(slice_.get("base_model"), root)
+        for source in slice_["sources"]:
+            source["model"] = _absolute(source["model"], root)
+    fleet = data.setdefault("fleet", {})
+    fleet["output"] = _absolute(output or recipe.fleet.output, root)
+    data = {key: value for key, value in data.items() if value is not None}
+    parse_recipe(data, source="portable recipe")  # still a valid recipe
+    return data
+
+
+def changes_since_last_merge(recipe: Recipe, output: str) -> list[str]:
+    """What differs from the last successful merge in ``output``; empty when nothing does.
+
+    Compares the recipe hash, every input's fingerprints (size and mtime or ETag of its
+    weight files, index and config) and the presence of the output's files.
+    """
+    storage = getattr(recipe.fleet, "storage", None)  # S3 settings, where recipes carry them
+    options = {} if storage is None else {"storage": storage}
+    sink = ckpt.open_output(output, **options)
+    if not sink.exists(MANIFEST_FILE):
+        return [f"{sink.uri} holds no finished merge yet"]
+    try:
+        manifest = json.loads(sink.read_file(MANIFEST_FILE))
+        recorded = {entry["name"]: entry["fingerprints"] for entry in manifest["inputs"]}
+        recipe_hash, files = manifest["recipe_sha256"], manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{sink.uri}/{MANIFEST_FILE} is unreadable"]
+
+    changes = []
+    if recipe_hash != recipe.recipe_hash():
+        changes.append("the recipe changed")
+    for ref in recipe.model_refs():
+        if ref not in recorded:
+            changes.append(f"{ref} is a new input")
+            continue
+        source = ckpt.open_checkpoint(ref, allow_pickle=recipe.fleet.allow_pickle, **options)
+        now = [asdict(fp) for fp in ckpt.fingerprints(source)]
+        if now != recorded[ref]:
+            before = {fp["file"]: fp for fp in recorded[ref]}
+            changed = [fp["file"] for fp in now if before.get(fp["file"]) != fp]
+            changed += [name for name in before if name not in {fp["file"] for fp in now}]
+            changes.append(f"{ref} changed ({', '.join(sorted(set(changed)))})")
+    for entry in files:
+        if not sink.exists(entry["file"]):
+            changes.append(f"{sink.uri}/{entry['file']} is missing")
+    return changes

@@ -1,0 +1,338 @@
+"""The Prefect flows on a temporary Prefect API: inline shards, resume, retries, failure
+messages, the concurrency limit, the nightly skip, deployments and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator import cli
+from orchestrator.errors import PlanError
+from orchestrator.pipeline import merge
+from orchestrator.recipe import parse_recipe
+from orchestrator.schedule import changes_since_last_merge, portable_recipe
+from tests.helpers import gta_recipe, write_recipe
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def recipe_data(family, out: Path | None = None, **fleet) -> dict:
+    base, experts = family
+    data = gta_recipe("ties", base, experts)
+    data["fleet"] = {"shards": 3, "workers": 2, **fleet}
+    if out is not None:
+        data["fleet"]["output"] = str(out)
+    return data
+
+
+def checkpoint_bytes(out: Path) -> dict[str, bytes]:
+    names = [p.name for p in out.glob("*.safetensors")] + ["model.safetensors.index.json", "config.json"]
+    return {name: (out / name).read_bytes() for name in sorted(names)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_tracking_store(tmp_path_factory):
+    """Every merge of this module records into one MLflow store (created once, not per test)."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """`mergefleet run/deploy` set Prefect defaults in os.environ; keep them to each test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    import flows.tasks
+
+    monkeypatch.setattr(flows.tasks, "SHARD_RETRY_DELAY_S", 0)
+
+
+@pytest.fixture(scope="module")
+def reference(family, tmp_path_factory) -> dict[str, bytes]:
+    """The plain (non-Prefect) merge of recipe_data, 3 shards."""
+    out = tmp_path_factory.mktemp("reference") / "merged"
+    merge(parse_recipe(recipe_data(family)), str(out), workers=1)
+    return checkpoint_bytes(out)
+
+
+def test_inline_flow_gives_the_plain_merge_byte_for_byte(family, reference, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    out = tmp_path / "merged"
+    result = merge_and_eval(recipe_data(family), str(out))
+    assert result["shards"] == 3 and result["shards_skipped"] == 0 and result["target"] == "inline"
+    assert result["output"] == str(out) and result["flow_run_id"]
+    assert result["evaluation"] is None  # no fleet.eval in the recipe
+    assert result["tracking"] is None or result["tracking"]["run_id"]
+    assert checkpoint_bytes(out) == reference
+    manifest = json.loads((out / "mergefleet.json").read_text())
+    assert manifest["plan_id"] == result["plan_id"]
+
+
+def test_rerun_reuses_finished_shards_and_runs_only_missing_ones(family, reference, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    out = tmp_path / "merged"
+    merge_and_eval(recipe_data(family), str(out))
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    again = merge_and_eval(recipe_data(family), str(out))
+    assert again["shards_skipped"] == 3
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
+
+    (out / ".mergefleet/shard-1.json").unlink()
+    third = merge_and_eval(recipe_data(family), str(out))
+    assert third["shards_skipped"] == 2
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
+    assert [name for name in after if after[name] != before[name]] == ["model-00002-of-00003.safetensors"]
+    assert checkpoint_bytes(out) == reference
+
+
+def _failing_run_shard(monkeypatch, fail: dict[int, int], error: Exception) -> dict[int, int]:
+    """Make shard i fail its first fail[i] attempts with ``error``; returns attempt counts."""
+    import flows.tasks
+
+    real = flows.tasks.run_shard
+    calls: dict[int, int] = {}
+
+    def flaky(plan, index, **kwargs):
+        calls[index] = calls.get(index, 0) + 1
+        if calls[index] <= fail.get(index, 0):
+            raise error
+        return real(plan, index, **kwargs)
+
+    monkeypatch.setattr(flows.tasks, "run_shard", flaky)
+    return calls
+
+
+def test_a_shard_that_keeps_failing_fails_the_flow_with_its_own_message(family, fast_retries, monkeypatch, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    calls = _failing_run_shard(monkeypatch, {1: 99}, OSError("disk sector 7 is on fire"))
+    out = tmp_path / "merged"
+    state = merge_and_eval(recipe_data(family, shard_retries=2), str(out), return_state=True)
+    assert state.is_failed()
+    assert "disk sector 7 is on fire" in state.message
+    assert calls[1] == 3  # the first try and 2 retries
+    assert calls[0] == calls[2] == 1
+    # the other shards finished and keep their receipts; nothing looks complete
+    assert sorted(p.name for p in (out / ".mergefleet").glob("shard-*.json")) == ["shard-0.json", "shard-2.json"]
+    assert not (out / "mergefleet.json").exists()
+    assert not list(out.glob("*.partial-*"))
+
+
+def test_errors_that_cannot_pass_are_not_retried(family, fast_retries, monkeypatch, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    calls = _failing_run_shard(monkeypatch, {2: 99}, PlanError("input x changed after planning"))
+    state = merge_and_eval(recipe_data(family), str(tmp_path / "merged"), return_state=True)
+    assert state.is_failed() and "input x changed after planning" in state.message
+    assert calls[2] == 1
+
+
+def test_a_transient_failure_is_retried_and_the_merge_completes(family, reference, fast_retries, monkeypatch, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    calls = _failing_run_shard(monkeypatch, {0: 1, 2: 2}, MemoryError("out of memory"))
+    out = tmp_path / "merged"
+    result = merge_and_eval(recipe_data(family), str(out))
+    assert calls == {0: 2, 1: 1, 2: 3}
+    assert result["shards_skipped"] == 0
+    assert checkpoint_bytes(out) == reference
+
+
+def test_the_global_concurrency_limit_bounds_shards_at_once(family, monkeypatch, tmp_path: Path) -> None:
+    import flows.tasks
+    from flows.merge_and_eval import merge_and_eval
+    from prefect.client.orchestration import get_client
+
+    real = flows.tasks.run_shard
+    lock, running, peak = threading.Lock(), [0], [0]
+
+    def counted(plan, index, **kwargs):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            time.sleep(0.3)
+            return real(plan, index, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(flows.tasks, "run_shard", counted)
+    data = recipe_data(family, workers=3, concurrency_limit="gpu-test", concurrency_slots=1)
+    merge_and_eval(data, str(tmp_path / "one-slot"))
+    assert peak[0] == 1
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu-test").limit == 1
+
+    peak[0] = 0
+    merge_and_eval(recipe_data(family, workers=3, concurrency_limit="gpu-test", concurrency_slots=3), str(tmp_path / "three"))
+    assert peak[0] > 1
+
+
+def test_a_missing_concurrency_limit_is_a_clear_error(family, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    state = merge_and_eval(recipe_data(family, concurrency_limit="no-such-limit"), str(tmp_path / "m"), return_state=True)
+    assert state.is_failed() and "no-such-limit" in state.message
+
+
+def test_deployment_target_without_its_deployment_says_what_to_register(family, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    data = recipe_data(family, target="deployment", work_pool="nowhere")
+    state = merge_and_eval(data, str(tmp_path / "m"), return_state=True)
+    assert state.is_failed()
+    assert "merge-shard/nowhere" in state.message and "mergefleet deploy" in state.message
+
+
+def test_deployment_target_reads_finished_shards_without_starting_runs(family, tmp_path: Path) -> None:
+    from flows.deploy import deploy
+    from flows.merge_and_eval import merge_and_eval
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="resume-pool", type="process"))
+    deploy(recipe_data(family), name="resume", pool="resume-pool")
+    out = tmp_path / "merged"
+    merge_and_eval(recipe_data(family), str(out))
+    again = merge_and_eval(recipe_data(family, target="deployment", work_pool="resume-pool"), str(out))
+    assert again["target"] == "deployment" and again["shards_skipped"] == 3
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["resume-pool"])))
+    assert runs == []
+
+
+@pytest.fixture
+def own_family(family, tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A copy of the session's family that a test may change."""
+    base, experts = family
+    copies = [Path(shutil.copytree(p, tmp_path / "models" / p.name)) for p in [base, *experts]]
+    return copies[0], copies[1:]
+
+
+def test_skip_unchanged_merges_again_only_when_an_input_changed(own_family, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+
+    out = tmp_path / "merged"
+    data = recipe_data(own_family)
+    first = merge_and_eval(data, str(out), skip_unchanged=True)
+    assert not first.get("skipped") and first["shards_skipped"] == 0
+    assert merge_and_eval(data, str(out), skip_unchanged=True)["skipped"] is True
+
+    expert = own_family[1][0]
+    weights = next(expert.glob("*.safetensors"))
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new checkpoint version
+    assert changes_since_last_merge(parse_recipe(data), str(out)) == [f"{expert} changed ({weights.name})"]
+    again = merge_and_eval(data, str(out), overwrite=True, skip_unchanged=True)
+    assert not again.get("skipped") and again["plan_id"] != first["plan_id"] and again["shards_skipped"] == 0
+
+
+def test_changes_since_last_merge_names_what_differs(own_family, tmp_path: Path) -> None:
+    out = tmp_path / "merged"
+    recipe = parse_recipe(recipe_data(own_family))
+    assert changes_since_last_merge(recipe, str(out)) == [f"{out} holds no finished merge yet"]
+    merge(recipe, str(out), workers=1)
+    assert changes_since_last_merge(recipe, str(out)) == []
+    other = parse_recipe(recipe_data(own_family) | {"random_seed": 12})
+    assert changes_since_last_merge(other, str(out)) == ["the recipe changed"]
+    (out / "model-00003-of-00003.safetensors").unlink()
+    assert changes_since_last_merge(recipe, str(out)) == [f"{out}/model-00003-of-00003.safetensors is missing"]
+
+
+def test_portable_recipe_makes_local_paths_absolute(family, tmp_path: Path, monkeypatch) -> None:
+    base, experts = family
+    monkeypatch.chdir(base.parent)
+    data = recipe_data((Path(base.name), [Path(e.name) for e in experts]))
+    recipe = parse_recipe(data | {"models": data["models"] + [{"model": "s3://bucket/expert9"}]})
+    portable = portable_recipe(recipe, root=Path.cwd(), output="out")
+    assert portable["base_model"] == str(base)
+    assert [m["model"] for m in portable["models"]] == [str(base), *map(str, experts), "s3://bucket/expert9"]
+    assert portable["fleet"]["output"] == str(base.parent / "out")
+    assert parse_recipe(portable).fleet.shards == 3
+
+
+def test_cli_run_prints_the_summary_and_resumes(family, reference, tmp_path: Path, capsys) -> None:
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_data(family))
+    out = tmp_path / "merged"
+    assert cli.main(["run", str(path), str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["shards"] == 3 and result["method"] == "ties"
+    assert checkpoint_bytes(out) == reference
+    assert cli.main(["run", str(path), str(out)]) == 0
+    assert "(3 already done)" in capsys.readouterr().err
+
+
+def test_cli_run_refuses_a_bad_recipe_before_starting_prefect(tmp_path: Path, capsys) -> None:
+    path = write_recipe(tmp_path / "recipe.yaml", {"merge_method": "ties", "models": ["a"], "fleet": {"target": "deployment"}})
+    assert cli.main(["run", str(path), str(tmp_path / "out")]) == 2
+    assert "work_pool" in capsys.readouterr().err
+
+
+def test_cli_deploy_registers_both_deployments(family, tmp_path: Path, capsys, monkeypatch) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="unit-pool", type="process"))
+    monkeypatch.chdir(tmp_path)
+    data = recipe_data(family, target="deployment", work_pool="unit-pool")
+    path = write_recipe(tmp_path / "nightly.yaml", data)
+    assert cli.main(["deploy", str(path), "merged", "--cron", "0 2 * * *", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["merge_shard"]["name"] == "merge-shard/unit-pool"
+    assert result["merge_and_eval"]["name"] == "merge-and-eval/nightly"
+    with get_client(sync_client=True) as client:
+        shard = client.read_deployment_by_name("merge-shard/unit-pool")
+        nightly = client.read_deployment_by_name("merge-and-eval/nightly")
+    assert shard.entrypoint == "flows.merge_shard.merge_shard" and shard.work_pool_name == "unit-pool"
+    assert nightly.entrypoint == "flows.merge_and_eval.merge_and_eval"
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.parameters["skip_unchanged"] is True and nightly.parameters["overwrite"] is True
+    assert nightly.parameters["recipe"]["fleet"]["output"] == str(tmp_path / "merged")
+
+    assert cli.main(["deploy", str(path), "merged", "--pool", "no-such-pool"]) == 5
+    assert "prefect work-pool create no-such-pool" in capsys.readouterr().err
+    assert cli.main(["deploy", str(path), "merged", "--cron", "every night"]) == 2
+
+
+def test_prefect_yaml_names_the_flows() -> None:
+    from prefect.flows import load_flow_from_entrypoint
+
+    config = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())
+    names = {}
+    for deployment in config["deployments"]:
+        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
+        names[deployment["name"]] = flow.name
+    assert names == {"{{ $MERGEFLEET_POOL }}": "merge-shard", "nightly": "merge-and-eval"}
+
+
+def test_cli_commands_are_pinned() -> None:
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(subparsers.choices) == sorted(cli.COMMANDS) == ["assemble", "compare", "deploy", "merge", "plan", "run", "shard"]
