@@ -41,3 +41,15 @@ class OutputError(MergefleetError):
     """The output location refuses the write (holds another merge, not writable)."""
 
     exit_code = 6
+
+
+class EvaluationError(MergefleetError):
+    """A checkpoint cannot be evaluated: an unknown task, bad task data, a model that does not load."""
+
+    exit_code = 7
+
+
+class TrackingError(MergefleetError):
+    """MLflow refuses the record, or a run or experiment to compare does not exist."""
+
+    exit_code = 8

@@ -64,6 +64,30 @@ class SliceEntry(BaseModel):
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
 
 
+class EvalSettings(BaseModel):
+    """``fleet.eval``: what lm-eval runs on the merged checkpoint (and, optionally, its inputs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # lm-eval task names, task YAML files, directories of task YAMLs, or JSONL files
+    # ({"prompt", "choices", "answer"} or {"prompt", "completion"} per line)
+    tasks: list[str] = Field(min_length=1)
+    num_fewshot: int | None = Field(default=None, ge=0)
+    limit: int | float | None = Field(default=None, gt=0)  # examples per task (a fraction below 1)
+    batch_size: int = Field(default=16, ge=1)
+    device: str = "cpu"  # cpu, cuda, cuda:1, ...
+    evaluate_inputs: bool = False  # also the base and every expert, cached by fingerprint
+    owners: dict[str, str] = Field(default_factory=dict)  # task -> the expert (as the recipe names it) trained for it
+    cache_dir: str | None = None  # default: $XDG_CACHE_HOME/mergefleet/eval
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "cpu" and not value.startswith("cuda") and value != "mps":
+            raise ValueError(f"device '{value}' is not supported; use cpu, cuda or cuda:N")
+        return value
+
+
 class FleetSettings(BaseModel):
     """Orchestration settings; none of them changes the merged weights."""
 
@@ -85,6 +109,11 @@ class FleetSettings(BaseModel):
     # 'gpu'); with concurrency_slots the flow creates it or sets its size.
     concurrency_limit: str | None = None
     concurrency_slots: int | None = Field(default=None, ge=1)
+    # Evaluation and lineage (orchestrator/evaluate.py, orchestrator/tracking.py)
+    eval: EvalSettings | None = None
+    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite beside the output
+    experiment: str = "mergefleet"
+    register_model: str | None = None  # register the merged checkpoint under this model name
 
     @model_validator(mode="after")
     def _target_is_complete(self) -> "FleetSettings":
@@ -167,7 +196,7 @@ def _describe(error: ValidationError, source: str) -> str:
 
 def _allowed_keys(location: tuple[Any, ...]) -> str:
     model: type[BaseModel] = Recipe
-    nested = {"fleet": FleetSettings, "storage": StorageOptions, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
+    nested = {"fleet": FleetSettings, "eval": EvalSettings, "storage": StorageOptions, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
     for part in location[:-1]:
         if isinstance(part, str) and part in nested:
             model = nested[part]

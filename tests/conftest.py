@@ -34,3 +34,18 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def skill_models(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
+    trained here on CPU (about 20 s)."""
+    from orchestrator.skills import SkillsConfig, build_skills
+
+    return build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
+
+
+@pytest.fixture(scope="session")
+def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One evaluation cache for the session: each input is evaluated once."""
+    return tmp_path_factory.mktemp("eval-cache")

@@ -1,0 +1,667 @@
+"""Lineage: one MLflow run per merge, recorded the same way every time so that merges
+compare side by side in the MLflow UI.
+
+A merge's run holds
+- the recipe as params (flattened: ``models.1.parameters.density``) and as ``recipe.yaml``;
+- tags ``mergefleet.method``, ``mergefleet.experts``, ``mergefleet.plan_id``, ...;
+- every input checkpoint as a run input (a dataset entry whose source is the input's URI
+  and whose digest is its fingerprint; context ``base`` or ``expert``);
+- one nested run per shard (bytes written and read, seconds, bytes per second);
+- the evaluation: ``score/<task>`` (the merged checkpoint's primary metric),
+  ``normalised/<task>``, ``merged/<task>/<metric>`` (everything lm-eval reported),
+  ``base/<task>`` and ``expert/<name>/<task>`` when the inputs were evaluated;
+- artifacts ``recipe.yaml``, ``mergefleet.json`` (the manifest), ``evaluation.json`` and
+  ``scores.png`` (merged vs base vs experts per task);
+- the merged checkpoint as an MLflow logged model. Its weights stay where the merge wrote
+  them: the model is an *external* one (MLflow's term) whose ``mergefleet.checkpoint_uri``
+  tag and ``checkpoint.json`` artifact give that location; optionally registered.
+
+Tracking goes to ``tracking_uri`` (argument, then ``fleet.tracking_uri``, then
+``MLFLOW_TRACKING_URI``), by default a SQLite file ``mlflow.db`` beside a local output
+(in its parent directory) with artifacts in ``mlartifacts/`` next to it; ``~/.mergefleet``
+for a remote output. The file store is deprecated in MLflow 3 and is not used.
+
+Only ``MlflowClient`` with an explicit URI is used: no global MLflow state, so merges of
+a sweep may be tracked from several threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from orchestrator import __version__
+from orchestrator.errors import TrackingError
+from orchestrator.evaluate import Evaluation
+from orchestrator.plan import Plan
+from orchestrator.recipe import FleetSettings, parse_recipe
+
+log = logging.getLogger(__name__)
+
+TAG = "mergefleet."
+DEFAULT_EXPERIMENT = "mergefleet"
+MODEL_TYPE = "mergefleet-checkpoint"
+PARAM_VALUE_LIMIT = 6000
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+_MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
+_sqlite_locks: dict[str, threading.Lock] = {}
+
+
+# ---------------------------------------------------------------- where
+
+
+def default_tracking_uri(output: str) -> str:
+    """``sqlite:///<parent of a local output>/mlflow.db``; ``~/.mergefleet/mlflow.db`` otherwise."""
+    if "://" in output:
+        directory = Path.home() / ".mergefleet"
+    else:
+        directory = Path(output).expanduser().resolve().parent
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def resolve_tracking_uri(explicit: str | None, output: str) -> str:
+    """The argument, else ``$MLFLOW_TRACKING_URI``, else ``default_tracking_uri(output)``."""
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser()
+    return None
+
+
+def artifact_location(uri: str) -> str | None:
+    """``mlartifacts/`` beside a SQLite database; ``None`` (the server decides) otherwise."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return None
+    return (path.resolve().parent / "mlartifacts").as_uri()
+
+
+def client_for(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    # MLflow writes "View run ... at ..." to stdout when a run ends; stdout is for --json
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    path = _sqlite_path(uri)
+    if path is not None:
+        path.resolve().parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (with local artifacts for SQLite) if needed."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return client.create_experiment(name, artifact_location=artifact_location(uri))
+    except MlflowException as error:
+        if "already exists" in str(error):  # created by a concurrent merge of the same sweep
+            return client.get_experiment_by_name(name).experiment_id
+        raise TrackingError(f"MLflow at {uri} refuses experiment '{name}': {error.message}") from None
+
+
+def ui_command(uri: str) -> str:
+    """How to open the MLflow UI on this tracking store."""
+    path = _sqlite_path(uri)
+    if path is None:
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifact_location(uri)}"
+
+
+# ---------------------------------------------------------------- the record
+
+
+@dataclass
+class TrackedRun:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_id: str | None
+    model_version: str | None
+    url: str | None  # the run's page when the tracking URI is a server
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """``{"models": [{"model": "a"}]}`` -> ``{"models.0.model": "a"}``; lists of scalars stay whole."""
+    if isinstance(value, dict):
+        result: dict[str, str] = {}
+        for key, item in value.items():
+            result |= flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return result
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        result = {}
+        for index, item in enumerate(value):
+            result |= flatten(item, f"{prefix}.{index}" if prefix else str(index))
+        return result
+    text = json.dumps(value) if isinstance(value, list) else str(value)
+    if len(text) > PARAM_VALUE_LIMIT:
+        text = text[: PARAM_VALUE_LIMIT - 1] + "…"
+    return {prefix: text}
+
+
+def metric_key(*parts: str) -> str:
+    return "/".join(_METRIC_UNSAFE.sub("_", part) for part in parts)
+
+
+def input_fingerprint(uri: str, fingerprints: list[dict[str, Any]]) -> str:
+    """What identifies one version of a checkpoint (the same hash the evaluation cache uses)."""
+    return hashlib.sha256(json.dumps([uri, fingerprints], sort_keys=True).encode()).hexdigest()
+
+
+def input_labels(plan: Plan) -> dict[str, str]:
+    """Short, unique labels for the inputs: ``base`` and the experts' directory names."""
+    labels: dict[str, str] = {}
+    for index, inp in enumerate(plan.inputs):
+        if index == plan.base:
+            label = "base"
+        else:
+            label = Path(inp.name.rstrip("/")).name or f"expert{index}"
+            label = _METRIC_UNSAFE.sub("_", label)
+        candidate, n = label, 2
+        while candidate in labels.values():
+            candidate, n = f"{label}-{n}", n + 1
+        labels[inp.name] = candidate
+    return labels
+
+
+def _shard_rows(shards: Iterable[Any] | None, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Receipts (objects, dicts, or the flow's ``{"receipt": ..., "skipped": ...}``), or the manifest's shards."""
+    if shards is None:
+        return [dict(row) for row in manifest.get("shards", [])]
+    rows = []
+    for item in shards:
+        if hasattr(item, "model_dump"):
+            row = item.model_dump()
+        elif isinstance(item, dict) and "receipt" in item:
+            row = dict(item["receipt"]) | {"skipped": bool(item.get("skipped"))}
+        else:
+            row = dict(item)
+        rows.append(row)
+    return rows
+
+
+def _fleet(plan: Plan) -> FleetSettings:
+    try:
+        return parse_recipe(plan.recipe).fleet
+    except Exception:  # a plan from an older recipe format: tracking still works
+        return FleetSettings()
+
+
+def score_series(evaluation: Evaluation, labels: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
+    """Primary scores per task of base, each expert and the merge, in that order."""
+    series: dict[str, dict[str, float]] = {}
+    if evaluation.base is not None:
+        series["base"] = evaluation.base.scores
+    for name, scores in evaluation.experts.items():
+        series[(labels or {}).get(name, Path(name.rstrip("/")).name)] = scores.scores
+    series["merged"] = evaluation.merged.scores
+    return series
+
+
+def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title: str = "") -> Path:
+    """A grouped bar chart (PNG): one group per task, one bar per series."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(task for scores in series.values() for task in scores))
+    width = 0.8 / max(1, len(series))
+    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 + 1.6 * len(tasks) * max(1, len(series)) * 0.45), 4.2), dpi=110)
+    colours = plt.get_cmap("tab10")
+    for n, (label, scores) in enumerate(series.items()):
+        xs = [i + (n - (len(series) - 1) / 2) * width for i in range(len(tasks))]
+        values = [scores.get(task, float("nan")) for task in tasks]
+        colour = "black" if label == "merged" else ("0.65" if label == "base" else colours(n % 10))
+        bars = axes.bar(xs, values, width * 0.92, label=label, color=colour)
+        axes.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=7, padding=1)
+    axes.set_xticks(range(len(tasks)), tasks)
+    axes.set_ylabel("score (primary metric)")
+    top = max([v for scores in series.values() for v in scores.values()] + [1.0])
+    axes.set_ylim(0, top * 1.12)
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def _evaluation_metrics(evaluation: Evaluation, labels: dict[str, str]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    merged = evaluation.merged
+    for task, value in merged.scores.items():
+        metrics[metric_key("score", task)] = value
+        for name, number in merged.metrics.get(task, {}).items():
+            metrics[metric_key("merged", task, name)] = number
+    if merged.scores:
+        metrics["score/mean"] = sum(merged.scores.values()) / len(merged.scores)
+    for task, value in evaluation.normalised.items():
+        metrics[metric_key("normalised", task)] = value
+    if evaluation.normalised:
+        metrics["normalised/mean"] = sum(evaluation.normalised.values()) / len(evaluation.normalised)
+    if evaluation.base is not None:
+        for task, value in evaluation.base.scores.items():
+            metrics[metric_key("base", task)] = value
+    for name, scores in evaluation.experts.items():
+        for task, value in scores.scores.items():
+            metrics[metric_key("expert", labels.get(name, name), task)] = value
+    metrics["eval_seconds"] = merged.seconds
+    return metrics
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], *, model_id: str | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    entries = [Metric(key, float(value), now, 0, model_id=model_id) for key, value in metrics.items()]
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    entries = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(entries), 100):
+        client.log_batch(run_id, params=entries[start : start + 100])
+
+
+def _log_inputs(client: Any, run_id: str, plan: Plan, labels: dict[str, str]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for index, inp in enumerate(plan.inputs):
+        fingerprint = input_fingerprint(inp.ref, inp.fingerprints)
+        scheme = inp.ref.split("://", 1)[0] if "://" in inp.ref else "local"
+        dataset = Dataset(
+            name=labels[inp.name],
+            digest=fingerprint[:32],
+            source_type=scheme,
+            source=json.dumps({"uri": inp.ref}),
+            schema=json.dumps({"mergefleet_fingerprints": inp.fingerprints}),
+        )
+        tags = [
+            InputTag("mlflow.data.context", "base" if index == plan.base else "expert"),
+            InputTag(f"{TAG}fingerprint", fingerprint),
+            InputTag(f"{TAG}uri", inp.ref),
+            InputTag(f"{TAG}name", inp.name),
+        ]
+        inputs.append(DatasetInput(dataset=dataset, tags=tags))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def _log_shards(client: Any, experiment: str, parent: str, rows: list[dict[str, Any]], plan_id: str) -> list[str]:
+    ids = []
+    for row in rows:
+        index = int(row.get("index", len(ids)))
+        tags = {"mlflow.parentRunId": parent, f"{TAG}shard": str(index), f"{TAG}plan_id": plan_id}
+        run = client.create_run(experiment, run_name=f"shard-{index}", tags=tags)
+        run_id = run.info.run_id
+        tensors = row.get("tensors")
+        params = {
+            "index": str(index),
+            "file": str(row.get("file", "")),
+            "device": str(row.get("device", "")),
+            "tensors": str(len(tensors) if isinstance(tensors, list) else (tensors or "")),
+            "skipped": str(bool(row.get("skipped", False))),
+        }
+        if row.get("sha256"):
+            params["sha256"] = str(row["sha256"])
+        _log_params(client, run_id, {k: v for k, v in params.items() if v != ""})
+        seconds = float(row.get("seconds") or 0.0)
+        written = float(row.get("bytes_written") or 0)
+        metrics = {"bytes_written": written, "bytes_read": float(row.get("bytes_read") or 0), "seconds": seconds}
+        metrics["bytes_per_second"] = written / seconds if seconds > 0 else 0.0
+        _log_metrics(client, run_id, metrics)
+        client.set_terminated(run_id, "FINISHED")
+        ids.append(run_id)
+    return ids
+
+
+def _log_logged_model(
+    client: Any,
+    experiment: str,
+    run_id: str,
+    plan: Plan,
+    manifest: dict[str, Any],
+    metrics: dict[str, float],
+    name: str,
+) -> Any:
+    """The merged checkpoint as an external logged model that points at its location."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models.utils import get_external_mlflow_model_spec
+
+    tags = {
+        f"{TAG}checkpoint_uri": plan.output,
+        f"{TAG}plan_id": plan.plan_id,
+        f"{TAG}method": plan.method,
+        "mlflow.model.isExternal": "true",
+    }
+    params = {"method": plan.method, "plan_id": plan.plan_id, "out_dtype": plan.out_dtype, "experts": str(_expert_count(plan))}
+    model = client.create_logged_model(experiment, name=name, source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mergefleet-model-") as scratch:
+            get_external_mlflow_model_spec(model).save(os.path.join(scratch, "MLmodel"))
+            reference = {
+                "uri": plan.output,
+                "plan_id": plan.plan_id,
+                "recipe_sha256": plan.recipe_hash,
+                "files": manifest.get("files", []),
+            }
+            Path(scratch, "checkpoint.json").write_text(json.dumps(reference, indent=1))
+            client.log_model_artifacts(model.model_id, scratch)
+        if metrics:
+            _log_metrics(client, run_id, metrics, model_id=model.model_id)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except Exception:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    return model
+
+
+def _register(client: Any, name: str, model: Any, run_id: str, plan: Plan) -> str:
+    """A new version of registered model ``name``; its source is the logged model's artifacts
+    (``models:/<id>`` would be resolved against MLflow's global URI by a SQLite registry)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name,
+        source=model.artifact_location,
+        run_id=run_id,
+        model_id=model.model_id,
+        tags={f"{TAG}plan_id": plan.plan_id, f"{TAG}checkpoint_uri": plan.output},
+        await_creation_for=0,
+    )
+    return str(version.version)
+
+
+def _expert_count(plan: Plan) -> int:
+    return len(plan.inputs) - (plan.base is not None)
+
+
+def _run_url(uri: str, experiment: str, run_id: str) -> str | None:
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return None
+
+
+def _note(plan: Plan, evaluation: Evaluation | None) -> str:
+    lines = [f"**{plan.method}** merge of {_expert_count(plan)} expert(s), plan `{plan.plan_id}`, output `{plan.output}`."]
+    if evaluation is not None:
+        lines += ["", "| task | merged | normalised |", "|---|---|---|"]
+        for task in evaluation.tasks:
+            normalised = evaluation.normalised.get(task)
+            lines.append(
+                f"| {task} | {evaluation.merged.scores[task]:.3f} | {'' if normalised is None else f'{normalised:.3f}'} |"
+            )
+    return "\n".join(lines)
+
+
+def track_merge(
+    plan: Plan | str,
+    manifest: dict[str, Any],
+    shards: Sequence[Any] | None = None,
+    evaluation: Evaluation | dict[str, Any] | None = None,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    register_model: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    merge_seconds: float | None = None,
+) -> TrackedRun:
+    """Record one merge as an MLflow run (see the module's docstring); return where it is.
+
+    ``plan``: the Plan (or its output location / plan.json). ``manifest``: what
+    ``orchestrator.assemble.assemble`` returned. ``shards``: the shards' receipts (Receipt
+    objects, dicts, or the flow's ``{"receipt": ..., "skipped": ...}``); default: the
+    manifest's shard list. ``evaluation``: an ``Evaluation`` (or its ``as_dict()``).
+    ``tracking_uri``, ``experiment`` and ``register_model`` default to the recipe's
+    ``fleet`` settings.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(plan, str):
+        from orchestrator.pipeline import load_plan
+
+        plan = load_plan(plan)
+    if isinstance(evaluation, dict):
+        evaluation = Evaluation.from_dict(evaluation)
+    fleet = _fleet(plan)
+    uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
+    experiment_name = experiment or fleet.experiment or DEFAULT_EXPERIMENT
+    model_name = register_model or fleet.register_model
+    labels = input_labels(plan)
+    name = run_name or plan.recipe.get("name") or f"{plan.method}-{plan.plan_id[:8]}"
+    lock = _sqlite_locks.setdefault(uri, threading.Lock()) if _sqlite_path(uri) else contextlib.nullcontext()
+    try:
+        with lock:  # SQLite takes one writer at a time; a sweep's merges record one by one
+            client = client_for(uri)
+            experiment_id_ = experiment_id(client, experiment_name, uri)
+            run_tags = {
+                f"{TAG}method": plan.method,
+                f"{TAG}experts": str(_expert_count(plan)),
+                f"{TAG}plan_id": plan.plan_id,
+                f"{TAG}recipe_sha256": plan.recipe_hash,
+                f"{TAG}output": plan.output,
+                f"{TAG}version": __version__,
+                "mlflow.note.content": _note(plan, evaluation),
+            } | dict(tags or {})
+            run = client.create_run(experiment_id_, run_name=name, tags=run_tags)
+            run_id = run.info.run_id
+            try:
+                model_id, version = _fill_run(
+                    client, experiment_id_, run_id, plan, manifest, shards, evaluation, labels, name, model_name, merge_seconds
+                )
+            except BaseException:
+                client.set_terminated(run_id, "FAILED")
+                raise
+            client.set_terminated(run_id, "FINISHED")
+    except MlflowException as error:
+        raise TrackingError(f"MLflow at {uri} refused the record of plan {plan.plan_id}: {error.message}") from None
+    except OSError as error:
+        raise TrackingError(f"cannot record plan {plan.plan_id} in MLflow at {uri}: {error}") from None
+    log.info("recorded merge %s as MLflow run %s in %s", plan.plan_id, run_id, uri)
+    return TrackedRun(
+        run_id=run_id,
+        experiment_id=experiment_id_,
+        tracking_uri=uri,
+        model_id=model_id,
+        model_version=version,
+        url=_run_url(uri, experiment_id_, run_id),
+    )
+
+
+def _fill_run(
+    client: Any,
+    experiment: str,
+    run_id: str,
+    plan: Plan,
+    manifest: dict[str, Any],
+    shards: Sequence[Any] | None,
+    evaluation: Evaluation | None,
+    labels: dict[str, str],
+    name: str,
+    model_name: str | None,
+    merge_seconds: float | None,
+) -> tuple[str, str | None]:
+    params = flatten(plan.recipe) | {"mergefleet.shards": str(len(plan.shards)), "mergefleet.out_dtype": plan.out_dtype}
+    _log_params(client, run_id, params)
+    _log_inputs(client, run_id, plan, labels)
+
+    rows = _shard_rows(shards, manifest)
+    _log_shards(client, experiment, run_id, rows, plan.plan_id)
+    merge_metrics = {
+        "bytes_written": float(sum(r.get("bytes_written") or 0 for r in rows)),
+        "bytes_read": float(sum(r.get("bytes_read") or 0 for r in rows)),
+        "shard_seconds_total": float(sum(r.get("seconds") or 0 for r in rows)),
+        "shard_seconds_max": float(max([r.get("seconds") or 0 for r in rows] + [0])),
+    }
+    if merge_seconds is not None:
+        merge_metrics["merge_seconds"] = float(merge_seconds)
+    for key, value in (manifest.get("report") or {}).items():
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            merge_metrics[f"report/{key}/mean"] = float(sum(value)) / len(value)
+    _log_metrics(client, run_id, merge_metrics)
+
+    eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
+    with tempfile.TemporaryDirectory(prefix="mergefleet-track-") as scratch:
+        files = {
+            "recipe.yaml": yaml.safe_dump(plan.recipe, sort_keys=False),
+            "mergefleet.json": json.dumps(manifest, indent=1, default=str),
+        }
+        if evaluation is not None:
+            files["evaluation.json"] = json.dumps(evaluation.as_dict(), indent=1)
+        for file, text in files.items():
+            Path(scratch, file).write_text(text)
+            client.log_artifact(run_id, os.path.join(scratch, file))
+        if evaluation is not None:
+            chart = score_chart(score_series(evaluation, labels), Path(scratch, "scores.png"), title=f"{name} ({plan.method})")
+            client.log_artifact(run_id, str(chart))
+
+    model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
+    version = _register(client, model_name, model, run_id, plan) if model_name else None
+    return model.model_id, version
+
+
+def _model_name(name: str) -> str:
+    return _MODEL_NAME_UNSAFE.sub("-", name) or "merged"
+
+
+# ---------------------------------------------------------------- compare
+
+
+def find_merge_runs(refs: Sequence[str], *, tracking_uri: str) -> list[Any]:
+    """The merge runs named by ``refs``: run ids, or experiment names or ids (all their merges)."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    runs: list[Any] = []
+    for ref in refs:
+        run = None
+        if re.fullmatch(r"[0-9a-f]{32}", ref):
+            try:
+                run = client.get_run(ref)
+            except MlflowException:
+                run = None
+        if run is not None:
+            runs.append(run)
+            continue
+        experiment = None
+        try:
+            experiment = client.get_experiment_by_name(ref)
+            if experiment is None and ref.isdigit():
+                experiment = client.get_experiment(ref)
+        except MlflowException:
+            experiment = None
+        if experiment is None:
+            raise TrackingError(f"'{ref}' is neither a run id nor an experiment in MLflow at {tracking_uri}")
+        found = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{TAG}plan_id` != ''", order_by=["attributes.start_time ASC"], max_results=5000
+        )
+        runs += [r for r in found if f"{TAG}shard" not in r.data.tags]
+    unique = {run.info.run_id: run for run in runs}
+    if not unique:
+        raise TrackingError(f"no merge runs found for {', '.join(refs)} in MLflow at {tracking_uri}")
+    return list(unique.values())
+
+
+def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """One row per merge run; also the recipe params that differ between runs, and the tasks."""
+    params = [run.data.params for run in runs]
+    keys = sorted({key for p in params for key in p if not key.startswith(("models.", "base_model", "fleet.", "mergefleet."))})
+    varying = [key for key in keys if len({p.get(key) for p in params}) > 1] if len(runs) > 1 else [
+        key for key in keys if key.startswith(("parameters.",)) or key in ("merge_method",)
+    ]
+    weights = sorted({key for p in params for key in p if key.startswith("models.") and ".parameters." in key})
+    varying += [key for key in weights if len({p.get(key) for p in params}) > 1]
+    tasks = sorted({key.split("/", 1)[1] for run in runs for key in run.data.metrics if key.startswith("score/") and key != "score/mean"})
+    rows = []
+    for run in runs:
+        metrics = run.data.metrics
+        seconds = metrics.get("merge_seconds", metrics.get("shard_seconds_total"))
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "method": run.data.tags.get(f"{TAG}method", run.data.params.get("merge_method")),
+                "params": {key: run.data.params.get(key) for key in varying},
+                "scores": {task: metrics.get(f"score/{task}") for task in tasks},
+                "normalised": {task: metrics.get(f"normalised/{task}") for task in tasks},
+                "normalised_mean": metrics.get("normalised/mean"),
+                "base": {task: metrics.get(f"base/{task}") for task in tasks},
+                "experts": _expert_scores(metrics),
+                "seconds": seconds,
+                "eval_seconds": metrics.get("eval_seconds"),
+            }
+        )
+    return rows, varying, tasks
+
+
+def _expert_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    experts: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("expert/"):
+            _, label, task = key.split("/", 2)
+            experts.setdefault(label, {})[task] = value
+    return experts
+
+
+def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Chart series: the first run's base and experts, then every merge."""
+    series: dict[str, dict[str, float]] = {}
+    if rows:
+        base = {t: v for t, v in rows[0]["base"].items() if v is not None}
+        if base:
+            series["base"] = base
+        for label, scores in rows[0]["experts"].items():
+            series[label] = scores
+    for row in rows:
+        label = row["name"] or row["run_id"][:8]
+        while label in series:
+            label += "'"
+        series[label] = {t: v for t, v in row["scores"].items() if v is not None}
+    return series
+
+
+def compare_tracking_uri(explicit: str | None) -> str:
+    """For ``mergefleet compare``: the argument, ``$MLFLOW_TRACKING_URI``, or ``./mlflow.db``."""
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if Path("mlflow.db").is_file():
+        return f"sqlite:///{Path('mlflow.db').resolve()}"
+    raise TrackingError(
+        "where are the merges recorded? give --tracking-uri (e.g. sqlite:///demo-out/mlflow.db or http://127.0.0.1:5000) "
+        "or set MLFLOW_TRACKING_URI"
+    )
