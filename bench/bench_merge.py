@@ -53,16 +53,29 @@ def warm_page_cache(paths: list[Path]) -> None:
                     pass
 
 
+_WEIGHTED = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "ties_sv", "breadcrumbs",
+             "breadcrumbs_ties", "della", "della_linear", "nuslerp", "multislerp"}
+_SPARSIFYING = {"ties", "dare_ties", "dare_linear", "ties_sv", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+_NO_BASE = {"linear", "karcher", "passthrough"}
+
+
 def recipe_for(method: str, base: Path, experts: list[Path], density: float) -> dict:
-    models: list[dict] = [] if method == "linear" else [{"model": str(base)}]
-    for path in experts:
-        params: dict = {"weight": 1.0}
-        if method not in ("linear", "task_arithmetic"):
+    """A valid recipe for ``method`` on these inputs: slerp gets the base and one expert,
+    nuslerp two experts (and the base), passthrough one model; weights and densities only
+    where the method takes them."""
+    chosen = {"slerp": experts[:1], "nuslerp": experts[:2], "passthrough": experts[:1]}.get(method, experts)
+    models: list[dict] = [] if method in _NO_BASE else [{"model": str(base)}]
+    for path in chosen:
+        params: dict = {"weight": 1.0} if method in _WEIGHTED else {}
+        if method in _SPARSIFYING:
             params["density"] = density
-        models.append({"model": str(path), "parameters": params})
+        models.append({"model": str(path), **({"parameters": params} if params else {})})
     recipe: dict = {"merge_method": method, "models": models, "dtype": "bfloat16"}
-    if method != "linear":
+    if method not in _NO_BASE:
         recipe["base_model"] = str(base)
+    shared = {"slerp": {"t": 0.5}, "sce": {"select_topk": density}}.get(method)
+    if shared:
+        recipe["parameters"] = shared
     return recipe
 
 

@@ -126,6 +126,8 @@ def resolve_tensor_parameters(
             value = _first_value(spec.name, chain, input_name, t)
             values[spec.name] = _finish(spec, value, where=f"model {model}, tensor {tensor_name}")
         model_values.append(values)
+    if method.check_params is not None:
+        method.check_params(f"tensor '{tensor_name}'", [model for model, _, _ in model_settings], model_values, global_values)
     return model_values, global_values
 
 

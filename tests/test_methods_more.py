@@ -8,6 +8,7 @@ histogram top-k instead of the small-tensor sort), so multi-chunk paths run on s
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -186,7 +187,7 @@ def ref_della_mask(tau, density, epsilon, seed, expert=0):
     m = tau32.shape[-1] if tau32.ndim >= 2 else tau32.size
     rows = tau32.reshape(-1, m)
     keys = (rows.view(np.int32) & 0x7FFFFFFF) >> 16
-    block = rank_sparsify.della_block_rows(m)
+    block = rank_sparsify.della_block_rows(m, rows.shape[0])
     generator = torch.Generator().manual_seed(rank_sparsify.della_seed(seed, expert))
     if m == 1:
         low, high = 0.5 - density, 1.5 - density
@@ -661,3 +662,34 @@ def test_della_is_identical_across_shard_counts(family, tmp_path):
     merge(recipe, str(tmp_path / "three"), shards=3, workers=1)
     one, three = _read(tmp_path / "one"), _read(tmp_path / "three")
     assert one.keys() == three.keys() and all(one[name] == three[name] for name in one)
+
+
+def test_della_mask_bits_pack_like_numpy():
+    mask = (torch.rand(1003, generator=torch.Generator().manual_seed(0)) < 0.4).to(torch.uint8)
+    out = torch.empty(126, dtype=torch.uint8)
+    rank_sparsify.pack_bits(mask, out)
+    np.testing.assert_array_equal(out.numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    keep = rank_sparsify.RankKeep(1003, int(mask.sum()), out)
+    x = torch.randn(1003)
+    for start, stop in ((0, 1003), (5, 17), (8, 16), (999, 1003)):
+        chunk = x[start:stop].clone()
+        keep.apply_(chunk, start)
+        assert torch.equal(chunk, x[start:stop] * mask[start:stop])
+
+
+def test_della_bounds_fail_at_plan_time_naming_tensor_and_model(family, tmp_path):
+    from orchestrator.plan import build_plan
+    from orchestrator.recipe import parse_recipe
+    from tests.helpers import gta_recipe
+
+    base, experts = family
+    recipe = gta_recipe("della", base, experts)
+    recipe["models"][2]["parameters"]["epsilon"] = [{"filter": "mlp", "value": 0.5}, {"value": 0.1}]
+    pattern = rf"della, tensor 'model\.layers\.0\.mlp\.\w+\.weight', model {re.escape(str(experts[1]))}: della needs"
+    with pytest.raises(RecipeError, match=pattern):
+        build_plan(parse_recipe(recipe), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    breadcrumbs = gta_recipe("breadcrumbs", base, experts)
+    breadcrumbs["models"][1]["parameters"]["gamma"] = 2.0
+    with pytest.raises(RecipeError, match=rf"breadcrumbs, tensor '[\w.]+', model {re.escape(str(experts[0]))}: parameter 'gamma'"):
+        build_plan(parse_recipe(breadcrumbs), str(tmp_path / "out"))

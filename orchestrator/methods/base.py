@@ -79,6 +79,10 @@ class MethodSpec:
     sparsifies: bool = False  # warn when density is 1 everywhere
     min_experts: int = 1
     max_experts: int | None = None
+    # Checks one tensor's resolved parameters when the plan is made, so a bad value stops the
+    # merge before anything is written: check_params(where, model names, model_params,
+    # global_params) raises RecipeError naming the tensor (``where``) and the model.
+    check_params: Callable[[str, Sequence[str], Sequence[Mapping[str, Any]], Mapping[str, Any]], None] | None = None
     doc: str = ""
 
     def param(self, name: str) -> ParamSpec | None:

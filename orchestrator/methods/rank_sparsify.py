@@ -153,9 +153,11 @@ def row_layout(shape: Sequence[int]) -> tuple[int, int]:
     return (n // m if n else 0), m
 
 
-def della_block_rows(m: int) -> int:
-    """Rows per block: a fixed function of the row length, so draws depend on the shape only."""
-    return max(1, DELLA_BLOCK // (m if m < SHORT_ROW else max(m, DELLA_BINS)))
+def della_block_rows(m: int, rows: int) -> int:
+    """Rows per block: a fixed function of the shape, so draws depend on the shape only;
+    a multiple of 8 unless one block holds every row, so blocks start on whole mask bytes."""
+    block = max(1, DELLA_BLOCK // (m if m < SHORT_ROW else max(m, DELLA_BINS)))
+    return rows if block >= rows else max(8, block // 8 * 8)
 
 
 def della_seed(seed: int, expert: int) -> int:
@@ -171,17 +173,52 @@ def della_draw_range(m: int, density: float, epsilon: float) -> tuple[float, flo
     return 0.5 - (density - epsilon) * span, 0.5 + (1 - density + epsilon) * span
 
 
-class RankKeep:
-    """DELLA's draw: ``mask`` (uint8 0/1, n) marks the kept entries (uint8 multiplies fast)."""
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
 
-    def __init__(self, n: int, kept: int, mask: torch.Tensor | None):
-        self.n, self.kept, self.mask = n, kept, mask
+
+def _bit_shifts(device: torch.device) -> torch.Tensor:
+    if device not in _SHIFTS:
+        _SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    return _SHIFTS[device]
+
+
+def pack_bits(mask: torch.Tensor, out: torch.Tensor) -> None:
+    """The 0/1 bytes ``mask`` (uint8) as bits into ``out`` (uint8, ⌈len/8⌉), entry j of
+    byte b at bit j (little-endian, as numpy's ``packbits(bitorder="little")``)."""
+    whole = mask.numel() // 8
+    shifts = _bit_shifts(mask.device)
+    if whole:
+        torch.sum(mask[: whole * 8].view(whole, 8) << shifts, 1, dtype=torch.uint8, out=out[:whole])
+    if whole * 8 < mask.numel():
+        tail = mask[whole * 8 :]
+        out[whole] = int(torch.sum(tail << shifts[: tail.numel()], dtype=torch.int64))
+
+
+class RankKeep:
+    """DELLA's draw for one task vector: the kept entries as bits (``pack_bits``), n/8
+    bytes, unpacked a chunk at a time into a uint8 0/1 factor (uint8 multiplies fast).
+    ``bits`` None keeps everything (``kept`` = n) or nothing (``kept`` = 0)."""
+
+    def __init__(self, n: int, kept: int, bits: torch.Tensor | None):
+        self.n, self.kept, self.bits = n, kept, bits
+        self._scratch: torch.Tensor | None = None
 
     def apply_(self, chunk: torch.Tensor, start: int) -> None:
         if self.kept == 0:
             chunk.zero_()
-        elif self.mask is not None:
-            chunk.mul_(self.mask[start : start + chunk.numel()])
+            return
+        if self.bits is None:
+            return
+        size = chunk.numel()
+        first, last = start // 8, (start + size + 7) // 8
+        need = (last - first) * 8
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=torch.uint8, device=self.bits.device)
+        unpacked = self._scratch[:need].view(last - first, 8)
+        torch.bitwise_right_shift(self.bits[first:last].unsqueeze(1), _bit_shifts(self.bits.device), out=unpacked)
+        unpacked.bitwise_and_(1)
+        offset = start - first * 8
+        chunk.mul_(unpacked.view(-1)[offset : offset + size])
 
 
 def della_keeps(
@@ -215,16 +252,18 @@ def della_keeps(
         return keeps, scales  # type: ignore[return-value]
 
     rows, m = row_layout(shape)
-    block_rows = della_block_rows(m)
+    block_rows = della_block_rows(m, rows)
     int_dtype, magnitude_mask, shift = _DELLA_BITS[deltas.dtype]
     size = min(block_rows, rows) * m
     base_block = torch.empty(size, dtype=deltas.dtype, device=device) if deltas.base is not None else None
     tau = torch.empty(size, dtype=deltas.dtype, device=device)
     key = torch.empty(size, dtype=int_dtype, device=device)
     draws = torch.empty(size, dtype=torch.float32)
+    chosen = torch.empty(size, dtype=torch.bool, device=device)
     generators = {i: torch.Generator(device="cpu").manual_seed(della_seed(seed, i)) for i in active}
     ranges = {i: della_draw_range(m, densities[i], epsilons[i]) for i in active}
-    masks = {i: torch.empty(n, dtype=torch.uint8, device=device) for i in active}
+    bits = {i: torch.empty((n + 7) // 8, dtype=torch.uint8, device=device) for i in active}
+    kept = {i: 0 for i in active}
     before = {i: 0.0 for i in active}
     after = {i: 0.0 for i in active}
     for first in range(0, rows, block_rows):
@@ -237,17 +276,18 @@ def della_keeps(
             block.copy_(deltas.experts[i][start:stop])
             if base_block is not None:
                 block.sub_(base_block[: stop - start])
-            bits = torch.bitwise_and(block.view(int_dtype), magnitude_mask, out=key[: stop - start])
-            before[i] += _l1(bits.view(deltas.dtype).view(count, m))  # bits hold |τ|
-            keys, midrank = _midranks(bits.view(count, m), shift)  # mid-rank + ½ per key
+            magnitude = torch.bitwise_and(block.view(int_dtype), magnitude_mask, out=key[: stop - start])
+            before[i] += _l1(magnitude.view(deltas.dtype).view(count, m))  # the bits of |τ|
+            keys, midrank = _midranks(magnitude.view(count, m), shift)  # mid-rank + ½ per key
             low, high = ranges[i]
             v = draws[: stop - start].uniform_(low, high, generator=generators[i]).to(device, non_blocking=True)
-            keep = torch.lt(v, midrank.index_select(0, keys), out=masks[i][start:stop].view(torch.bool))
-            after[i] += _l1(block.abs_().mul_(keep.view(torch.uint8)).view(count, m))
+            keep = torch.lt(v, midrank.index_select(0, keys), out=chosen[: stop - start]).view(torch.uint8)
+            kept[i] += int(torch.count_nonzero(keep))
+            after[i] += _l1(block.abs_().mul_(keep).view(count, m))
+            pack_bits(keep, bits[i][start // 8 :])  # blocks start on whole bytes
     for i in active:
-        kept = int(torch.count_nonzero(masks[i]))
-        keeps[i] = RankKeep(n, kept, masks[i])
-        if 0 < kept < n and before[i] >= RESCALE_EPS and after[i] >= RESCALE_EPS:
+        keeps[i] = RankKeep(n, kept[i], bits[i])
+        if 0 < kept[i] < n and before[i] >= RESCALE_EPS and after[i] >= RESCALE_EPS:
             scales[i] = before[i] / after[i]
     return keeps, scales  # type: ignore[return-value]
 
@@ -294,6 +334,17 @@ def check_rank_params(sparsifier: str | None, model_params: Sequence[Mapping[str
             check_gamma(float(params.get("gamma", 0.01)), f"{where}, {model}")
         elif sparsifier == "della":
             check_della_bounds(float(params.get("density", 1.0)), float(params.get("epsilon", 0.15)), f"{where}, {model}")
+
+
+def rank_params_check(method: str, sparsifier: str | None):
+    """The plan-time check (``MethodSpec.check_params``) of a method with this sparsifier."""
+    if sparsifier not in ("magnitude_outliers", "della"):
+        return None
+
+    def check(where: str, models: Sequence[str], model_params: Sequence[Mapping[str, Any]], _: Mapping[str, Any]) -> None:
+        check_rank_params(sparsifier, model_params, f"{method}, {where}", models)
+
+    return check
 
 
 # ----------------------------------------------------------------------------- one tensor

@@ -27,7 +27,7 @@ import torch
 
 from orchestrator.errors import MergeError, RecipeError
 from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
-from orchestrator.methods.rank_sparsify import check_rank_params, della_keeps, outlier_keeps
+from orchestrator.methods.rank_sparsify import check_rank_params, della_keeps, outlier_keeps, rank_params_check
 from orchestrator.methods.sparsify import (
     Deltas,
     Keep,
@@ -369,6 +369,7 @@ def _spec(variant: _Variant) -> MethodSpec:
         global_params=tuple(global_params),
         uses_randomness=variant.sparsifier in ("random", "della"),
         sparsifies=variant.sparsifier is not None,
+        check_params=rank_params_check(variant.name, variant.sparsifier),
         doc=variant.doc,
     )
 
