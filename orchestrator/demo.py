@@ -1,59 +1,71 @@
-"""``make demo``: build a small base and experts, merge them, load the result, summarise.
+"""``make demo``: experts with real skills, merged, evaluated and recorded in MLflow.
+
+1. train (or reuse) a tiny Llama base and three experts fine-tuned from it on distinct
+   synthetic skills, with an lm-eval task per skill (``orchestrator/skills.py``);
+2. ``mergefleet run``: the merge_and_eval Prefect flow merges the experts (ties, 3 shards,
+   2 at once), evaluates base, experts and merge with lm-eval, and records the merge as
+   an MLflow run in ``demo-out/mlflow.db``;
+3. print the scores and where the run is.
 
 Everything is local and built here; nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' progress bars; before anything imports tqdm
+
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
 
 from orchestrator import cli
-from orchestrator.synthetic import LlamaShape, make_model_family
+from orchestrator.skills import SkillModels, SkillsConfig, build_skills
+from orchestrator.tracking import client_for, ui_command
 
-DEMO_SHAPE = LlamaShape(hidden=256, layers=6, intermediate=688, vocab=2048, heads=8, kv_heads=4)
+DEMO_SKILLS = SkillsConfig(skills=("add", "map", "next"))
+EXPERIMENT = "mergefleet-demo"
 
 
-def write_demo_recipe(workdir: Path, base: Path, experts: list[Path]) -> Path:
-    recipe = {
-        "merge_method": "ties",
-        "base_model": str(base),
-        "models": [{"model": str(base)}]
-        + [{"model": str(path), "parameters": {"weight": 1.0, "density": 0.3}} for path in experts],
-        "parameters": {"normalize": True},
-        "dtype": "bfloat16",
-        "fleet": {"output": str(workdir / "merged"), "shards": 3, "workers": 2},
-    }
+def write_demo_recipe(workdir: Path, models: SkillModels) -> tuple[Path, str]:
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    recipe = models.recipe(
+        "ties",
+        output=workdir / "merged",
+        parameters={"weight": 1.0, "density": 0.3},
+        shards=3,
+        workers=2,
+        tracking_uri=tracking_uri,
+        experiment=EXPERIMENT,
+    )
+    recipe["name"] = "demo-ties"
+    recipe["fleet"]["eval"]["cache_dir"] = str(workdir / "eval-cache")
     path = workdir / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    return path, tracking_uri
 
 
-def summarise(output: Path, base: Path) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    merged = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
-    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    tokens = torch.arange(16).unsqueeze(0)
-    with torch.no_grad():
-        logits = merged(tokens).logits
-        base_logits = reference(tokens).logits
-    manifest = json.loads((output / "mergefleet.json").read_text())
-    return {
-        "checkpoint": str(output),
-        "files": [f["file"] for f in manifest["files"]],
-        "parameters": sum(p.numel() for p in merged.parameters()),
-        "logits_finite": bool(torch.isfinite(logits).all()),
-        "mean_abs_logit_change_vs_base": float((logits - base_logits).abs().mean()),
-        "plan_id": manifest["plan_id"],
-        "protected_drop_rate": manifest["report"].get("protected_drop_rate"),
-    }
+def scores_table(evaluation: dict[str, Any]) -> list[str]:
+    """Rows: tasks; columns: base, each expert, the merge, merge ÷ reference."""
+    experts = {Path(name).name: scores["scores"] for name, scores in evaluation["experts"].items()}
+    base = (evaluation.get("base") or {}).get("scores", {})
+    header = ["task", "base", *experts, "merged", "normalised"]
+    rows = [header]
+    for task in evaluation["tasks"]:
+        normalised = evaluation["normalised"].get(task)
+        rows.append(
+            [task, f"{base.get(task, float('nan')):.3f}", *(f"{s[task]:.3f}" for s in experts.values()),
+             f"{evaluation['merged']['scores'][task]:.3f}", "" if normalised is None else f"{normalised:.2f}"]
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,21 +76,38 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    print(f"1/3 building a base and 3 experts ({DEMO_SHAPE.layers} layers, hidden {DEMO_SHAPE.hidden}) in {workdir}/models")
-    base, experts = make_model_family(workdir / "models", experts=3, shape=DEMO_SHAPE, dtype=torch.bfloat16)
-    recipe = write_demo_recipe(workdir, base, experts)
+    print(f"1/3 training a tiny Llama base and experts for {', '.join(DEMO_SKILLS.skills)} in {workdir}/skills (cached after the first time)")
+    models = build_skills(workdir / "skills", DEMO_SKILLS, on_step=lambda line: print(f"    {line}", flush=True))
+    if models.cached:
+        print(f"    reusing the models trained earlier in {models.root}")
+    recipe, tracking_uri = write_demo_recipe(workdir, models)
 
-    print(f"2/3 mergefleet run {recipe} --overwrite   (the merge_and_eval Prefect flow: ties, 3 shards, 2 at once)")
+    print(f"2/3 mergefleet run {recipe} --overwrite   (merge_and_eval flow: ties, 3 shards, 2 at once; lm-eval; MLflow)", flush=True)
     status = cli.main(["run", str(recipe), "--overwrite"])
     if status != 0:
         return status
+    run_id, evaluation = latest_run(tracking_uri)
 
-    print("3/3 loading the merged checkpoint with transformers")
-    summary = summarise(workdir / "merged", base)
-    for key, value in summary.items():
-        print(f"  {key}: {value}")
+    print("3/3 scores (accuracy on 4-way multiple choice; chance 0.25; normalised: merged ÷ the expert for its skill)")
+    for line in scores_table(evaluation):
+        print(f"    {line}")
+    print(f"MLflow run {run_id} in experiment '{EXPERIMENT}' (params, inputs, shard runs, metrics, chart, logged model)")
+    print("open it in the MLflow UI:")
+    print(f"    {Path(sys.executable).parent}/{ui_command(tracking_uri)}")
+    print(f"compare merges: mergefleet compare {EXPERIMENT} --tracking-uri {tracking_uri}")
     print(f"demo finished in {time.perf_counter() - started:.1f} s; recipe at {recipe}")
-    return 0 if summary["logits_finite"] else 1
+    return 0
+
+
+def latest_run(tracking_uri: str) -> tuple[str, dict[str, Any]]:
+    """The newest merge run of the demo's experiment and its evaluation, read back from MLflow."""
+    client = client_for(tracking_uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    run = client.search_runs([experiment.experiment_id], "tags.`mergefleet.plan_id` != ''", order_by=["attributes.start_time DESC"], max_results=20)
+    run = next(r for r in run if "mergefleet.shard" not in r.data.tags)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = client.download_artifacts(run.info.run_id, "evaluation.json", scratch)
+        return run.info.run_id, json.loads(Path(path).read_text())
 
 
 if __name__ == "__main__":

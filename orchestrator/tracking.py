@@ -217,8 +217,9 @@ def score_series(evaluation: Evaluation, labels: dict[str, str] | None = None) -
     return series
 
 
-def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title: str = "") -> Path:
-    """A grouped bar chart (PNG): one group per task, one bar per series."""
+def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title: str = "", owners: dict[str, str] | None = None) -> Path:
+    """A grouped bar chart (PNG): one group per task, one bar per series; ``owners`` (task ->
+    series label) marks the expert trained for a task under its name."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -234,7 +235,7 @@ def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title:
         colour = "black" if label == "merged" else ("0.65" if label == "base" else colours(n % 10))
         bars = axes.bar(xs, values, width * 0.92, label=label, color=colour)
         axes.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=7, padding=1)
-    axes.set_xticks(range(len(tasks)), tasks)
+    axes.set_xticks(range(len(tasks)), [f"{t}\n(held in: {owners[t]})" if owners and t in owners else t for t in tasks])
     axes.set_ylabel("score (primary metric)")
     top = max([v for scores in series.values() for v in scores.values()] + [1.0])
     axes.set_ylim(0, top * 1.12)
@@ -546,7 +547,9 @@ def _fill_run(
             Path(scratch, file).write_text(text)
             client.log_artifact(run_id, os.path.join(scratch, file))
         if evaluation is not None:
-            chart = score_chart(score_series(evaluation, labels), Path(scratch, "scores.png"), title=f"{name} ({plan.method})")
+            owners = {task: labels.get(expert, expert) for task, expert in evaluation.owners.items()}
+            title = f"{name}: {plan.method} merge of {_expert_count(plan)} experts"
+            chart = score_chart(score_series(evaluation, labels), Path(scratch, "scores.png"), title=title, owners=owners)
             client.log_artifact(run_id, str(chart))
 
     model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))

@@ -4,6 +4,7 @@ clear errors, the score cache, normalisation."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -126,3 +127,18 @@ def test_eval_settings_are_strict() -> None:
         parse_recipe(base | {"fleet": {"eval": {"tasks": []}}})
     recipe = parse_recipe(base | {"fleet": {"eval": {"tasks": ["x"], "limit": 0.5}, "tracking_uri": "http://h:5000"}})
     assert recipe.fleet.eval.limit == 0.5 and recipe.fleet.tracking_uri == "http://h:5000"
+
+
+def test_local_tasks_run_offline_and_the_environment_is_restored(monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    from orchestrator.evaluate import offline
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    before = huggingface_hub.constants.HF_HUB_OFFLINE
+    with offline():
+        with offline():  # nested (a sweep's threads): the outer block still holds
+            pass
+        assert os.environ["HF_HUB_OFFLINE"] == "1" == os.environ["HF_DATASETS_OFFLINE"]
+        assert huggingface_hub.constants.HF_HUB_OFFLINE is True
+    assert "HF_HUB_OFFLINE" not in os.environ and huggingface_hub.constants.HF_HUB_OFFLINE == before
