@@ -108,9 +108,8 @@ def run_measured(command: list[str]) -> tuple[float, int, str]:
     return seconds, peak, output
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="linear,ties")
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark inputs' shape and how mergefleet runs them (shared by the bench scripts)."""
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=8)
@@ -120,14 +119,26 @@ def main() -> int:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=ROOT / "out")
-    parser.add_argument("--skip-mergekit", action="store_true")
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
 
+
+def prepare_inputs(args: argparse.Namespace) -> tuple[int, Path, list[Path]]:
+    """Build (once) and warm the inputs ``add_input_arguments`` describes; returns the parameter count too."""
     shape = LlamaShape(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab, heads=16, kv_heads=16)
     params = sum(torch.Size(s).numel() for s in shape.tensor_shapes().values())
     base, experts = build_inputs(args.workdir, shape, args.experts)
     warm_page_cache([base, *experts])
+    return params, base, experts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="linear,ties")
+    add_input_arguments(parser)
+    parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    params, base, experts = prepare_inputs(args)
     bindir = Path(sys.executable).parent
     rows = []
     for method in args.methods.split(","):

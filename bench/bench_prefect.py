@@ -18,35 +18,22 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import ROOT, build_inputs, recipe_for, run_measured, warm_page_cache  # noqa: E402
+from bench_merge import add_input_arguments, prepare_inputs, recipe_for, run_measured  # noqa: E402
 
-from orchestrator.synthetic import LlamaShape  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="linear")
-    parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--density", type=float, default=0.2)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=2)
+    add_input_arguments(parser)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=ROOT / "out")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    shape = LlamaShape(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, vocab=args.vocab, heads=16, kv_heads=16)
-    params = sum(torch.Size(s).numel() for s in shape.tensor_shapes().values())
-    base, experts = build_inputs(args.workdir, shape, args.experts)
-    warm_page_cache([base, *experts])
+    params, base, experts = prepare_inputs(args)
     # Prefect's database lives here, not in the user's ~/.prefect; the first run creates it.
     os.environ.setdefault("PREFECT_HOME", str(args.workdir / "prefect-home"))
     mergefleet = str(Path(sys.executable).parent / "mergefleet")
