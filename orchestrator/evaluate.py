@@ -228,8 +228,9 @@ def jsonl_task_config(path: Path, *, cache_dir: Path) -> dict[str, Any]:
     return config
 
 
-def _yaml_data_files(config: dict[str, Any], base: Path) -> list[Path]:
-    """The local JSONL files a task YAML reads (through ``dataset_kwargs.data_files``)."""
+def _yaml_data_files(config: dict[str, Any]) -> list[Path]:
+    """The local JSONL files a task YAML reads (through ``dataset_kwargs.data_files``); a
+    relative path is read from the current directory, as ``datasets`` does."""
     files = (config.get("dataset_kwargs") or {}).get("data_files")
     if isinstance(files, dict):
         values = [v for value in files.values() for v in (value if isinstance(value, list) else [value])]
@@ -240,8 +241,7 @@ def _yaml_data_files(config: dict[str, Any], base: Path) -> list[Path]:
     paths = []
     for value in values:
         if isinstance(value, str) and "://" not in value and value.endswith(JSONL_SUFFIXES):
-            path = Path(value)
-            paths.append(path if path.is_absolute() else base / path)
+            paths.append(Path(value).expanduser())
     return paths
 
 
@@ -273,9 +273,10 @@ def resolve_tasks(specs: list[str], *, cache_dir: str | Path | None = None) -> T
         digest.update(hashlib.sha256(path.read_bytes()).digest())
 
     def add_yaml_task(name: str, path: Path) -> None:
-        for data in _yaml_data_files(_read_yaml(path), path.parent):
+        for data in _yaml_data_files(_read_yaml(path)):
             if not data.is_file():
-                raise EvaluationError(f"task '{name}' ({path}) reads {data}, which does not exist")
+                where = "" if data.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+                raise EvaluationError(f"task '{name}' ({path}) reads {data}{where}, which does not exist")
             check_jsonl(data)
             add_file(data)
         add_file(path)

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from orchestrator import cli
-from orchestrator.evaluate import evaluate_merge
+from orchestrator.evaluate import evaluate_inputs, evaluate_merge
 from orchestrator.pipeline import load_plan, merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.tracking import default_tracking_uri, track_merge
@@ -219,3 +219,21 @@ def test_the_sweep_flow_merges_a_grid_and_reuses_the_inputs_evaluations(skill_mo
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mergefleet.sweep` = '{result['sweep']}'")
     assert sorted(r.info.run_name for r in runs) == labels
     assert {r.data.params["merge_method"] for r in runs} == {"ties", "task_arithmetic"}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_merge_and_eval_flow_evaluates_and_records_the_merge(skill_models, eval_cache, mlflow_server, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+    from mlflow import MlflowClient
+
+    data = skill_models.recipe("task_arithmetic", output=tmp_path / "flow", shards=2, tracking_uri=mlflow_server["uri"], experiment="flow")
+    data["fleet"]["eval"]["cache_dir"] = str(eval_cache)
+    recipe = parse_recipe(data)
+    evaluate_inputs(recipe.model_refs(), recipe.fleet.eval)  # from the cache when an earlier test evaluated them
+    result = merge_and_eval(data)
+    evaluation = result["evaluation"]
+    assert evaluation["base"]["cached"] and all(e["cached"] for e in evaluation["experts"].values())
+    assert set(evaluation["normalised"]) == {"skill_add", "skill_map"}
+    run = MlflowClient(mlflow_server["uri"]).get_run(result["tracking"]["run_id"])
+    assert run.data.metrics["score/skill_add"] == pytest.approx(evaluation["merged"]["scores"]["skill_add"])
+    assert run.data.tags["mergefleet.plan_id"] == result["plan_id"] and run.data.metrics["merge_seconds"] > 0
