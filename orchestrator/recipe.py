@@ -160,8 +160,6 @@ class Recipe(BaseModel):
             raise ValueError("the recipe names no models: add a 'models:' list")
         if self.models and self.slices:
             raise ValueError("give either 'models:' or 'slices:', not both")
-        if self.tokenizer_source not in (None, "base"):
-            raise ValueError(f"tokenizer_source '{self.tokenizer_source}' is not supported yet; use 'base' or leave it out")
         return self
 
     def model_refs(self) -> list[str]:
