@@ -29,6 +29,7 @@ from prefect.futures import wait
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import embedded
 from orchestrator.assemble import assemble
 from orchestrator.errors import MergeError, MergefleetError
 from orchestrator.pipeline import load_plan, prepare_output
@@ -182,7 +183,7 @@ def merge_shard_on_pool(
 
 
 def _check_deployment(name: str) -> None:
-    if PREFECT_API_URL.value() is None:
+    if PREFECT_API_URL.value() is None or embedded.is_embedded(PREFECT_API_URL.value()):
         raise MergeError(
             "target 'deployment' needs a Prefect server that the workers share: set PREFECT_API_URL "
             "(e.g. http://127.0.0.1:4200/api after 'prefect server start')"

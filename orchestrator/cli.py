@@ -166,18 +166,22 @@ def _prefect_defaults(*, quiet: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from flows import embedded
+
+    _prefect_defaults(quiet=args.json or args.quiet)
+    api = embedded.start()  # without a configured server: starts while the code below imports
     from orchestrator.recipe import load_recipe, parse_recipe
 
-    recipe = load_recipe(args.recipe)  # a bad recipe fails here, before Prefect starts
+    recipe = load_recipe(args.recipe)  # a bad recipe fails here, before any flow runs
     output = _resolve_output(recipe, args.output)
     data = recipe.model_dump(mode="json", exclude_defaults=True)
     overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool")}
     data["fleet"] = data.get("fleet", {}) | {key: value for key, value in overrides.items() if value is not None}
     parse_recipe(data, source=args.recipe)
-    _prefect_defaults(quiet=args.json or args.quiet)
     from flows.merge_and_eval import merge_and_eval
 
-    result = merge_and_eval(data, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
+    with embedded.connected(api, timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
+        result = merge_and_eval(data, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
     if not args.json and not args.quiet:
         if result.get("skipped"):
             console.print(f"{result['output']}: {result['reason']}; nothing to do", highlight=False)

@@ -288,7 +288,32 @@ def test_cli_run_prints_the_summary_and_resumes(family, reference, tmp_path: Pat
     assert "(3 already done)" in capsys.readouterr().err
 
 
-def test_cli_run_refuses_a_bad_recipe_before_starting_prefect(tmp_path: Path, capsys) -> None:
+def test_cli_run_without_a_server_uses_an_embedded_api_and_stops_it(family, reference, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    home = tmp_path / "prefect-home"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")} | {"PREFECT_HOME": str(home)}
+    path = write_recipe(tmp_path / "recipe.yaml", recipe_data(family))
+    out = tmp_path / "merged"
+    command = [str(Path(sys.executable).parent / "mergefleet"), "run", str(path), str(out), "--json"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout)["shards"] == 3
+    assert checkpoint_bytes(out) == reference
+    leftovers = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("PREFECT_HOME") == str(home):
+                leftovers.append(process.cmdline())
+        except psutil.Error:
+            continue
+    assert leftovers == []
+
+
+def test_cli_run_refuses_a_bad_recipe_before_running_a_flow(tmp_path: Path, capsys) -> None:
     path = write_recipe(tmp_path / "recipe.yaml", {"merge_method": "ties", "models": ["a"], "fleet": {"target": "deployment"}})
     assert cli.main(["run", str(path), str(tmp_path / "out")]) == 2
     assert "work_pool" in capsys.readouterr().err
