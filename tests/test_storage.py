@@ -623,6 +623,11 @@ def test_check_tensor_for_write():
         check_tensor_for_write("f8", torch.tensor([float("nan")]).to(torch.float8_e4m3fn), "F8_E4M3", (1,))
     ints = check_tensor_for_write("i", torch.arange(6).reshape(2, 3).t(), "I64", (3, 2))
     assert ints.is_contiguous()
+    # the check is one sum; a finite tensor whose sum overflows still passes (exact fallback)
+    huge = torch.full((4,), 3e38)
+    assert torch.equal(check_tensor_for_write("h", huge, "F32", (4,)), huge)
+    with pytest.raises(MergeError, match=r"'n' contains NaN/Inf \(2 of 4 values\)"):
+        check_tensor_for_write("n", torch.tensor([1.0, float("inf"), float("-inf"), 2.0]).bfloat16(), "BF16", (4,))
 
 
 def test_files_we_write_load_in_transformers(tmp_path):

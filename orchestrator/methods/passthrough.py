@@ -1,9 +1,10 @@
 """passthrough: the single input as it is, optionally multiplied by its ``scale``.
 
 For recipes that copy tensors (typically ``slices:`` frankenmerges): exactly one model per
-tensor, base or not. The result is the input upcast to float32 (float64 stays), so the
-engine's cast to the output dtype returns the stored values unchanged; with ``scale`` the
-product is taken in float32, as mergekit does for a bfloat16 input, and rounded once.
+tensor, base or not. Without ``scale`` the input is returned as it is, in its stored dtype
+(unlike the other methods, which return float32): an upcast would be exact and the
+engine's cast to the output dtype would only undo it. With ``scale`` the product is taken
+in float32 (float64 stays), as mergekit does for a bfloat16 input, and rounded once.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, Tensor
 
 
 def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    out = tensor.to(compute_dtype(tensor), copy=True)
-    if scale is not None:
-        out.mul_(float(scale))
-    return out
+    if scale is None:
+        return tensor
+    return tensor.to(compute_dtype(tensor), copy=True).mul_(float(scale))
 
 
 def _merge(task: TensorTask) -> MergeResult:

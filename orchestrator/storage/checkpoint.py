@@ -419,6 +419,17 @@ def _finite_mask(tensor: torch.Tensor) -> torch.Tensor:
         return torch.isfinite(tensor.float())
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite, in one reduction: a NaN or Inf anywhere makes the sum
+    NaN or Inf, so a finite sum proves it (an overflowing sum falls back to the mask)."""
+    try:
+        if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
+            return True
+    except (RuntimeError, NotImplementedError):  # e.g. float8 types have no sum
+        pass
+    return bool(_finite_mask(tensor).all())
+
+
 def check_tensor_for_write(
     name: str,
     tensor: torch.Tensor,
@@ -442,7 +453,7 @@ def check_tensor_for_write(
             f"merged tensor {name!r} has shape {tuple(tensor.shape)} but the file declares "
             f"{tuple(expected_shape)}; the merge changed the tensor's shape"
         )
-    if tensor.is_floating_point():
+    if tensor.is_floating_point() and not _all_finite(tensor):
         finite = _finite_mask(tensor)
         if not bool(finite.all()):
             bad = int(finite.numel() - finite.sum())
