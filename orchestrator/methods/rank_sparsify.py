@@ -4,7 +4,9 @@
   largest |τ| and then the smallest, so that k = int(d·n) entries remain (at least one when
   d > 0); when γ·n + k > n the top cut shrinks to n − k. Ranks are by |τ|, ties broken by
   position (lowest flat index counts as larger), exactly as ``sparsify.magnitude``. The
-  band is the difference of two exact top-k sets, found together by ``topk_sets``: no sort.
+  band is the difference of two exact top-k sets, found together by ``topk_sets`` (no
+  sort; below ``SMALL`` entries a stable sort is cheaper). mergekit sorts, ties in
+  arbitrary order, and keeps int(d·n) even when that is 0.
 - ``della(tau, density, epsilon, seed=...)`` ranks |τ| within each row (the last
   dimension; a 0-/1-D tensor is one row) and keeps each entry with probability
   p = (d − ε) + 2ε·r, r = rank / (m − 1) ∈ [0, 1], m the row length (p = d when m = 1).
@@ -22,7 +24,8 @@
   entry is kept iff v < r·(m − 1) + ½, i.e. with probability p. Drawing in rank space
   saves a pass over the tensor; one generator per expert lets the pass go block by block.
 
-Both return ``Keep`` objects for the fused merge of ``task_arithmetic``.
+Both return ``Keep`` objects for the fused merge of ``task_arithmetic``; DELLA's keeps its
+mask as bits (n/8 bytes per expert) and its pass sums the L1 norms for the rescale too.
 """
 
 from __future__ import annotations
