@@ -104,7 +104,7 @@ def main() -> None:
             print(f"{name:18s}{ours:14.3f}", flush=True)
             continue
         theirs = time_mergekit(name, b, e, 1)
-        print(f"{name:18s}{ours:14.3f}{theirs:12.3f}{theirs / ours:7.1f}x", flush=True)
+        print(f"{name:18s}{ours:14.3f}{theirs:12.3f}{theirs / max(ours, 1e-9):>9.1f}x", flush=True)
 
 
 if __name__ == "__main__":
