@@ -318,17 +318,18 @@ def _tie_cuts(
 
 
 def stable_sum(values: torch.Tensor) -> float:
-    """Σ values (1-D) in float64, in an order that does not depend on the thread count.
+    """Σ values (1-D), in an order that does not depend on the thread count.
 
     A plain ``sum`` of a large 1-D tensor splits the work by thread, so its rounding
     changes with ``torch.get_num_threads()`` (a worker process may run with fewer
-    threads). Rows of a fixed width are each reduced by one thread, and the few row
-    sums and the tail are below torch's parallel grain, so this order is fixed.
+    threads). Rows of a fixed width are each reduced by one thread (in the values'
+    dtype, which is fast), then the few row sums and the tail, below torch's parallel
+    grain, are added in float64.
     """
     rows = values.numel() // _SUM_ROW
     total = float(values[rows * _SUM_ROW :].sum(dtype=torch.float64))
     if rows:
-        total += float(values[: rows * _SUM_ROW].view(rows, _SUM_ROW).sum(1, dtype=torch.float64).sum())
+        total += float(values[: rows * _SUM_ROW].view(rows, _SUM_ROW).sum(1).sum(dtype=torch.float64))
     return total
 
 
