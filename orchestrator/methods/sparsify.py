@@ -181,7 +181,7 @@ def random_keep(n: int, density: float, generator: torch.Generator, device: torc
     for start, stop in chunk_bounds(n):
         draws = torch.rand(stop - start, generator=generator, out=uniform[: stop - start])
         torch.lt(draws, density, out=mask[start:stop])
-    kept = int(mask.sum())
+    kept = int(torch.count_nonzero(mask))
     return RandomKeep(n, kept, mask.to(device))
 
 
@@ -305,7 +305,7 @@ def _tie_cuts(
             for query in [q for q in open_ if q[0] == i]:
                 threshold_bits, remaining = open_[query]
                 hits = torch.eq(level, threshold_bits, out=equal[:size])
-                found = int(hits.sum())
+                found = int(torch.count_nonzero(hits))
                 if found >= remaining:
                     position = int(torch.nonzero(hits)[remaining - 1])
                     cuts[query] = start + position + 1
