@@ -14,6 +14,8 @@ INSTALL_LOCKS := -r requirements/torch-cpu.lock -r requirements/test.lock
 # `make lock`: uv resolves for the platform of the tests and the images (Linux x86_64,
 # CPython 3.11) whatever machine runs it. LOCK_FLAGS=--upgrade moves every pin to the newest.
 UV_VERSION := 0.13.9
+# pip 23 (Python 3.11's own) refuses a hashed lock whose packages ask for extras
+PIP_VERSION := 26.3
 LOCK_TOOLS := .lock-tools
 UV := $(LOCK_TOOLS)/bin/uv
 TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),$(TORCH_CPU_INDEX)/torch/)
@@ -23,8 +25,9 @@ COMPILE := $(UV) pip compile --python-version 3.11 --python-platform x86_64-many
 
 .PHONY: install demo test bench lock clean
 
-$(STAMP): requirements/torch-cpu.lock requirements/test.lock pyproject.toml
+$(STAMP): requirements/pip.lock requirements/torch-cpu.lock requirements/test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --require-hashes -r requirements/pip.lock
 	$(PIP) install --quiet --require-hashes $(INSTALL_LOCKS) \
 		|| $(PIP) install --quiet --require-hashes --extra-index-url $(TORCH_CPU_INDEX) $(INSTALL_LOCKS)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
@@ -52,6 +55,7 @@ ONLY_TORCH = $$(sed -n 's/^\([A-Za-z0-9._-]*\)==.*/--no-emit-package \1/p' requi
 # runtime.lock and test.lock leave torch out (its dependencies stay in); one of the torch
 # locks goes with them: torch-cpu.lock (tests, CPU image) or torch-cuda.lock (GPU image).
 lock: $(UV)
+	echo "pip==$(PIP_VERSION)" | $(COMPILE) - -o requirements/pip.lock
 	$(COMPILE) pyproject.toml --find-links $(TORCH_CPU_LINKS) --no-emit-package torch \
 		-o requirements/runtime.lock
 	$(COMPILE) pyproject.toml --extra test --find-links $(TORCH_CPU_LINKS) --no-emit-package torch \
