@@ -52,6 +52,7 @@ def deploy(
     create_pools: bool = False,
 ) -> dict[str, Any]:
     """Create or update both deployments; ``recipe`` must be portable (absolute paths)."""
+    output = recipe.get("fleet", {}).get("output")
     url = api_url()
     flow_pool = flow_pool or pool
     with get_client(sync_client=True) as client:
@@ -77,7 +78,7 @@ def deploy(
         work_pool_name=flow_pool,
         schedules=[schedule] if schedule else None,
         concurrency_limit=1,
-        parameters={"recipe": recipe, "output": recipe["fleet"]["output"], "overwrite": True, "skip_unchanged": True},
+        parameters={"recipe": recipe, "output": output, "overwrite": True, "skip_unchanged": True},
         job_variables=variables(pools[flow_pool]),
         entrypoint_type=EntrypointType.MODULE_PATH,
         tags=["mergefleet"],
@@ -97,8 +98,8 @@ def deploy(
             "pool": flow_pool,
             "pool_type": pools[flow_pool].type,
             "schedule": describe(schedule),
-            "output": recipe["fleet"]["output"],
-            "tracking_uri": recipe["fleet"].get("tracking_uri"),
+            "output": output,
+            "tracking_uri": recipe.get("fleet", {}).get("tracking_uri"),
         },
     }
 

@@ -24,6 +24,17 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return base, experts
 
 
+@pytest.fixture
+def restore_environ():
+    """`mergefleet run/deploy` set Prefect defaults in os.environ; keep them to one test."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API (SQLite in a temp folder) for the whole session."""

@@ -5,7 +5,6 @@ server, each before anything is written to the server."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -18,21 +17,12 @@ from orchestrator.schedule import deployed_tracking_uri
 from tests.helpers import write_recipe
 from tests.test_flows import recipe_data
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "restore_environ")
 
 IMAGE_TEMPLATE = {
     "job_configuration": {"image": "{{ image }}"},
     "variables": {"type": "object", "properties": {"image": {"type": "string", "title": "Image"}}},
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """`mergefleet deploy` sets Prefect defaults in os.environ; keep them to each test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def client():
@@ -51,26 +41,24 @@ def create_pool(name: str, type_: str, template: dict | None = None) -> None:
         c.create_work_pool(WorkPoolCreate(name=name, type=type_, base_job_template=template))
 
 
-def registered(name: str) -> bool:
+def on_server(read: str, name: str) -> bool:
+    """Whether ``client.read_<read>(name)`` finds something."""
     from prefect.exceptions import ObjectNotFound
 
     with client() as c:
         try:
-            c.read_deployment_by_name(name)
+            getattr(c, f"read_{read}")(name)
         except ObjectNotFound:
             return False
     return True
+
+
+def registered(name: str) -> bool:
+    return on_server("deployment_by_name", name)
 
 
 def pool_exists(name: str) -> bool:
-    from prefect.exceptions import ObjectNotFound
-
-    with client() as c:
-        try:
-            c.read_work_pool(name)
-        except ObjectNotFound:
-            return False
-    return True
+    return on_server("work_pool", name)
 
 
 def deploy_error(capsys, recipe: Path, *args: str) -> str:
@@ -155,6 +143,10 @@ def test_create_pool_makes_a_process_pool_and_the_summary_says_how_to_watch(reci
     assert "prefect flow-run ls --flow-name merge-and-eval" in out
     assert f"MLflow runs recorded in sqlite:///{recipe.parent / 'mlflow.db'}" in out  # beside the output
     assert hourly.parameters["recipe"]["fleet"]["tracking_uri"] == f"sqlite:///{recipe.parent / 'mlflow.db'}"
+
+    assert cli.main(["deploy", str(recipe), "--pool", "new-pool", "--name", "hourly", "--json"]) == 0  # again, unscheduled
+    with client() as c:
+        assert c.read_deployment_by_name("merge-and-eval/hourly").schedules == []
 
 
 def test_the_tracking_store_of_a_deployment_is_an_absolute_place(family, tmp_path: Path, monkeypatch) -> None:

@@ -19,7 +19,7 @@ from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import changes_since_last_merge, portable_recipe
 from tests.helpers import gta_recipe, write_recipe
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "restore_environ")
 
 
 
@@ -48,15 +48,6 @@ def _one_tracking_store(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """`mergefleet run/deploy` set Prefect defaults in os.environ; keep them to each test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture
@@ -341,7 +332,7 @@ def test_cli_deploy_registers_both_deployments(family, tmp_path: Path, capsys, m
     assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "Europe/Berlin")]
     assert nightly.parameters["skip_unchanged"] is True and nightly.parameters["overwrite"] is True
     assert nightly.parameters["output"] == nightly.parameters["recipe"]["fleet"]["output"] == str(tmp_path / "merged")
-    assert nightly.concurrency_limit == 1  # two scheduled runs never merge into one output at once
+    assert nightly.global_concurrency_limit.limit == 1  # two scheduled runs never merge into one output at once
 
 
 def test_cli_commands_are_pinned() -> None:
