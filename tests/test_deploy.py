@@ -91,13 +91,13 @@ def test_a_schedule_prefect_rejects_is_one_line_and_nothing_is_registered(recipe
 
 
 def test_a_pool_that_cannot_run_the_flows_is_refused_before_anything_is_registered(recipe: Path, capsys) -> None:
-    create_pool("push-pool", "cloud-run:push")
+    create_pool("push-pool", "cloud-run:push", IMAGE_TEMPLATE)  # takes an image, but runs code from storage
     create_pool("odd-pool", "odd-type")
     create_pool("docker-pool", "docker", IMAGE_TEMPLATE)
     create_pool("proc-pool", "process")
 
     err = deploy_error(capsys, recipe, "--pool", "push-pool")
-    assert "'push-pool' is a 'cloud-run:push' pool" in err and "process pool" in err
+    assert "'push-pool' is a 'cloud-run:push' pool, which runs code pulled from storage" in err and "process pool" in err
     err = deploy_error(capsys, recipe, "--pool", "proc-pool", "--flow-pool", "odd-pool")
     assert "'odd-pool' is a 'odd-type' pool" in err
     err = deploy_error(capsys, recipe, "--pool", "docker-pool")
