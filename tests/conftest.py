@@ -48,6 +48,16 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def real_prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server` on 127.0.0.1 for the session's modules that need one; yields
+    the environment that points a process at it, and its log."""
+    from tests.prefect_services import SERVER_SETTINGS, prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-home"), **SERVER_SETTINGS) as served:
+        yield served
+
+
+@pytest.fixture(scope="session")
 def skill_models(tmp_path_factory: pytest.TempPathFactory):
     """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
     trained here on CPU (about 20 s)."""

@@ -19,6 +19,18 @@ import httpx
 
 BIN = Path(sys.executable).parent
 
+# The one server of the test session (conftest.py: real_prefect_server). Its scheduler loop
+# is shortened through Prefect's own settings, so that a schedule fires within seconds
+# (tests/test_schedule_fires.py); nothing else there has a schedule that comes due.
+SERVER_SETTINGS = {
+    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "2",
+    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "PT0S",
+    "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "30",  # SQLite waits longer for its lock on a loaded machine
+}
+
 
 def free_port() -> int:
     with socket.socket() as sock:

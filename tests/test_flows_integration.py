@@ -1,7 +1,7 @@
 """Shards on real workers: a real `prefect server` and a real `prefect worker` (process
 pool) on 127.0.0.1, `mergefleet deploy`, and `mergefleet run` with target: deployment.
 
-One server and one worker (tests/prefect_services.py) serve the whole module.
+The session's server (conftest.py) and one worker serve the whole module.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.synthetic import LlamaShape, make_model_family
 from tests.helpers import gta_recipe, write_recipe
-from tests.prefect_services import BIN, process_worker, prefect_server
+from tests.prefect_services import BIN, process_worker
 from tests.test_flows import checkpoint_bytes
 
 POOL = "it-pool"
@@ -30,10 +30,9 @@ MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8,
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real Prefect server; yields the environment that points a process at it."""
-    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as (env, _log):
-        yield env
+def server(real_prefect_server: tuple[dict[str, str], Path]) -> dict[str, str]:
+    """The environment that points a process at the session's Prefect server."""
+    return real_prefect_server[0]
 
 
 @pytest.fixture(scope="module")

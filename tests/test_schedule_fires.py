@@ -1,6 +1,6 @@
 """A schedule that really fires: a real `prefect server` whose scheduler loop is shortened
-through Prefect's own settings, `mergefleet deploy --interval` as a user runs it, a real
-process worker, and nothing triggered by hand.
+through Prefect's own settings (tests/prefect_services.py), `mergefleet deploy --interval`
+as a user runs it, a real process worker, and nothing triggered by hand.
 
 The cycle: the first scheduled run merges; the next finds nothing changed and ends
 Completed, named Skipped; while an input is missing a run fails, says why in its state
@@ -26,30 +26,22 @@ import httpx
 import pytest
 
 from tests.helpers import gta_recipe, write_recipe
-from tests.prefect_services import BIN, prefect_server, process_worker
+from tests.prefect_services import BIN, process_worker
 
 POOL = "schedule-pool"
 INTERVAL_S = 5
 WAIT_S = 240  # at most, for one scheduled run to start and finish (a busy 2-core machine is slow)
-SCHEDULER = {
-    "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "1",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_RUNS": "1",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_MAX_RUNS": "2",
-    "PREFECT_SERVER_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME": "PT0S",
-    "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-    "PREFECT_SERVER_DATABASE_TIMEOUT": "30",  # SQLite waits longer for its lock on a loaded machine
-}
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
-def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path, Path]]:
-    """Server and worker; yields the environment and the two logs."""
-    home = tmp_path_factory.mktemp("prefect-schedule")
-    with prefect_server(home, **SCHEDULER) as (env, server_log):
-        worker_log = home / "worker.log"
-        with process_worker(env, POOL, worker_log):
-            yield env, server_log, worker_log
+def services(real_prefect_server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], Path, Path]]:
+    """The session's server (its scheduler loop shortened) and a worker on POOL; yields the
+    environment and the two logs."""
+    env, server_log = real_prefect_server
+    worker_log = tmp_path_factory.mktemp("schedule-worker") / "worker.log"
+    with process_worker(env, POOL, worker_log):
+        yield env, server_log, worker_log
 
 
 class Runs:
