@@ -1,16 +1,37 @@
-# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up.
+# Two commands on a fresh machine: `make demo` and `make test`. Each sets itself up from
+# the lock files in requirements/ (exact versions with hashes); `make lock` rewrites them.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test bench clean
+# torch's CPU build is not on PyPI: pip's configured find-links may hold it, else this index serves it
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_VERSION := $(shell sed -n 's/^ *"torch==\([^"]*\)".*/\1/p' pyproject.toml)
+INSTALL_LOCKS := -r requirements/torch-cpu.lock -r requirements/test.lock
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-	$(VENV)/bin/pip install --quiet -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import orchestrator, torch, transformers, safetensors, mergekit" 
+# `make lock`: uv resolves for the platform of the tests and the images (Linux x86_64,
+# CPython 3.11) whatever machine runs it. LOCK_FLAGS=--upgrade moves every pin to the newest.
+UV_VERSION := 0.13.9
+# pip 23 (Python 3.11's own) refuses a hashed lock whose packages ask for extras
+PIP_VERSION := 26.3
+LOCK_TOOLS := .lock-tools
+UV := $(LOCK_TOOLS)/bin/uv
+TORCH_CPU_LINKS ?= $(or $(PIP_FIND_LINKS),$(TORCH_CPU_INDEX)/torch/)
+LOCK_FLAGS ?=
+COMPILE := $(UV) pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	--generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS)
+
+.PHONY: install demo test bench lock clean
+
+$(STAMP): requirements/pip.lock requirements/torch-cpu.lock requirements/test.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --require-hashes -r requirements/pip.lock
+	$(PIP) install --quiet --require-hashes $(INSTALL_LOCKS) \
+		|| $(PIP) install --quiet --require-hashes --extra-index-url $(TORCH_CPU_INDEX) $(INSTALL_LOCKS)
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -c "import orchestrator, torch, transformers, safetensors, mergekit"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -23,6 +44,31 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py
+
+$(UV):
+	$(PYTHON) -m venv $(LOCK_TOOLS)
+	$(LOCK_TOOLS)/bin/pip install --quiet uv==$(UV_VERSION)
+
+# a torch lock holds what torch needs beyond runtime.lock, at runtime.lock's versions
+ONLY_TORCH = $$(sed -n 's/^\([A-Za-z0-9._-]*\)==.*/--no-emit-package \1/p' requirements/runtime.lock)
+
+# runtime.lock and test.lock leave torch out (its dependencies stay in); one of the torch
+# locks goes with them: torch-cpu.lock (tests, CPU image) or torch-cuda.lock (GPU image).
+lock: $(UV)
+	echo "pip==$(PIP_VERSION)" | $(COMPILE) - -o requirements/pip.lock
+	$(COMPILE) pyproject.toml --find-links $(TORCH_CPU_LINKS) --no-emit-package torch \
+		-o requirements/runtime.lock
+	$(COMPILE) pyproject.toml --extra test --find-links $(TORCH_CPU_LINKS) --no-emit-package torch \
+		-c requirements/runtime.lock -o requirements/test.lock
+	echo "torch==$(TORCH_VERSION)+cpu" | $(COMPILE) - --find-links $(TORCH_CPU_LINKS) \
+		-c requirements/runtime.lock $(ONLY_TORCH) --no-header --no-annotate -o requirements/torch-cpu.lock
+	sed -i '/^# The following packages were excluded/,$$d' requirements/torch-cpu.lock
+	printf '%s\n' "# torch's CPU build, hashed. Regenerate with: make lock" \
+		"# The same file is served by $(TORCH_CPU_INDEX) (pip install --extra-index-url ...)." \
+		"# Its dependencies are in runtime.lock." | cat - requirements/torch-cpu.lock > requirements/torch-cpu.tmp
+	mv requirements/torch-cpu.tmp requirements/torch-cpu.lock
+	echo "torch==$(TORCH_VERSION)" | $(COMPILE) - -c requirements/runtime.lock $(ONLY_TORCH) \
+		-o requirements/torch-cuda.lock
 
 clean:
 	rm -rf demo-out bench/out .pytest_cache

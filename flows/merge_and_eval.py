@@ -12,6 +12,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows import tasks
+from flows.outcomes import skipped
 from orchestrator.errors import RecipeError
 from orchestrator.recipe import Recipe, load_recipe, parse_recipe
 
@@ -41,7 +42,9 @@ def merge_and_eval(
     if skip_unchanged:
         changes = tasks.check_unchanged(parsed, out)
         if not changes:
-            return {"output": out, "skipped": True, "reason": "nothing changed since the last successful merge"}
+            reason = f"nothing changed since the last successful merge into {out}"
+            # the run ends in this state (Completed, named Skipped); a caller gets its data
+            return skipped({"output": out, "skipped": True, "reason": reason}, reason)  # type: ignore[return-value]
 
     plan = tasks.plan_merge(parsed, out, overwrite=overwrite)
     shards = tasks.run_shards(plan, parsed.fleet)

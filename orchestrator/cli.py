@@ -217,26 +217,17 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         raise RecipeError("no work pool: give --pool NAME or set 'fleet: {work_pool: NAME}' in the recipe")
     data = portable_recipe(recipe, root=Path.cwd(), output=_resolve_output(recipe, args.output))
     _prefect_defaults(quiet=args.json or args.quiet)
-    from prefect.client.schemas.schedules import CronSchedule
+    from flows.deploy import deploy, summary
+    from flows.preflight import parse_schedule
 
-    if args.cron:
-        try:
-            CronSchedule(cron=args.cron)
-        except ValueError:
-            raise RecipeError(f"--cron '{args.cron}' is not a cron expression (e.g. '0 2 * * *': every night at 02:00)") from None
-    from flows.deploy import deploy
-
+    schedule = parse_schedule(cron=args.cron, interval=args.interval, timezone=args.timezone)
     name = args.name or recipe.name or Path(args.recipe).stem
-    result = deploy(data, name=name, pool=pool, flow_pool=args.flow_pool, cron=args.cron, image=args.image)
+    result = deploy(
+        data, name=name, pool=pool, flow_pool=args.flow_pool, schedule=schedule, image=args.image, create_pools=args.create_pool
+    )
     if not args.json and not args.quiet:
-        shard, nightly = result["merge_shard"], result["merge_and_eval"]
-        when = f"cron '{args.cron}'" if args.cron else "no schedule"
-        console.print(
-            f"registered {shard['name']} on pool {shard['pool']} ({shard['pool_type']}) and {nightly['name']} "
-            f"on pool {nightly['pool']} ({when}, skips runs when nothing changed); "
-            f"start one now with: prefect deployment run '{nightly['name']}'",
-            highlight=False,
-        )
+        for line in summary(result):
+            console.print(line, highlight=False, markup=False)
     return result
 
 
@@ -334,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
     deploy.add_argument("--pool", help="work pool of the merge-shard deployment (default: fleet.work_pool)")
     deploy.add_argument("--flow-pool", help="work pool of the merge-and-eval deployment (default: --pool)")
-    deploy.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (nightly; a run skips when nothing changed)")
+    when = deploy.add_mutually_exclusive_group()
+    when.add_argument("--cron", help="schedule, e.g. '0 2 * * *' (nightly; a run skips when nothing changed)")
+    when.add_argument("--interval", type=float, metavar="SECONDS", help="schedule: a run every SECONDS")
+    deploy.add_argument("--timezone", default="UTC", help="time zone of --cron, an IANA name (default: %(default)s)")
+    deploy.add_argument("--create-pool", action="store_true", help="create a missing work pool as a process pool")
     deploy.add_argument("--name", help="name of the merge-and-eval deployment (default: the recipe's name or file name)")
     deploy.add_argument("--image", help="container image for container-based pools (kubernetes)")
     deploy.set_defaults(handler=cmd_deploy)

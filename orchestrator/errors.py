@@ -53,3 +53,10 @@ class TrackingError(MergefleetError):
     """MLflow refuses the record, or a run or experiment to compare does not exist."""
 
     exit_code = 8
+
+
+class DeploymentError(MergefleetError):
+    """A deployment cannot be registered: the Prefect server does not answer, a work pool is
+    missing or cannot run the flows, or the schedule is not one Prefect accepts."""
+
+    exit_code = 9

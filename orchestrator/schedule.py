@@ -31,6 +31,7 @@ def portable_recipe(recipe: Recipe, *, root: Path, output: str | None = None) ->
 
     A deployment's flow runs in another working directory (a worker's temp folder, a pod),
     so a path relative to where the user typed the command would point nowhere there.
+    The MLflow store is fixed here too (``deployed_tracking_uri``).
     """
     data = recipe.model_dump(mode="json", exclude_defaults=True)
     data["base_model"] = _absolute(data.get("base_model"), root)
@@ -42,9 +43,36 @@ def portable_recipe(recipe: Recipe, *, root: Path, output: str | None = None) ->
             source["model"] = _absolute(source["model"], root)
     fleet = data.setdefault("fleet", {})
     fleet["output"] = _absolute(output or recipe.fleet.output, root)
+    tracking = deployed_tracking_uri(recipe, fleet["output"], root)
+    if tracking is not None:
+        fleet["tracking_uri"] = tracking
     data = {key: value for key, value in data.items() if value is not None}
     parse_recipe(data, source="portable recipe")  # still a valid recipe
     return data
+
+
+def _absolute_sqlite(uri: str, root: Path) -> str:
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    return f"sqlite:///{os.path.normpath(path if path.is_absolute() else root / path)}"
+
+
+def deployed_tracking_uri(recipe: Recipe, output: str, root: Path) -> str | None:
+    """Where a deployment's runs are recorded, fixed when it is registered.
+
+    ``fleet.tracking_uri``, else ``$MLFLOW_TRACKING_URI`` where the deployment is made,
+    else SQLite beside a local output (``<output's parent>/mlflow.db``); a relative SQLite
+    path is made absolute against ``root``, since a worker starts each flow run in a
+    temporary directory. None for a remote output without either: the worker's
+    ``$MLFLOW_TRACKING_URI``, else ``~/.mergefleet/mlflow.db`` in the worker's home.
+    """
+    from orchestrator.tracking import default_tracking_uri
+
+    chosen = recipe.fleet.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if chosen:
+        return _absolute_sqlite(chosen, root)
+    return None if "://" in output else default_tracking_uri(output)
 
 
 def changes_since_last_merge(recipe: Recipe, output: str) -> list[str]:

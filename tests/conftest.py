@@ -24,6 +24,17 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     return base, experts
 
 
+@pytest.fixture
+def restore_environ():
+    """`mergefleet run/deploy` set Prefect defaults in os.environ; keep them to one test."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API (SQLite in a temp folder) for the whole session."""
@@ -34,6 +45,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=60):
         yield
+
+
+@pytest.fixture(scope="session")
+def real_prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real `prefect server` on 127.0.0.1 for the session's modules that need one; yields
+    the environment that points a process at it, and its log."""
+    from tests.prefect_services import SERVER_SETTINGS, prefect_server
+
+    with prefect_server(tmp_path_factory.mktemp("prefect-home"), **SERVER_SETTINGS) as served:
+        yield served
 
 
 @pytest.fixture(scope="session")

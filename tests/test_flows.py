@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from orchestrator import cli
 from orchestrator.errors import PlanError
@@ -20,9 +19,8 @@ from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import changes_since_last_merge, portable_recipe
 from tests.helpers import gta_recipe, write_recipe
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = pytest.mark.usefixtures("prefect_harness", "restore_environ")
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def recipe_data(family, out: Path | None = None, **fleet) -> dict:
@@ -50,15 +48,6 @@ def _one_tracking_store(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = previous
-
-
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """`mergefleet run/deploy` set Prefect defaults in os.environ; keep them to each test."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 @pytest.fixture
@@ -242,7 +231,9 @@ def test_skip_unchanged_merges_again_only_when_an_input_changed(own_family, tmp_
     data = recipe_data(own_family)
     first = merge_and_eval(data, str(out), skip_unchanged=True)
     assert not first.get("skipped") and first["shards_skipped"] == 0
-    assert merge_and_eval(data, str(out), skip_unchanged=True)["skipped"] is True
+    state = merge_and_eval(data, str(out), skip_unchanged=True, return_state=True)
+    assert state.is_completed() and state.name == "Skipped" and state.result()["skipped"] is True
+    assert state.message == f"nothing changed since the last successful merge into {out}"
 
     expert = own_family[1][0]
     weights = next(expert.glob("*.safetensors"))
@@ -328,33 +319,20 @@ def test_cli_deploy_registers_both_deployments(family, tmp_path: Path, capsys, m
     monkeypatch.chdir(tmp_path)
     data = recipe_data(family, target="deployment", work_pool="unit-pool")
     path = write_recipe(tmp_path / "nightly.yaml", data)
-    assert cli.main(["deploy", str(path), "merged", "--cron", "0 2 * * *", "--json"]) == 0
+    assert cli.main(["deploy", str(path), "merged", "--cron", "0 2 * * *", "--timezone", "Europe/Berlin", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["merge_shard"]["name"] == "merge-shard/unit-pool"
     assert result["merge_and_eval"]["name"] == "merge-and-eval/nightly"
+    assert result["merge_and_eval"]["tracking_uri"] == os.environ["MLFLOW_TRACKING_URI"]  # the module's store
     with get_client(sync_client=True) as client:
         shard = client.read_deployment_by_name("merge-shard/unit-pool")
         nightly = client.read_deployment_by_name("merge-and-eval/nightly")
     assert shard.entrypoint == "flows.merge_shard.merge_shard" and shard.work_pool_name == "unit-pool"
     assert nightly.entrypoint == "flows.merge_and_eval.merge_and_eval"
-    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert [(s.schedule.cron, s.schedule.timezone) for s in nightly.schedules] == [("0 2 * * *", "Europe/Berlin")]
     assert nightly.parameters["skip_unchanged"] is True and nightly.parameters["overwrite"] is True
-    assert nightly.parameters["recipe"]["fleet"]["output"] == str(tmp_path / "merged")
-
-    assert cli.main(["deploy", str(path), "merged", "--pool", "no-such-pool"]) == 5
-    assert "prefect work-pool create no-such-pool" in capsys.readouterr().err
-    assert cli.main(["deploy", str(path), "merged", "--cron", "every night"]) == 2
-
-
-def test_prefect_yaml_names_the_flows() -> None:
-    from prefect.flows import load_flow_from_entrypoint
-
-    config = yaml.safe_load((ROOT / "flows" / "prefect.yaml").read_text())
-    names = {}
-    for deployment in config["deployments"]:
-        flow = load_flow_from_entrypoint(str(ROOT / deployment["entrypoint"]))
-        names[deployment["name"]] = flow.name
-    assert names == {"{{ $MERGEFLEET_POOL }}": "merge-shard", "nightly": "merge-and-eval"}
+    assert nightly.parameters["output"] == nightly.parameters["recipe"]["fleet"]["output"] == str(tmp_path / "merged")
+    assert nightly.global_concurrency_limit.limit == 1  # two scheduled runs never merge into one output at once
 
 
 def test_cli_commands_are_pinned() -> None:

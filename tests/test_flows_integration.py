@@ -1,19 +1,14 @@
 """Shards on real workers: a real `prefect server` and a real `prefect worker` (process
 pool) on 127.0.0.1, `mergefleet deploy`, and `mergefleet run` with target: deployment.
 
-One server and one worker serve the whole module; both run in their own process group
-with PREFECT_HOME in a temporary folder, and are stopped with SIGINT (SIGKILL if they
-linger).
+The session's server (conftest.py) and one worker serve the whole module.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -27,96 +22,24 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.synthetic import LlamaShape, make_model_family
 from tests.helpers import gta_recipe, write_recipe
+from tests.prefect_services import BIN, process_worker
 from tests.test_flows import checkpoint_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 POOL = "it-pool"
 MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8, kv_heads=4)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGINT to the process group, then SIGKILL if it is still there after ``timeout``."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
-def _wait_for(check, what: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not happen within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real Prefect server; yields the environment that points a process at it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env |= {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",  # one store for every merge here
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-    }
-    log = home / "server.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, "server start", 120, process, log)
-        yield env | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    finally:
-        _stop(process)
+def server(real_prefect_server: tuple[dict[str, str], Path]) -> dict[str, str]:
+    """The environment that points a process at the session's Prefect server."""
+    return real_prefect_server[0]
 
 
 @pytest.fixture(scope="module")
 def worker(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[psutil.Process]:
     """A real process worker on POOL (it creates the pool)."""
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [str(BIN / "prefect"), "worker", "start", "--pool", POOL, "--type", "process"],
-            env=server, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    api = server["PREFECT_API_URL"]
-
-    def online() -> bool:
-        workers = httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=2)
-        return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
-
-    try:
-        _wait_for(online, "worker start", 90, process, log)
+    with process_worker(server, POOL, tmp_path_factory.mktemp("worker") / "worker.log") as process:
         yield psutil.Process(process.pid)
-    finally:
-        _stop(process)
 
 
 def mergefleet(env: dict[str, str], *args: str, timeout: float = 240) -> dict:
@@ -206,19 +129,3 @@ def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_compl
     reference = tmp_path / "reference"
     merge(parse_recipe(data), str(reference), workers=1)
     assert checkpoint_bytes(out) == checkpoint_bytes(reference)
-
-
-def test_prefect_yaml_deploys_with_prefect_deploy(deployed: dict[str, str], tmp_path: Path) -> None:
-    api = deployed["PREFECT_API_URL"]
-    assert httpx.post(f"{api}/work_pools/", json={"name": "yaml-pool", "type": "process"}, timeout=10).status_code == 201
-    env = deployed | {"MERGEFLEET_POOL": "yaml-pool", "MERGEFLEET_RECIPE": str(tmp_path / "recipe.yaml")}
-    done = subprocess.run(
-        [str(BIN / "prefect"), "--no-prompt", "deploy", "--prefect-file", "flows/prefect.yaml", "--all"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    shard = httpx.get(f"{api}/deployments/name/merge-shard/yaml-pool", timeout=10).json()
-    nightly = httpx.get(f"{api}/deployments/name/merge-and-eval/nightly", timeout=10).json()
-    assert shard["work_pool_name"] == nightly["work_pool_name"] == "yaml-pool"
-    assert nightly["parameters"] == {"recipe": str(tmp_path / "recipe.yaml"), "overwrite": True, "skip_unchanged": True}
-    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]

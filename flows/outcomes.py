@@ -1,0 +1,20 @@
+"""How a flow run that had nothing to do ends.
+
+A scheduled merge that finds no change does no work; it still ends ``Completed`` (it did
+what it should), but in a state named ``Skipped`` whose message says why, so that the
+Prefect UI and ``prefect flow-run ls`` tell it apart from a run that merged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.client.schemas.objects import State
+from prefect.states import Completed
+
+SKIPPED = "Skipped"
+
+
+def skipped(result: dict[str, Any], reason: str) -> State[dict[str, Any]]:
+    """The final state of a run that did nothing; calling the flow still returns ``result``."""
+    return Completed(name=SKIPPED, message=reason, data=result)
