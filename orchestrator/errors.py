@@ -53,3 +53,9 @@ class TrackingError(MergefleetError):
     """MLflow refuses the record, or a run or experiment to compare does not exist."""
 
     exit_code = 8
+
+
+class ClusterError(MergefleetError):
+    """The cluster cannot run a merge: a missing Secret, no GPU node, no worker, no right to create Jobs."""
+
+    exit_code = 9
