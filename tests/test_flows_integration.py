@@ -9,9 +9,7 @@ linger).
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,74 +25,13 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.synthetic import LlamaShape, make_model_family
 from tests.helpers import gta_recipe, write_recipe
+from tests.prefect_stack import server, stop_process, wait_until  # noqa: F401  (server is a fixture)
 from tests.test_flows import checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOL = "it-pool"
 MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8, kv_heads=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGINT to the process group, then SIGKILL if it is still there after ``timeout``."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
-def _wait_for(check, what: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited ({process.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if check():
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} did not happen within {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """A real Prefect server; yields the environment that points a process at it."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env |= {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",  # one store for every merge here
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_SERVER_LOGGING_LEVEL": "WARNING",
-    }
-    log = home / "server.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    api = f"http://127.0.0.1:{port}/api"
-    try:
-        _wait_for(lambda: httpx.get(f"{api}/health", timeout=2).status_code == 200, "server start", 120, process, log)
-        yield env | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
-    finally:
-        _stop(process)
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +50,10 @@ def worker(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
         return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
 
     try:
-        _wait_for(online, "worker start", 90, process, log)
+        wait_until(online, "worker start", 90, process, log)
         yield psutil.Process(process.pid)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def mergefleet(env: dict[str, str], *args: str, timeout: float = 240) -> dict:
