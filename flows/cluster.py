@@ -45,7 +45,7 @@ def create_pool(name: str, template: JobTemplate, *, update: bool = True) -> dic
                     "pick another name (--pool) or delete it with 'prefect work-pool delete'"
                 ) from None
             if not update:
-                raise ClusterError(f"work pool '{name}' exists; pass --update to give it the chart's job template") from None
+                raise ClusterError(f"work pool '{name}' exists and was left as it is; leave out --no-update to give it this job template") from None
             client.update_work_pool(name, WorkPoolUpdate(base_job_template=dict(template.template)))
             action = "updated"
         pool = client.read_work_pool(name)

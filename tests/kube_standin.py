@@ -43,7 +43,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import aiohttp.web
 import kmock
@@ -254,6 +254,9 @@ class Kubelet:
         self.api, self.image, self.root = api, image, root
         self.pods: dict[tuple[str, str], PodProcess] = {}
         self.started: list[str] = []  # pod names in the order their processes started
+        # A fault to inject: the first pod this predicate accepts is killed (SIGKILL) as it starts.
+        self.kill_first: Callable[[dict[str, Any]], bool] | None = None
+        self.killed: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -406,6 +409,10 @@ class Kubelet:
         )
         entry.pid = entry.process.pid
         self.started.append(name)
+        if self.kill_first is not None and self.kill_first(pod):
+            self.kill_first = None
+            self.killed.append(name)
+            kill_pod(entry.pid)
         started = _now()
         await self.api.change(PODS, namespace, name, {
             "spec": {"nodeName": node},
@@ -548,8 +555,3 @@ def kill_pod(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
 
-
-@contextlib.contextmanager
-def running(image: Image, root: Path) -> Iterator[StandInCluster]:
-    with StandInCluster(image, root) as cluster:
-        yield cluster
