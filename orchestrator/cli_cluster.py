@@ -29,9 +29,9 @@ def chart_fullname(release: str) -> str:
 def _names(args: argparse.Namespace) -> dict[str, str]:
     full = chart_fullname(args.release)
     return {
-        "configmap": args.configmap or f"{full}-endpoints",
+        "configmap": getattr(args, "configmap", None) or f"{full}-endpoints",
         "template": f"{full}-job-template",
-        "service_account": args.service_account or f"{full}-worker",
+        "service_account": getattr(args, "service_account", None) or f"{full}-worker",
     }
 
 
@@ -60,9 +60,9 @@ def cmd_check(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         api.close()
     problems = [f for f in findings if not f.ok and f.blocking]
     result = {"ok": not problems, "namespace": args.namespace, "pool": args.pool, "findings": [f.as_dict() for f in findings]}
-    if args.json:
-        sys.stdout.write(json.dumps(result) + "\n")
-    elif not args.quiet:
+    if args.json and problems:
+        sys.stdout.write(json.dumps(result) + "\n")  # the error below ends the command: the JSON goes out first
+    elif not args.json and not args.quiet:
         for finding in findings:
             mark = "ok  " if finding.ok else ("FAIL" if finding.blocking else "warn")
             console.print(f"{mark} {finding.check}: {finding.message}", highlight=False, markup=False)

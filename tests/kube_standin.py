@@ -21,7 +21,8 @@ cover the pod's limit. A pod that fits runs the container's command as a local p
 ``command`` (else the image's ENTRYPOINT) + ``args`` (else the image's CMD), with the
 image's environment, then ``envFrom`` and ``env`` resolved from the Secrets and ConfigMaps
 in the store (a missing one leaves the pod waiting in CreateContainerConfigError), and
-``emptyDir`` mount paths mapped to a folder per pod. Its exit code sets the pod's phase,
+``emptyDir`` mount paths mapped to a folder per pod (paths that exist on the host are
+left alone: pods share the host's file system). Its exit code sets the pod's phase,
 the Job's ``succeeded``/``failed`` counts and conditions; a failed pod is replaced while
 ``failed <= backoffLimit``. A deleted Job's pod process is killed. Not implemented:
 resource accounting other than GPUs, ``ttlSecondsAfterFinished`` garbage collection,
@@ -243,6 +244,16 @@ def _tolerates(tolerations: list[dict[str, Any]], taint: dict[str, Any]) -> bool
     return False
 
 
+def _in_volume(value: str, mounts: dict[str, str]) -> str:
+    """A path under a volume's mount path, as the pod sees it: in the pod's folder for that
+    volume. Pods here share the host's file system, so a path that exists on the host is
+    taken to mean the host's (a checkpoint, the worker's PREFECT_HOME) and left alone."""
+    for mount_path, local in mounts.items():
+        if (value == mount_path or value.startswith(mount_path + "/")) and not Path(value).exists():
+            return local + value[len(mount_path):]
+    return value
+
+
 def _gpus(pod_spec: dict[str, Any]) -> int:
     return sum(int((c.get("resources") or {}).get("limits", {}).get("nvidia.com/gpu", 0) or 0) for c in pod_spec["containers"])
 
@@ -254,8 +265,9 @@ class Kubelet:
         self.api, self.image, self.root = api, image, root
         self.pods: dict[tuple[str, str], PodProcess] = {}
         self.started: list[str] = []  # pod names in the order their processes started
-        # A fault to inject: the first pod this predicate accepts is killed (SIGKILL) as it starts.
-        self.kill_first: Callable[[dict[str, Any]], bool] | None = None
+        # A fault to inject: the first pod for which this predicate accepts a line of its output
+        # is killed there (SIGKILL, exit code 137), as the kernel's OOM killer would.
+        self.kill_when: Callable[[dict[str, Any], str], bool] | None = None
         self.killed: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -368,9 +380,7 @@ class Kubelet:
                 elif "fieldRef" in ref:
                     path = ref["fieldRef"]["fieldPath"]
                     env[item["name"]] = {"metadata.name": pod["metadata"]["name"], "metadata.namespace": namespace}.get(path, "")
-        for mount_path, local in mounts.items():
-            env = {k: v.replace(mount_path, local) if v.startswith(mount_path) else v for k, v in env.items()}
-        return env
+        return {key: _in_volume(value, mounts) for key, value in env.items()}
 
     async def _try_start(self, pod: dict[str, Any]) -> None:
         meta, spec = pod["metadata"], pod["spec"]
@@ -409,10 +419,6 @@ class Kubelet:
         )
         entry.pid = entry.process.pid
         self.started.append(name)
-        if self.kill_first is not None and self.kill_first(pod):
-            self.kill_first = None
-            self.killed.append(name)
-            kill_pod(entry.pid)
         started = _now()
         await self.api.change(PODS, namespace, name, {
             "spec": {"nodeName": node},
@@ -420,12 +426,16 @@ class Kubelet:
                        "containerStatuses": [{"name": container["name"], "image": container.get("image", ""), "imageID": "", "ready": True, "restartCount": 0,
                                               "state": {"running": {"startedAt": started}}}]},
         })
-        asyncio.get_running_loop().create_task(self._wait(entry, container, started))
+        asyncio.get_running_loop().create_task(self._wait(entry, pod, container, started))
 
-    async def _wait(self, entry: PodProcess, container: dict[str, Any], started: str) -> None:
+    async def _wait(self, entry: PodProcess, pod: dict[str, Any], container: dict[str, Any], started: str) -> None:
         assert entry.process is not None and entry.process.stdout is not None
         async for line in entry.process.stdout:
             entry.log.extend(line)
+            if self.kill_when is not None and self.kill_when(pod, line.decode(errors="replace")):
+                self.kill_when = None
+                self.killed.append(entry.name)
+                kill_pod(entry.process.pid)
         code = await entry.process.wait()
         exit_code = 128 - code if code < 0 else code  # killed by a signal: 128 + signal, as a runtime reports it
         phase = "Succeeded" if exit_code == 0 else "Failed"

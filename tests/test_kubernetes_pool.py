@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 from orchestrator.cluster import entrypoint
+from orchestrator.pipeline import merge
+from orchestrator.recipe import parse_recipe
 from tests import dockerfile
 from tests.chart import NAMESPACE, find, render, validate
 from tests.helpers import gta_recipe, write_recipe
@@ -158,18 +160,18 @@ def _jobs(cluster: StandInCluster, plan_prefix: str) -> list[dict[str, Any]]:
 def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[str, str], cluster: StandInCluster,
                                                                s3_server, family, tmp_path: Path) -> None:
     base, experts = family
-    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts) | {"fleet": {"shards": 3}})
+    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts) | {"fleet": {"shards": 2}})
     remote = ok_json(mergefleet(deployed, "run", str(recipe), "s3://merges/k8s-run", "--target", "deployment",
                                 "--work-pool", POOL, "--json"))
     inline = ok_json(mergefleet(deployed, "run", str(recipe), str(tmp_path / "inline"), "--json"))
-    assert remote["plan_id"] == inline["plan_id"] and remote["shards"] == 3 and remote["target"] == "deployment"
+    assert remote["plan_id"] == inline["plan_id"] and remote["shards"] == 2 and remote["target"] == "deployment"
     s3 = s3_server.client()
     local = checkpoint_bytes(tmp_path / "inline")
     assert local == {name: s3.get_object(Bucket="merges", Key=f"k8s-run/{name}")["Body"].read() for name in local}
 
     # One Job per shard, each from the chart's template as the worker rendered it for its flow run.
     jobs = _jobs(cluster, remote["plan_id"][:8])
-    assert sorted(j["metadata"]["labels"]["prefect.io/flow-run-name"][-7:] for j in jobs) == ["shard-0", "shard-1", "shard-2"]
+    assert sorted(j["metadata"]["labels"]["prefect.io/flow-run-name"][-7:] for j in jobs) == ["shard-0", "shard-1"]
     for job in jobs:
         assert job["status"]["succeeded"] == 1
         assert job["spec"]["ttlSecondsAfterFinished"] == 600 and job["spec"]["backoffLimit"] == 0
@@ -188,29 +190,34 @@ def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[st
 
 def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, str], cluster: StandInCluster,
                                                           family, tmp_path: Path) -> None:
-    """The first pod of shard 1 is killed as it starts (SIGKILL, exit 137, as an OOM kill);
-    the observer marks its flow run crashed and the flow runs the shard again."""
+    """The first pod of shard 1 is killed as its flow run begins (SIGKILL, exit code 137, as an
+    OOM kill); the observer marks the run crashed and the flow runs the shard again."""
     base, experts = family
     data = gta_recipe("ties", base, experts) | {"fleet": {"shards": 2, "shard_retries": 1}}
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     out = tmp_path / "out"
     assert cluster.kubelet is not None
-    cluster.kubelet.kill_first = lambda pod: pod["metadata"]["labels"].get("prefect.io/flow-run-name", "").endswith("-shard-1")
+
+    def shard_1_begins(pod: dict[str, Any], line: str) -> bool:
+        return pod["metadata"]["labels"].get("prefect.io/flow-run-name", "").endswith("-shard-1") and "Beginning subflow run" in line
+
+    cluster.kubelet.kill_when = shard_1_begins
     result = ok_json(mergefleet(deployed, "run", str(recipe), str(out), "--target", "deployment", "--work-pool", POOL, "--json"))
-    assert cluster.kubelet.killed, "no pod was killed"
+    assert len(cluster.kubelet.killed) == 1, "no pod was killed"
+    assert result["shards"] == 2 and result["shards_skipped"] == 0
     jobs = _jobs(cluster, result["plan_id"][:8])
     shard1 = [j for j in jobs if j["metadata"]["labels"]["prefect.io/flow-run-name"].endswith("-shard-1")]
     assert sorted((j["status"].get("failed", 0), j["status"].get("succeeded", 0)) for j in shard1) == [(0, 1), (1, 0)]
-    killed = [p for p in cluster.objects(PODS) if p["metadata"]["name"] in cluster.kubelet.killed]
-    assert killed[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
-    inline = tmp_path / "inline"
-    ok_json(mergefleet(deployed, "run", str(recipe), str(inline), "--json"))
-    assert checkpoint_bytes(out) == checkpoint_bytes(inline)
+    killed = next(p for p in cluster.objects(PODS) if p["metadata"]["name"] == cluster.kubelet.killed[0])
+    assert killed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    reference = tmp_path / "reference"
+    merge(parse_recipe(data), str(reference), workers=1)
+    assert checkpoint_bytes(out) == checkpoint_bytes(reference)
 
 
 def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str, str], cluster: StandInCluster,
                                                               family, tmp_path: Path) -> None:
-    """A deployment whose pods ask for a node pool that does not exist, with a start timeout of 6 s."""
+    """A deployment whose pods ask for a node pool that does not exist, with a start timeout of 4 s."""
     from prefect.deployments.runner import EntrypointType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -219,7 +226,7 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
     with temporary_settings(updates={PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
         merge_shard.to_deployment(
             name="nowhere", work_pool_name=POOL, entrypoint_type=EntrypointType.MODULE_PATH,
-            job_variables={"node_selector": {"pool": "a100-that-is-not-there"}, "pod_watch_timeout_seconds": 6},
+            job_variables={"node_selector": {"pool": "a100-that-is-not-there"}, "pod_watch_timeout_seconds": 4},
         ).apply()
     base, experts = family
     data = gta_recipe("ties", base, experts) | {"fleet": {"target": "deployment", "shard_deployment": "merge-shard/nowhere"}}
@@ -229,7 +236,7 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
     assert done.returncode == 5, done.stderr[-3000:]
     error = done.stderr.strip().splitlines()[-1]
     job = next(j for j in cluster.objects(JOBS) if j["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100-that-is-not-there"})
-    assert f"Kubernetes Job '{NAMESPACE}/{job['metadata']['name']}' did not start within 6 s" in error
+    assert f"Kubernetes Job '{NAMESPACE}/{job['metadata']['name']}' did not start within 4 s" in error
     assert "kubectl -n mergefleet describe job" in error
     assert time.monotonic() - started < 120
     pod = next(p for p in cluster.objects(PODS) if p["metadata"]["labels"].get("job-name") == job["metadata"]["name"])
