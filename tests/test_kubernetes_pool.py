@@ -153,14 +153,20 @@ def deployed(k8s_env: dict[str, str], worker, family, tmp_path_factory) -> dict[
     return k8s_env
 
 
-def _jobs(cluster: StandInCluster, plan_prefix: str) -> list[dict[str, Any]]:
-    return [j for j in cluster.objects(JOBS) if j["metadata"]["labels"].get("prefect.io/flow-run-name", "").startswith(plan_prefix)]
+def _new_jobs(cluster: StandInCluster, before: set[str]) -> list[dict[str, Any]]:
+    """The Jobs created since ``before`` (the names there were then)."""
+    return [j for j in cluster.objects(JOBS) if j["metadata"]["name"] not in before]
+
+
+def _job_names(cluster: StandInCluster) -> set[str]:
+    return {j["metadata"]["name"] for j in cluster.objects(JOBS)}
 
 
 def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[str, str], cluster: StandInCluster,
                                                                s3_server, family, tmp_path: Path) -> None:
     base, experts = family
     recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts) | {"fleet": {"shards": 2}})
+    before = _job_names(cluster)
     remote = ok_json(mergefleet(deployed, "run", str(recipe), "s3://merges/k8s-run", "--target", "deployment",
                                 "--work-pool", POOL, "--json"))
     inline = ok_json(mergefleet(deployed, "run", str(recipe), str(tmp_path / "inline"), "--json"))
@@ -170,7 +176,7 @@ def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[st
     assert local == {name: s3.get_object(Bucket="merges", Key=f"k8s-run/{name}")["Body"].read() for name in local}
 
     # One Job per shard, each from the chart's template as the worker rendered it for its flow run.
-    jobs = _jobs(cluster, remote["plan_id"][:8])
+    jobs = _new_jobs(cluster, before)
     assert sorted(j["metadata"]["labels"]["prefect.io/flow-run-name"][-7:] for j in jobs) == ["shard-0", "shard-1"]
     for job in jobs:
         assert job["status"]["succeeded"] == 1
@@ -202,10 +208,11 @@ def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, st
         return pod["metadata"]["labels"].get("prefect.io/flow-run-name", "").endswith("-shard-1") and "Beginning subflow run" in line
 
     cluster.kubelet.kill_when = shard_1_begins
+    before = _job_names(cluster)
     result = ok_json(mergefleet(deployed, "run", str(recipe), str(out), "--target", "deployment", "--work-pool", POOL, "--json"))
     assert len(cluster.kubelet.killed) == 1, "no pod was killed"
     assert result["shards"] == 2 and result["shards_skipped"] == 0
-    jobs = _jobs(cluster, result["plan_id"][:8])
+    jobs = _new_jobs(cluster, before)
     shard1 = [j for j in jobs if j["metadata"]["labels"]["prefect.io/flow-run-name"].endswith("-shard-1")]
     assert sorted((j["status"].get("failed", 0), j["status"].get("succeeded", 0)) for j in shard1) == [(0, 1), (1, 0)]
     killed = next(p for p in cluster.objects(PODS) if p["metadata"]["name"] == cluster.kubelet.killed[0])
@@ -235,6 +242,7 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
     done = mergefleet(deployed, "run", str(recipe), str(tmp_path / "out"), timeout=180)
     assert done.returncode == 5, done.stderr[-3000:]
     error = done.stderr.strip().splitlines()[-1]
+    print("NEVERERROR", error)
     job = next(j for j in cluster.objects(JOBS) if j["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100-that-is-not-there"})
     assert f"Kubernetes Job '{NAMESPACE}/{job['metadata']['name']}' did not start within 4 s" in error
     assert "kubectl -n mergefleet describe job" in error
