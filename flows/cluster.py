@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
+import httpx
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
@@ -60,6 +61,15 @@ def read_pool_template(name: str) -> JobTemplate | None:
         except ObjectNotFound:
             return None
     return JobTemplate(template=pool.base_job_template, source=f"work pool {name}", pool=name)
+
+
+def check_pool(name: str, *, max_heartbeat_age: float) -> tuple[list[Finding], JobTemplate | None]:
+    """The pool's findings and its job template; an unreachable Prefect API is one blocking finding."""
+    try:
+        return pool_findings(name, max_heartbeat_age=max_heartbeat_age), read_pool_template(name)
+    except httpx.HTTPError as error:
+        return [Finding("prefect api", False, f"cannot reach the Prefect API at {PREFECT_API_URL.value()}: {error}",
+                        "check PREFECT_API_URL and the port-forward to the Prefect server")], None
 
 
 def pool_findings(name: str, *, max_heartbeat_age: float, now: datetime.datetime | None = None) -> list[Finding]:

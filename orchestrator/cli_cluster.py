@@ -40,14 +40,12 @@ def cmd_check(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     names = _names(args)
-    prefect: list[Finding] = []
-    template = None
     if os.environ.get("PREFECT_API_URL"):
-        from flows.cluster import pool_findings, read_pool_template
+        from flows.cluster import check_pool
 
-        prefect = pool_findings(args.pool, max_heartbeat_age=args.max_heartbeat_age)
-        template = read_pool_template(args.pool)
+        prefect, template = check_pool(args.pool, max_heartbeat_age=args.max_heartbeat_age)
     else:
+        template = None
         prefect = [Finding("work pool", False, "PREFECT_API_URL is not set: the work pool and its worker were not checked",
                            "export PREFECT_API_URL=http://127.0.0.1:4200/api (kubectl port-forward svc/<release>-mergefleet-prefect 4200)")]
     api = connect(args.kubeconfig, args.context)

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import pytest
@@ -80,3 +80,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         yield env | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     finally:
         stop_process(process)
+
+
+def worker_online(api: str, pool: str) -> Callable[[], bool]:
+    """A check for wait_until: a worker of ``pool`` reports ONLINE."""
+
+    def online() -> bool:
+        workers = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=2)
+        return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
+
+    return online

@@ -25,7 +25,7 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.synthetic import LlamaShape, make_model_family
 from tests.helpers import gta_recipe, write_recipe
-from tests.prefect_stack import server, stop_process, wait_until  # noqa: F401  (server is a fixture)
+from tests.prefect_stack import server, stop_process, wait_until, worker_online  # noqa: F401  (server is a fixture)
 from tests.test_flows import checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,12 +45,8 @@ def worker(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
         )
     api = server["PREFECT_API_URL"]
 
-    def online() -> bool:
-        workers = httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=2)
-        return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
-
     try:
-        wait_until(online, "worker start", 90, process, log)
+        wait_until(worker_online(api, POOL), "worker start", 90, process, log)
         yield psutil.Process(process.pid)
     finally:
         stop_process(process)

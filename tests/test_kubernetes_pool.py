@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import httpx
 import pytest
@@ -28,7 +28,7 @@ from tests import dockerfile
 from tests.chart import NAMESPACE, find, render, validate
 from tests.helpers import gta_recipe, write_recipe
 from tests.kube_standin import JOBS, PODS, Image, StandInCluster, kill_pod
-from tests.prefect_stack import free_port, server, stop_process, wait_until  # noqa: F401  (server is a fixture)
+from tests.prefect_stack import free_port, server, stop_process, wait_until, worker_online  # noqa: F401  (server is a fixture)
 from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY, s3_server  # noqa: F401  (s3_server is a fixture)
 from tests.test_flows import checkpoint_bytes
 
@@ -114,12 +114,8 @@ def worker(k8s_env: dict[str, str], chart: dict[str, Any], tmp_path_factory) -> 
                                    stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     api = env["PREFECT_API_URL"]
 
-    def online() -> bool:
-        workers = httpx.post(f"{api}/work_pools/{POOL}/workers/filter", json={}, timeout=2)
-        return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
-
     try:
-        wait_until(online, "kubernetes worker start", 120, process, log)
+        wait_until(worker_online(api, POOL), "kubernetes worker start", 120, process, log)
         yield {"args": args, "env": env, "log": log, "process": process}
     finally:
         stop_process(process)
@@ -169,8 +165,8 @@ def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[st
     before = _job_names(cluster)
     remote = ok_json(mergefleet(deployed, "run", str(recipe), "s3://merges/k8s-run", "--target", "deployment",
                                 "--work-pool", POOL, "--json"))
-    inline = ok_json(mergefleet(deployed, "run", str(recipe), str(tmp_path / "inline"), "--json"))
-    assert remote["plan_id"] == inline["plan_id"] and remote["shards"] == 2 and remote["target"] == "deployment"
+    inline = merge(parse_recipe(yaml.safe_load(recipe.read_text())), str(tmp_path / "inline"), workers=2)
+    assert remote["plan_id"] == inline.plan_id and remote["shards"] == 2 and remote["target"] == "deployment"
     s3 = s3_server.client()
     local = checkpoint_bytes(tmp_path / "inline")
     assert local == {name: s3.get_object(Bucket="merges", Key=f"k8s-run/{name}")["Body"].read() for name in local}
@@ -224,7 +220,7 @@ def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, st
 
 def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str, str], cluster: StandInCluster,
                                                               family, tmp_path: Path) -> None:
-    """A deployment whose pods ask for a node pool that does not exist, with a start timeout of 4 s."""
+    """A deployment whose pods ask for a node pool that does not exist, with a start timeout of 6 s."""
     from prefect.deployments.runner import EntrypointType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -233,7 +229,7 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
     with temporary_settings(updates={PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
         merge_shard.to_deployment(
             name="nowhere", work_pool_name=POOL, entrypoint_type=EntrypointType.MODULE_PATH,
-            job_variables={"node_selector": {"pool": "a100-that-is-not-there"}, "pod_watch_timeout_seconds": 4},
+            job_variables={"node_selector": {"pool": "a100-that-is-not-there"}, "pod_watch_timeout_seconds": 6},
         ).apply()
     base, experts = family
     data = gta_recipe("ties", base, experts) | {"fleet": {"target": "deployment", "shard_deployment": "merge-shard/nowhere"}}
@@ -242,10 +238,10 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
     done = mergefleet(deployed, "run", str(recipe), str(tmp_path / "out"), timeout=180)
     assert done.returncode == 5, done.stderr[-3000:]
     error = done.stderr.strip().splitlines()[-1]
-    print("NEVERERROR", error)
     job = next(j for j in cluster.objects(JOBS) if j["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100-that-is-not-there"})
-    assert f"Kubernetes Job '{NAMESPACE}/{job['metadata']['name']}' did not start within 4 s" in error
+    assert f"Kubernetes Job '{NAMESPACE}/{job['metadata']['name']}' did not start within 6 s" in error
     assert "kubectl -n mergefleet describe job" in error
+    assert "the cluster says: Pod is unschedulable" in error and "didn't match Pod's node affinity/selector" in error
     assert time.monotonic() - started < 120
     pod = next(p for p in cluster.objects(PODS) if p["metadata"]["labels"].get("job-name") == job["metadata"]["name"])
     assert pod["status"]["phase"] == "Pending" and pod["status"]["conditions"][0]["reason"] == "Unschedulable"
@@ -254,17 +250,36 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
 # ---------------------------------------------------------------- mergefleet cluster check / create-pool
 
 
-def check(env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
-    done = mergefleet(env, "cluster", "check", "--namespace", NAMESPACE, "--pool", POOL, "--secret", SECRET, "--json", *args, timeout=120)
-    return done.returncode, json.loads(done.stdout), done.stderr
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """`mergefleet ARGS` in this process (its main(), as the console script calls it), pointed
+    at the module's Prefect server and the stand-in cluster; returns (exit code, stdout, stderr)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from orchestrator import cli as command_line
+
+    def run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+        monkeypatch.setenv("PREFECT_API_URL", env["PREFECT_API_URL"])
+        capsys.readouterr()
+        with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
+            code = command_line.main([*args, "--kubeconfig", env["KUBECONFIG"]])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+def check(cli: Callable[..., tuple[int, str, str]], env: dict[str, str], *args: str) -> tuple[int, dict[str, Any], str]:
+    code, out, err = cli(env, "cluster", "check", "--namespace", NAMESPACE, "--pool", POOL, "--secret", SECRET, "--json", *args)
+    return code, json.loads(out), err
 
 
 def failed(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {f["check"]: f for f in result["findings"] if not f["ok"] and f["blocking"]}
 
 
-def test_cluster_check_passes_on_a_ready_cluster_and_the_worker_answers_its_healthcheck(deployed: dict[str, str], worker) -> None:
-    code, result, stderr = check(deployed)
+def test_cluster_check_passes_on_a_ready_cluster_and_the_worker_answers_its_healthcheck(cli, deployed: dict[str, str], worker) -> None:
+    code, result, stderr = check(cli, deployed)
     assert code == 0 and result["ok"], stderr + json.dumps(result, indent=1)
     messages = {f["check"]: f["message"] for f in result["findings"]}
     assert "1 node(s) matching nodeSelector {'pool': 'gpu'} with nvidia.com/gpu, 4 in all" in messages["gpu nodes"]
@@ -272,16 +287,16 @@ def test_cluster_check_passes_on_a_ready_cluster_and_the_worker_answers_its_heal
     assert entrypoint.healthcheck(["python", *worker["args"]], worker["env"]) == 0  # the image's HEALTHCHECK
 
 
-def test_cluster_check_reports_each_problem_with_its_fix(deployed: dict[str, str], cluster: StandInCluster, tmp_path: Path) -> None:
+def test_cluster_check_reports_each_problem_with_its_fix(deployed: dict[str, str], cluster: StandInCluster, cli) -> None:
     assert cluster.api is not None
-    code, result, stderr = check(deployed, "--secret", "no-such-secret")
+    code, result, stderr = check(cli, deployed, "--secret", "no-such-secret")
     assert code == 9 and set(failed(result)) == {"s3 secret"}
     assert "kubectl -n mergefleet create secret generic no-such-secret" in failed(result)["s3 secret"]["fix"]
     assert "problem(s) would stop a merge" in stderr
 
     cluster.api.denied_verbs = {("create", "jobs")}
     try:
-        code, result, _ = check(deployed)
+        code, result, _ = check(cli, deployed)
     finally:
         cluster.api.denied_verbs = set()
     assert code == 9 and set(failed(result)) == {"rbac: create jobs"}
@@ -289,38 +304,43 @@ def test_cluster_check_reports_each_problem_with_its_fix(deployed: dict[str, str
 
     cluster.api.review_status = 403
     try:
-        code, result, _ = check(deployed)
+        code, result, _ = check(cli, deployed)
     finally:
         cluster.api.review_status = 201
     assert code == 9 and "403 Forbidden" in failed(result)["rbac"]["message"]
 
     # A second pool, registered from the chart's ConfigMap in the cluster, has no worker.
-    created = ok_json(mergefleet(deployed, "cluster", "create-pool", "--namespace", NAMESPACE, "--pool", "idle", "--json"))
+    code, out, _ = cli(deployed, "cluster", "create-pool", "--namespace", NAMESPACE, "--pool", "idle", "--json")
+    created = json.loads(out)
+    assert code == 0
     assert created == created | {"action": "created", "type": "kubernetes", "template_source": "configmap mergefleet/mergefleet-job-template"}
-    code, result, _ = check(deployed, "--pool", "idle")
+    code, result, _ = check(cli, deployed, "--pool", "idle")
     assert code == 9 and set(failed(result)) == {"worker heartbeat"}
     assert "no worker has ever sent a heartbeat for pool 'idle'" in failed(result)["worker heartbeat"]["message"]
 
 
-def test_cluster_check_without_gpu_nodes(deployed: dict[str, str], tmp_path: Path) -> None:
+def test_cluster_check_without_gpu_nodes(deployed: dict[str, str], tmp_path: Path, cli) -> None:
     with StandInCluster(_image(), tmp_path) as cpu_only:
         cpu_only.add_namespace(NAMESPACE)
         cpu_only.add_node("cpu-node-0", labels={"pool": "gpu"})
         env = deployed | {"KUBECONFIG": str(cpu_only.write_kubeconfig(tmp_path / "config", NAMESPACE))}
-        code, result, _ = check(env, "--configmap", "absent")
+        code, result, _ = check(cli, env, "--configmap", "absent")
     problems = failed(result)
     assert code == 9 and {"gpu nodes", "s3 secret", "endpoints configmap"} <= set(problems)
     assert "no node matching nodeSelector {'pool': 'gpu'} has allocatable nvidia.com/gpu" in problems["gpu nodes"]["message"]
     assert "NVIDIA device plugin" in problems["gpu nodes"]["fix"]
 
 
-def test_create_pool_from_a_rendered_file_updates_an_existing_pool(deployed: dict[str, str], chart: dict[str, Any], tmp_path: Path) -> None:
+def test_create_pool_from_a_rendered_file_updates_an_existing_pool(deployed: dict[str, str], chart: dict[str, Any], tmp_path: Path,
+                                                                   cli) -> None:
     configmap = find(chart["manifests"], "ConfigMap", "-job-template")
     file = tmp_path / "job-template.yaml"
     file.write_text(yaml.safe_dump(configmap))
-    result = ok_json(mergefleet(deployed, "cluster", "create-pool", "--template", str(file), "--json"))
+    code, out, _ = cli(deployed, "cluster", "create-pool", "--template", str(file), "--json")
+    result = json.loads(out)
+    assert code == 0
     assert result["pool"] == POOL and result["action"] == "updated"
     pool = httpx.get(f"{deployed['PREFECT_API_URL']}/work_pools/{POOL}", timeout=10).json()
     assert pool["base_job_template"] == json.loads(configmap["data"]["base-job-template.json"])
-    refused = mergefleet(deployed, "cluster", "create-pool", "--template", str(file), "--no-update")
-    assert refused.returncode == 9 and "leave out --no-update" in refused.stderr
+    code, _, err = cli(deployed, "cluster", "create-pool", "--template", str(file), "--no-update")
+    assert code == 9 and "leave out --no-update" in err

@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
@@ -82,18 +82,26 @@ def read_template(api: k8s.ApiClient, namespace: str, configmap: str) -> JobTemp
     return from_configmap({"data": found.data or {}}, f"configmap {namespace}/{configmap}")
 
 
-def _namespace(core: k8s.CoreV1Api, namespace: str) -> Finding:
+def _read(read: Callable[[], Any], missing: Finding, forbidden: Finding | None = None) -> Any:
+    """What ``read`` returns, or the finding for a 404 (and for a 403 when ``forbidden`` is given)."""
     try:
-        core.read_namespace(namespace)
+        return read()
     except ApiException as error:
         if error.status == 404:
-            return Finding("namespace", False, f"namespace '{namespace}' does not exist",
-                           f"kubectl create namespace {namespace} (or helm install --create-namespace)")
-        if error.status == 403:
-            return Finding("namespace", True, f"namespace '{namespace}': this account may not read namespaces; not checked",
-                           blocking=False)
+            return missing
+        if error.status == 403 and forbidden is not None:
+            return forbidden
         raise
-    return Finding("namespace", True, f"namespace '{namespace}' exists")
+
+
+def _namespace(core: k8s.CoreV1Api, namespace: str) -> Finding:
+    found = _read(
+        lambda: core.read_namespace(namespace),
+        Finding("namespace", False, f"namespace '{namespace}' does not exist",
+                f"kubectl create namespace {namespace} (or helm install --create-namespace)"),
+        Finding("namespace", True, f"namespace '{namespace}': this account may not read namespaces; not checked", blocking=False),
+    )
+    return found if isinstance(found, Finding) else Finding("namespace", True, f"namespace '{namespace}' exists")
 
 
 def _matches(labels: Mapping[str, str], selector: Mapping[str, str]) -> bool:
@@ -130,19 +138,16 @@ def _gpu_nodes(core: k8s.CoreV1Api, gpus_per_pod: int, node_selector: Mapping[st
 
 
 def _secret(core: k8s.CoreV1Api, namespace: str, name: str) -> Finding:
-    try:
-        secret = core.read_namespaced_secret(name, namespace)
-    except ApiException as error:
-        if error.status == 404:
-            return Finding(
-                "s3 secret", False, f"no Secret '{name}' in namespace '{namespace}': shard pods would not start "
-                "(CreateContainerConfigError)",
+    secret = _read(
+        lambda: core.read_namespaced_secret(name, namespace),
+        Finding("s3 secret", False,
+                f"no Secret '{name}' in namespace '{namespace}': shard pods would not start (CreateContainerConfigError)",
                 f"kubectl -n {namespace} create secret generic {name} "
-                "--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...",
-            )
-        if error.status == 403:
-            return Finding("s3 secret", True, f"this account may not read Secret '{name}'; not checked", blocking=False)
-        raise
+                "--from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=..."),
+        Finding("s3 secret", True, f"this account may not read Secret '{name}'; not checked", blocking=False),
+    )
+    if isinstance(secret, Finding):
+        return secret
     keys = set(secret.data or {}) | set(secret.string_data or {})
     missing = [key for key in CREDENTIAL_KEYS if key not in keys]
     empty = [key for key in CREDENTIAL_KEYS if key in (secret.data or {}) and not base64.b64decode(secret.data[key])]
@@ -154,13 +159,13 @@ def _secret(core: k8s.CoreV1Api, namespace: str, name: str) -> Finding:
 
 
 def _configmap(core: k8s.CoreV1Api, namespace: str, name: str) -> Finding:
-    try:
-        found = core.read_namespaced_config_map(name, namespace)
-    except ApiException as error:
-        if error.status == 404:
-            return Finding("endpoints configmap", False, f"no ConfigMap '{name}' in namespace '{namespace}'",
-                           "install the chart (it renders <release>-mergefleet-endpoints), or pass --configmap NAME")
-        raise
+    found = _read(
+        lambda: core.read_namespaced_config_map(name, namespace),
+        Finding("endpoints configmap", False, f"no ConfigMap '{name}' in namespace '{namespace}'",
+                "install the chart (it renders <release>-mergefleet-endpoints), or pass --configmap NAME"),
+    )
+    if isinstance(found, Finding):
+        return found
     data = found.data or {}
     if "PREFECT_API_URL" not in data:
         return Finding("endpoints configmap", False, f"ConfigMap '{name}' has no PREFECT_API_URL: shard pods could not report",
