@@ -41,7 +41,7 @@ from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import OutputSink
 
 SHARD_RETRY_DELAY_S = 2.0
-POLL_S = 1.0  # how often a deployment-target shard task asks for its flow run's state
+POLL_S = 0.5  # how often a deployment-target shard task asks for its flow run's state
 LEASE_S = 60.0  # a killed shard's concurrency slot is freed within about this long
 
 

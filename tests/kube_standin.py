@@ -44,7 +44,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import aiohttp.web
 import kmock
@@ -115,7 +115,6 @@ class PodProcess:
     job: str
     process: asyncio.subprocess.Process | None = None
     log: bytearray = field(default_factory=bytearray)
-    pid: int | None = None
 
 
 class StandInAPI(kmock.KubernetesEmulator):
@@ -264,7 +263,6 @@ class Kubelet:
     def __init__(self, api: StandInAPI, image: Image, root: Path) -> None:
         self.api, self.image, self.root = api, image, root
         self.pods: dict[tuple[str, str], PodProcess] = {}
-        self.started: list[str] = []  # pod names in the order their processes started
         # A fault to inject: the first pod for which this predicate accepts a line of its output
         # is killed there (SIGKILL, exit code 137), as the kernel's OOM killer would.
         self.kill_when: Callable[[dict[str, Any], str], bool] | None = None
@@ -417,8 +415,6 @@ class Kubelet:
             *argv, env=env, cwd=container.get("workingDir") or workdir,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
         )
-        entry.pid = entry.process.pid
-        self.started.append(name)
         started = _now()
         await self.api.change(PODS, namespace, name, {
             "spec": {"nodeName": node},
@@ -538,14 +534,6 @@ class StandInCluster:
         assert self.api is not None
         async with self.api._lock:
             return json.loads(json.dumps(self.api.live(resource)))
-
-    def pod_pids(self) -> dict[str, int]:
-        assert self.kubelet is not None
-        return {name: pod.pid for (_, name), pod in self.kubelet.pods.items() if pod.pid}
-
-    def pod_log(self, name: str) -> str:
-        assert self.api is not None
-        return next((bytes(log).decode(errors="replace") for (_, pod), log in self.api.pod_logs.items() if pod == name), "")
 
     def write_kubeconfig(self, path: Path, namespace: str) -> Path:
         config = {

@@ -27,7 +27,7 @@ from orchestrator.recipe import parse_recipe
 from tests import dockerfile
 from tests.chart import NAMESPACE, find, render, validate
 from tests.helpers import gta_recipe, write_recipe
-from tests.kube_standin import JOBS, PODS, Image, StandInCluster, kill_pod
+from tests.kube_standin import JOBS, PODS, Image, StandInCluster
 from tests.prefect_stack import free_port, server, stop_process, wait_until, worker_online  # noqa: F401  (server is a fixture)
 from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY, s3_server  # noqa: F401  (s3_server is a fixture)
 from tests.test_flows import checkpoint_bytes
@@ -235,7 +235,7 @@ def test_a_job_that_never_starts_ends_the_flow_naming_the_job(deployed: dict[str
     data = gta_recipe("ties", base, experts) | {"fleet": {"target": "deployment", "shard_deployment": "merge-shard/nowhere"}}
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     started = time.monotonic()
-    done = mergefleet(deployed, "run", str(recipe), str(tmp_path / "out"), timeout=180)
+    done = mergefleet(deployed, "run", str(recipe), str(tmp_path / "out"), timeout=90)
     assert done.returncode == 5, done.stderr[-3000:]
     error = done.stderr.strip().splitlines()[-1]
     job = next(j for j in cluster.objects(JOBS) if j["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100-that-is-not-there"})
