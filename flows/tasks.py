@@ -29,7 +29,7 @@ from prefect.futures import wait
 from prefect.settings import PREFECT_API_URL
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import embedded
+from flows import embedded, pool_runs
 from orchestrator.assemble import assemble
 from orchestrator.errors import MergeError, MergefleetError
 from orchestrator.pipeline import load_plan, prepare_output
@@ -41,7 +41,7 @@ from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import OutputSink
 
 SHARD_RETRY_DELAY_S = 2.0
-POLL_S = 1.0  # how often a deployment-target shard task asks for its flow run's state
+POLL_S = 0.5  # how often a deployment-target shard task asks for its flow run's state
 LEASE_S = 60.0  # a killed shard's concurrency slot is freed within about this long
 
 
@@ -164,8 +164,9 @@ def merge_shard_on_pool(
         deployment,
         parameters={"plan_uri": plan_uri, "index": index, "device": device, "concurrency_limit": concurrency_limit},
         flow_run_name=f"{plan.plan_id[:8]}-shard-{index}",
-        poll_interval=POLL_S,
+        timeout=0,  # returns once created; pool_runs.wait follows it, with the pool's start timeout
     )
+    run = pool_runs.wait(run, index=index, poll=POLL_S)
     state = run.state
     if state is None or not state.is_completed():
         kind = state.type.value.lower() if state else "no state"

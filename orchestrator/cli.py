@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 
-from orchestrator import __version__
+from orchestrator import __version__, cli_cluster
 from orchestrator.errors import MergefleetError
 from orchestrator.progress import MergeProgress
 
-COMMANDS = ("assemble", "compare", "deploy", "merge", "plan", "run", "shard")
+COMMANDS = ("assemble", "cluster", "compare", "deploy", "merge", "plan", "run", "shard")
 
 
 def _human_bytes(count: float) -> str:
@@ -339,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     compare.add_argument("--chart", default="mergefleet-compare.png", help="where the chart goes (PNG; default: %(default)s)")
     compare.set_defaults(handler=cmd_compare)
+
+    cli_cluster.add_commands(commands, common)
     return parser
 
 

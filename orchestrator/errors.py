@@ -60,3 +60,9 @@ class DeploymentError(MergefleetError):
     missing or cannot run the flows, or the schedule is not one Prefect accepts."""
 
     exit_code = 9
+
+
+class ClusterError(MergefleetError):
+    """The cluster cannot run a merge: a missing Secret, no GPU node, no worker, no right to create Jobs."""
+
+    exit_code = 10

@@ -94,6 +94,16 @@ def prefect_server(home: Path, **settings: str) -> Iterator[tuple[dict[str, str]
         stop(process)
 
 
+def worker_online(api: str, pool: str) -> Callable[[], bool]:
+    """A check for ``wait_for``: a worker of ``pool`` reports ONLINE."""
+
+    def online() -> bool:
+        workers = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=2)
+        return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
+
+    return online
+
+
 @contextlib.contextmanager
 def process_worker(env: dict[str, str], pool: str, log: Path) -> Iterator[subprocess.Popen]:
     """A process worker on ``pool`` (it creates the pool), online when this yields."""
@@ -102,14 +112,8 @@ def process_worker(env: dict[str, str], pool: str, log: Path) -> Iterator[subpro
             [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process"],
             env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
         )
-    api = env["PREFECT_API_URL"]
-
-    def online() -> bool:
-        workers = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=2)
-        return workers.status_code == 200 and any(w["status"] == "ONLINE" for w in workers.json())
-
     try:
-        wait_for(online, "worker start", 90, process, log)
+        wait_for(worker_online(env["PREFECT_API_URL"], pool), "worker start", 90, process, log)
         yield process
     finally:
         stop(process)

@@ -1,0 +1,171 @@
+"""What one more pod buys: the same merge with 1, 2, 4 and 8 shards on a process work pool.
+
+Starts the local stack (infra/stack.sh: S3, MLflow, Prefect server, a process worker on
+127.0.0.1, in a temporary state folder), registers merge-shard on its pool, then runs
+`mergefleet run --target deployment --shards N` for each N and reads the Prefect API's
+run timestamps and the shards' receipts. Per shard count it prints:
+
+- flow->ckpt: seconds from the flow's start to the assembled checkpoint;
+- per shard, averaged over the shards: `create` (the parent's task starts -> its flow run
+  exists), `sched` (flow run created -> running: the worker's poll, the process start,
+  imports, loading the flow), `in-run` (running -> done, less the
+  receipt's merge seconds: plan load, receipt write, state reports), `notice` (shard done
+  -> the parent's task sees it: our poll), and `overhead` = the parent task's wall time
+  less the receipt's seconds (all of the above);
+- fixed: the flow's time outside the shards (plan, assemble, track);
+- the projection at 8 pods with 60 s of compute per shard: one pod doing the 8 shards'
+  work (8 x 60 s + one overhead) against 8 pods (60 s + the overhead at 8 shards), both
+  plus the fixed part; efficiency = speed-up / 8. The goal: overhead < 2 s per shard.
+
+    python bench/bench_scaleout.py                     # 1,2,4,8 shards, worker polls every 1 s
+    python bench/bench_scaleout.py --query-seconds 5   # as a chart with worker.querySeconds 5
+
+The inputs are small on purpose (the merge itself takes little time): what is measured
+is what the orchestration costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from orchestrator.synthetic import LlamaShape, make_model_family  # noqa: E402
+
+BIN = Path(sys.executable).parent
+COMPUTE_S = 60.0
+PODS = 8
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _time(value: str | None) -> datetime.datetime:
+    assert value, "a run without this timestamp"
+    return datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _seconds(start: str | None, end: str | None) -> float:
+    return (_time(end) - _time(start)).total_seconds()
+
+
+def measure(env: dict[str, str], recipe: Path, out: Path, shards: int) -> dict[str, float]:
+    done = subprocess.run(
+        [str(BIN / "mergefleet"), "run", str(recipe), str(out), "--target", "deployment", "--shards", str(shards), "--json"],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"mergefleet run failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout)
+    api = env["PREFECT_API_URL"]
+    body = {"flow_runs": {"parent_flow_run_id": {"any_": [result["flow_run_id"]]}}}
+    runs = [r for r in httpx.post(f"{api}/flow_runs/filter", json={"limit": 200} | body, timeout=30).json()
+            if r["parameters"].get("plan_uri") == str(out)]
+    children = [r for r in runs if r["state_type"] == "COMPLETED"]  # a shard run again after a crash counts once
+    assert sorted(r["parameters"]["index"] for r in children) == list(range(shards)), "a shard without a completed run"
+    # The parent's shard tasks (merge-shard-on-pool, named shard-N), not the placeholder task
+    # runs that run_deployment links each child flow run to.
+    tasks = {t["name"]: t for t in httpx.post(f"{api}/task_runs/filter", timeout=30, json={
+        "limit": 200, "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json() if "merge_shard_on_pool" in t["task_key"]}
+    rows = []
+    for run in children:
+        index = run["parameters"]["index"]
+        receipt = json.loads((out / ".mergefleet" / f"shard-{index}.json").read_text())
+        task = tasks[f"shard-{index}"]
+        rows.append({
+            "sched": _seconds(run["created"], run["start_time"]),
+            "in_run": _seconds(run["start_time"], run["end_time"]) - receipt["seconds"],
+            "notice": _seconds(run["end_time"], task["end_time"]),
+            "create": _seconds(task["start_time"], run["created"]),
+            "overhead": _seconds(task["start_time"], task["end_time"]) - receipt["seconds"],
+            "compute": receipt["seconds"],
+            "task": _seconds(task["start_time"], task["end_time"]),
+        })
+    per_shard = {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}
+    fixed = result["seconds"] - max(row["task"] for row in rows)
+    return {"shards": shards, "flow_to_ckpt": result["seconds"], "fixed": fixed, "retried": len(runs) - shards, **per_shard}
+
+
+def import_seconds(env: dict[str, str]) -> float:
+    """What a fresh shard process spends importing the shard flow (Prefect and torch among it)."""
+    done = subprocess.run([sys.executable, "-c", "import time; t = time.perf_counter(); import flows.merge_shard; "
+                           "print(time.perf_counter() - t)"], env=env, capture_output=True, text=True, timeout=300, check=True)
+    return float(done.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shard-counts", default="1,2,4,8")
+    parser.add_argument("--query-seconds", type=float, default=1.0, help="the worker's PREFECT_WORKER_QUERY_SECONDS")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    counts = [int(n) for n in args.shard_counts.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="mergefleet-scaleout-") as tmp:
+        work = Path(tmp)
+        base, experts = make_model_family(
+            work / "models", experts=2, shape=LlamaShape(hidden=256, layers=max(counts), intermediate=704, vocab=512, heads=8, kv_heads=4),
+            dtype=torch.float32, seed=5,
+        )
+        recipe = work / "recipe.yaml"
+        models = [{"model": str(base)}] + [{"model": str(e), "parameters": {"weight": 0.5, "density": 0.5}} for e in experts]
+        recipe.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": str(base), "models": models,
+                                          "fleet": {"work_pool": "scaleout"}}))
+        ports = {"S3_PORT": _port(), "MLFLOW_PORT": _port(), "PREFECT_PORT": _port()}
+        stack_env = os.environ | {key: str(value) for key, value in ports.items()} | {
+            "POOL": "scaleout", "PYTHON": sys.executable, "MERGEFLEET_STACK_DIR": str(work / "stack"),
+            "PREFECT_WORKER_QUERY_SECONDS": str(args.query_seconds), "PYTHONPATH": str(ROOT),
+        }
+        stack = [str(ROOT / "infra" / "stack.sh")]
+        subprocess.run([*stack, "up"], env=stack_env, check=True, stdout=subprocess.DEVNULL)
+        try:
+            env = {k: v for k, v in stack_env.items() if not k.startswith(("AWS_", "PREFECT_", "MLFLOW_"))} | {
+                "PREFECT_API_URL": f"http://127.0.0.1:{ports['PREFECT_PORT']}/api",
+                "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            }
+            subprocess.run([str(BIN / "mergefleet"), "deploy", str(recipe), str(work / "deployed"), "--pool", "scaleout", "--json"],
+                           env=env, check=True, stdout=subprocess.DEVNULL)
+            rows = [measure(env, recipe, work / f"out-{n}", n) for n in counts]
+            imports = import_seconds(env)
+        finally:
+            subprocess.run([*stack, "down"], env=stack_env, stdout=subprocess.DEVNULL)
+
+    print(f"process pool on 127.0.0.1, worker polls every {args.query_seconds:g} s, {os.cpu_count()} CPUs (a shared machine)")
+    print(f"{'shards':>6}{'flow->ckpt s':>14}{'compute s':>11}{'create s':>10}{'sched s':>9}{'in-run s':>10}{'notice s':>10}"
+          f"{'overhead s':>12}{'fixed s':>9}{'speed-up@8':>12}{'eff.':>7}{'retried':>9}")
+    at_8 = rows[-1]
+    for row in rows:
+        serial = PODS * COMPUTE_S + row["overhead"] + row["fixed"]
+        parallel = COMPUTE_S + row["overhead"] + row["fixed"]
+        row["speedup_at_8"] = serial / parallel
+        row["efficiency_at_8"] = row["speedup_at_8"] / PODS
+        print(f"{row['shards']:>6}{row['flow_to_ckpt']:>14.2f}{row['compute']:>11.2f}{row['create']:>10.2f}{row['sched']:>9.2f}{row['in_run']:>10.2f}"
+              f"{row['notice']:>10.2f}{row['overhead']:>12.2f}{row['fixed']:>9.2f}{row['speedup_at_8']:>11.2f}x{row['efficiency_at_8']:>7.0%}{row['retried']:>9}")
+    print(f"a fresh process imports the shard flow (Prefect, torch, mergefleet) in {imports:.2f} s here; it is part of 'sched'")
+    verdict = "meets" if at_8["overhead"] < 2.0 else "misses"
+    print(f"at {at_8['shards']} shards: {at_8['overhead']:.2f} s of orchestration per shard ({verdict} the goal of < 2 s); "
+          f"8 pods x {COMPUTE_S:.0f} s shards would run {at_8['speedup_at_8']:.2f}x faster than one ({at_8['efficiency_at_8']:.0%} efficiency)")
+    if args.json:
+        print(json.dumps(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

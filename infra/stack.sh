@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The local stack on 127.0.0.1: S3 (moto), an MLflow server, a Prefect server and a process worker.
+#
+#   infra/stack.sh up        # start all four (each waits until it answers), print the variables to export
+#   infra/stack.sh status    # which are running, and their addresses
+#   infra/stack.sh down      # stop all four (SIGINT to each process group, SIGKILL after 20 s)
+#
+# Pids, logs and data live in the state folder ($MERGEFLEET_STACK_DIR, default
+# ~/.local/state/mergefleet-stack); `down` keeps the data, `down --purge` removes the folder.
+# Ports and pool: S3_PORT (9000), MLFLOW_PORT (5000), PREFECT_PORT (4200), POOL (local).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-$here/../.venv/bin/python}"
+bin="$(dirname "$python")"
+state="${MERGEFLEET_STACK_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/mergefleet-stack}"
+s3_port="${S3_PORT:-9000}"
+mlflow_port="${MLFLOW_PORT:-5000}"
+prefect_port="${PREFECT_PORT:-4200}"
+pool="${POOL:-local}"
+services=(s3 mlflow prefect worker)
+
+health_url() {
+  case "$1" in
+    s3) echo "http://127.0.0.1:$s3_port/moto-api/" ;;
+    mlflow) echo "http://127.0.0.1:$mlflow_port/health" ;;
+    prefect) echo "http://127.0.0.1:$prefect_port/api/health" ;;
+    worker) echo "http://127.0.0.1:$prefect_port/api/work_pools/$pool" ;;
+  esac
+}
+
+running() {  # running NAME: its pid file names a live process
+  [[ -f "$state/$1.pid" ]] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null
+}
+
+answers() {
+  "$python" - "$1" <<'PY'
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(sys.argv[1], timeout=2) as response:
+        sys.exit(0 if response.status == 200 else 1)
+except OSError:
+    sys.exit(1)
+PY
+}
+
+start() {  # start NAME COMMAND...: in its own session, output to NAME.log
+  local name="$1"; shift
+  if running "$name"; then echo "$name: already running (pid $(cat "$state/$name.pid"))"; return; fi
+  setsid "$@" >"$state/$name.log" 2>&1 </dev/null &
+  echo $! >"$state/$name.pid"
+  local url; url="$(health_url "$name")"
+  for _ in $(seq 1 240); do
+    if answers "$url"; then echo "$name: up ($url)"; return; fi
+    if ! running "$name"; then echo "$name: exited; last lines of $state/$name.log:" >&2; tail -20 "$state/$name.log" >&2; exit 1; fi
+    sleep 0.5
+  done
+  echo "$name: no answer from $url within 120 s; see $state/$name.log" >&2
+  exit 1
+}
+
+stop() {
+  local name="$1"
+  running "$name" || { rm -f "$state/$name.pid"; return; }
+  local pid; pid="$(cat "$state/$name.pid")"
+  kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
+  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  rm -f "$state/$name.pid"
+  echo "$name: stopped"
+}
+
+write_env() {
+  cat >"$state/env.sh" <<ENV
+export AWS_ACCESS_KEY_ID=mergefleet-local
+export AWS_SECRET_ACCESS_KEY=mergefleet-local
+export AWS_DEFAULT_REGION=us-east-1
+export AWS_ENDPOINT_URL=http://127.0.0.1:$s3_port
+export MLFLOW_TRACKING_URI=http://127.0.0.1:$mlflow_port
+export PREFECT_API_URL=http://127.0.0.1:$prefect_port/api
+ENV
+}
+
+case "${1:-}" in
+  up)
+    mkdir -p "$state/prefect" "$state/mlflow-artifacts"
+    write_env
+    start s3 "$python" "$here/s3_server.py" --port "$s3_port"
+    start mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$bin/mlflow" server --host 127.0.0.1 --port "$mlflow_port" \
+      --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$state/mlflow-artifacts"
+    start prefect env PREFECT_HOME="$state/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false \
+      "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
+    start worker env PREFECT_HOME="$state/prefect" PREFECT_API_URL="http://127.0.0.1:$prefect_port/api" \
+      PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}" "$bin/prefect" worker start --pool "$pool" --type process
+    echo "# the stack is up; in your shell:  source $state/env.sh"
+    cat "$state/env.sh"
+    echo "# then: mergefleet deploy recipe.yaml s3://merges/out --pool $pool"
+    ;;
+  down)
+    for ((i = ${#services[@]} - 1; i >= 0; i--)); do stop "${services[$i]}"; done
+    if [[ "${2:-}" == "--purge" ]]; then rm -rf "$state"; echo "removed $state"; fi
+    ;;
+  status)
+    for name in "${services[@]}"; do
+      if running "$name" && answers "$(health_url "$name")"; then echo "$name: up (pid $(cat "$state/$name.pid"), $(health_url "$name"))"
+      elif running "$name"; then echo "$name: running but not answering (pid $(cat "$state/$name.pid")); see $state/$name.log"
+      else echo "$name: down"; fi
+    done
+    ;;
+  *)
+    echo "usage: $0 up | status | down [--purge]" >&2
+    exit 2
+    ;;
+esac
