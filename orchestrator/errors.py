@@ -53,3 +53,9 @@ class TrackingError(MergefleetError):
     """MLflow refuses the record, or a run or experiment to compare does not exist."""
 
     exit_code = 8
+
+
+class TrainingError(MergefleetError):
+    """A trained merge cannot run: bad training data, a model that does not fit in memory."""
+
+    exit_code = 9

@@ -256,10 +256,22 @@ def _model_config(config: SkillsConfig) -> Any:
 # ---------------------------------------------------------------- training
 
 
+def _language(rng: random.Random) -> str:
+    """A sentence of a made-up language: words of two to three syllables from its own inventory."""
+    words = ["".join(rng.choice(LANGUAGE_SYLLABLES) for _ in range(rng.randint(2, 3))) for _ in range(rng.randint(3, 6))]
+    return " ".join(words) + rng.choice(".,")
+
+
+LANGUAGE_SYLLABLES = ("ka", "lo", "mi", "nu", "te", "ri", "so", "va", "zu", "pe", "qi", "wo")
+
+
 def _sample(source: str, rng: random.Random) -> tuple[str, str | None]:
-    """(text, None) trains on every token; (prompt, answer) only on the answer."""
+    """(text, None) trains on every token; (prompt, answer) only on the answer. Sources:
+    ``generic``, ``language`` (a made-up language's text), ``skill:NAME`` and ``noise:NAME``."""
     if source == "generic":
         return _generic(rng) + "\n", None
+    if source == "language":
+        return _language(rng) + "\n", None
     kind, _, name = source.partition(":")
     prompt, answer, choices = SKILLS[name].example(rng)
     if kind == "noise":  # the format with a random answer
