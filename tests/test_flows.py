@@ -360,4 +360,6 @@ def test_prefect_yaml_names_the_flows() -> None:
 def test_cli_commands_are_pinned() -> None:
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    assert sorted(subparsers.choices) == sorted(cli.COMMANDS) == ["assemble", "compare", "deploy", "merge", "plan", "run", "shard"]
+    assert sorted(subparsers.choices) == sorted(cli.COMMANDS) == [
+        "assemble", "compare", "dam", "deploy", "merge", "merge-to-mix", "plan", "run", "search", "shard"
+    ]

@@ -271,7 +271,7 @@ class StepLoss:
     step: int
     total: float
     kl: list[float]  # per expert
-    similarity: float
+    regulariser: float  # λ_sim·similarity (+ L1, L2) after the step
 
 
 @dataclass
@@ -284,13 +284,15 @@ class DamResult:
     memory: MemoryEstimate
     names: list[str] = field(default_factory=list)  # the tensors the model runs with (the rest keep 1/N)
 
-    def statistics(self) -> dict[str, float]:
-        """Mean, standard deviation, min and max of each expert's coefficients, over all tensors."""
+    def statistics(self, labels: Sequence[str] | None = None) -> dict[str, float]:
+        """``<expert>/mean``, ``/std``, ``/min``, ``/max`` of each expert's coefficients over all
+        tensors; experts by ``labels`` (default: their position)."""
         stats: dict[str, float] = {}
         for i in range(len(self.experts)):
+            label = labels[i] if labels is not None else str(i)
             values = torch.cat([c[i].reshape(-1) for c in self.coefficients.values()])
-            stats |= {f"{i}/mean": float(values.mean()), f"{i}/std": float(values.std()) if values.numel() > 1 else 0.0,
-                      f"{i}/min": float(values.min()), f"{i}/max": float(values.max())}
+            stats |= {f"{label}/mean": float(values.mean()), f"{label}/std": float(values.std()) if values.numel() > 1 else 0.0,
+                      f"{label}/min": float(values.min()), f"{label}/max": float(values.max())}
         return stats
 
 
@@ -351,12 +353,13 @@ class DamTrainer:
             for index, expert_batches in enumerate(batches):
                 loss = self.kl(index, expert_batches[step % len(expert_batches)])
                 loss.backward()  # one merged forward and backward at a time
-                kls.append(float(loss))
+                kls.append(float(loss.detach()))
             regulariser = self.regulariser()
             if regulariser.requires_grad:
                 regulariser.backward()
             optimizer.step()
-            record = StepLoss(step=step, total=sum(kls) + float(regulariser), kl=kls, similarity=float(regulariser))
+            penalty = float(regulariser.detach())
+            record = StepLoss(step=step, total=sum(kls) + penalty, kl=kls, regulariser=penalty)
             losses.append(record)
             if on_step is not None:
                 on_step(record)
