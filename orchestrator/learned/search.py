@@ -74,8 +74,8 @@ def search_space(
     layer_groups: int = 1,
     bounds: dict[str, tuple[float, float]] | None = None,
 ) -> SearchSpace:
-    """Every expert's ``parameters`` that the method takes, per layer group; starting at the
-    recipe's own scalar values (the middle of the range otherwise)."""
+    """Every expert's ``parameters`` that the method takes, per layer group. The first trial
+    is the recipe's own scalar values (the middle of the range where it has none)."""
     if recipe.slices:
         raise RecipeError("search takes recipes with 'models:', not 'slices:'")
     if layer_groups < 1:
@@ -115,21 +115,15 @@ class Proposal:
 class CmaSearch:
     """Optuna's CMA-ES sampler through ask and tell, so a batch can run in parallel."""
 
-    def __init__(self, space: SearchSpace, *, seed: int = 0, sigma: float | None = None) -> None:
+    def __init__(self, space: SearchSpace, *, seed: int = 0) -> None:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.space = space
         self.distributions = {d.name: optuna.distributions.FloatDistribution(d.low, d.high) for d in space.dimensions}
-        width = min(d.high - d.low for d in space.dimensions)
-        sampler = optuna.samplers.CmaEsSampler(
-            x0={d.name: d.start for d in space.dimensions},
-            sigma0=sigma if sigma is not None else width / 4,
-            n_startup_trials=0,
-            seed=seed,
-            warn_independent_sampling=False,
-        )
+        sampler = optuna.samplers.CmaEsSampler(n_startup_trials=0, seed=seed, warn_independent_sampling=False)
         self.study = optuna.create_study(direction="maximize", sampler=sampler)
+        self.study.enqueue_trial({d.name: d.start for d in space.dimensions})  # the recipe's own values come first
         self._trials: dict[int, Any] = {}
 
     def ask(self, count: int, recipe: Recipe, output: str) -> list[Proposal]:
