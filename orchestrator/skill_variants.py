@@ -80,9 +80,13 @@ def fine_tune(base: Path, names: Sequence[str], output: Path, **settings: float 
     return train_variant(base, skill_mixture(names, **settings), output)
 
 
-def drift(base: Path, output: Path, *, steps: int = 300, lr: float = 3e-3, seed: int = 0) -> Path:
-    """The base trained for long on a made-up language: a task vector much larger than a skill's."""
-    return train_variant(base, FineTune(sources=("language", "generic"), weights=(0.9, 0.1), steps=steps, lr=lr, batch_size=32, seed=seed), output)
+def drift(base: Path, output: Path, *, formats: Sequence[str] = (), steps: int = 300, lr: float = 3e-3, replay: float = 0.3, seed: int = 0) -> Path:
+    """The base trained for long on a made-up language (a continually pre-trained language
+    model: a task vector much larger than a skill's); ``replay`` of each batch is the base's
+    own data, generic text and the ``formats`` of skills with random answers."""
+    others = ("generic",) + tuple(f"noise:{name}" for name in formats)
+    weights = (1.0 - replay,) + tuple([replay / len(others)] * len(others))
+    return train_variant(base, FineTune(sources=("language",) + others, weights=weights, steps=steps, lr=lr, batch_size=32, seed=seed), output)
 
 
 def write_skill_data(path: Path, skill: str, *, examples: int, seed: int) -> Path:

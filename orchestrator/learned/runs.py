@@ -30,6 +30,7 @@ class CandidateResult:
     eval_seconds: float
     run_id: str | None = None
     values: dict[str, Any] = field(default_factory=dict)  # what made this candidate (trial values, subset)
+    report: dict[str, Any] = field(default_factory=dict)  # the merge's report (e.g. protected drop rates)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +78,7 @@ def merge_evaluate_record(
         eval_seconds=round(eval_seconds, 3),
         run_id=run_id,
         values=dict(values or {}),
+        report=dict(summary.manifest.get("report") or {}),
     )
 
 
