@@ -293,7 +293,7 @@ def _drop_rate_panel(axes: Any, drop_rates: dict[str, dict[str, float]]) -> None
     axes.set_ylim(0, max(values + [0.05]) * 1.2)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
-    axes.set_title("top-k entries of the protected model lost to the sign election", fontsize=8)
+    axes.set_title("protected top-k entries lost to the election", fontsize=8)
 
 
 def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:

@@ -311,3 +311,46 @@ def test_the_protected_drop_rate_is_a_metric_per_protected_model_and_a_panel_of_
     figure = score_figure({"ties": {"t": 0.5}, "ties_sv": {"t": 0.6}}, drop_rates=compare_drop_rates(rows))
     heights = [bar.get_height() for bar in figure.axes[1].patches]
     assert heights == pytest.approx([rates["ties"][0], rates["ties_sv"][0]])
+
+
+# ---------------------------------------------------------------- the flows and commands end to end
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models, eval_cache: Path, tmp_path: Path, capsys) -> None:
+    from mlflow import MlflowClient
+
+    from flows.dam import dam
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    eval_ = {"tasks": [str(skill_models.tasks_dir)], "limit": 20, "cache_dir": str(eval_cache)}
+    recipe = {"merge_method": "dam_apply", "models": trained["experts"], "parameters": {"coefficients": str(tmp_path / "c.safetensors")},
+              "dtype": "float32", "fleet": {"dam": trained["settings"].model_dump(mode="json") | {"batch_size": 12}, "tracking_uri": uri,
+                                            "output": str(tmp_path / "dam-merged"), "eval": eval_}}
+    result = dam(recipe)
+    assert result["training"]["steps"] == 1 and (tmp_path / "c.safetensors").is_file()
+    assert set(result["merge"]["evaluation"]["merged"]["scores"]) == {"skill_add", "skill_map"}
+
+    search = {"merge_method": "task_arithmetic", "base_model": str(skill_models.base), "dtype": "float32",
+              "models": [{"model": e, "parameters": {"weight": 0.5}} for e in trained["experts"]],
+              "fleet": {"output": str(tmp_path / "search"), "tracking_uri": uri, "experiment": "search", "eval": eval_}}
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
+    assert cli.main(["search", str(tmp_path / "search.yaml"), "--budget", "2", "--parallel", "2", "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert [t["values"] for t in found["trials"]][0] == {"m0.weight.g0": 0.5, "m1.weight.g0": 0.5}  # the recipe itself, then CMA-ES
+    best = yaml.safe_load(Path(found["best_recipe"]).read_text())
+    assert best["merge_method"] == "task_arithmetic" and best["models"][0]["parameters"]["weight"] == round(found["best"]["values"]["m0.weight.g0"], 6)
+    client = MlflowClient(uri)
+    children = client.search_runs([client.get_experiment_by_name("search").experiment_id], f"tags.`mlflow.parentRunId` = '{found['run_id']}'")
+    assert sorted(r.info.run_name for r in children) == ["trial-000", "trial-001"]
+
+    mix = {"merge_method": "linear", "models": trained["experts"], "dtype": "float32",
+           "fleet": {"output": str(tmp_path / "mix"), "tracking_uri": uri, "experiment": "mix", "eval": eval_}}
+    (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
+    assert cli.main(["merge-to-mix", str(tmp_path / "mix.yaml"), "--json"]) == 0
+    ranked = json.loads(capsys.readouterr().out)
+    assert sorted(row["subset"] for row in ranked["ranking"]) == ["add", "add+map", "map"]
+    assert [row["score"] for row in ranked["ranking"]] == sorted((row["score"] for row in ranked["ranking"]), reverse=True)
+    artifacts = {a.path for a in client.list_artifacts(ranked["run_id"])}
+    assert artifacts == {"ranking.json", "ranking.md", "ranking.png"}

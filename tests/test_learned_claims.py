@@ -45,7 +45,7 @@ def test_dam_beats_the_average_and_matches_the_search_on_the_same_budget(skill_m
 
     names = list(skill_models.experts)
     experts = [str(skill_models.experts[n]) for n in names]
-    data = {e: str(write_skill_data(tmp_path / f"{n}.jsonl", n, examples=640, seed=20 + i)) for i, (n, e) in enumerate(zip(names, experts))}
+    data = {e: str(write_skill_data(tmp_path / f"{n}.jsonl", n, examples=384, seed=20 + i)) for i, (n, e) in enumerate(zip(names, experts))}
     settings = DamSettings(data=data, dtype="float32", batch_size=16, max_length=32)
     started = time.perf_counter()
     result = train_dam(experts, settings)
@@ -96,7 +96,7 @@ def test_merge_to_mix_ranks_mixtures_like_real_fine_tuning(skill_models, eval_ca
 
     root = tmp_path_factory.mktemp("mix")
     names = ["add", "map", "next"]
-    steps = {"steps": 150, "batch_size": 32}
+    steps = {"steps": 120, "batch_size": 32}
     started = time.perf_counter()
     singles = [str(fine_tune(skill_models.base, [n], root / f"ft-{n}", **steps)) for n in names]
     single_seconds = time.perf_counter() - started

@@ -15,6 +15,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, figure, axes, path: str | Path, title: str) -> Path:  # type: ignore[no-untyped-def]
+    if title:
+        axes.set_title(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
 def loss_chart(steps: Sequence[int], series: dict[str, Sequence[float]], path: str | Path, *, title: str = "") -> Path:
     """One line per series (total loss, each expert's KL) against the training step."""
     plt = _pyplot()
@@ -25,12 +34,7 @@ def loss_chart(steps: Sequence[int], series: dict[str, Sequence[float]], path: s
     axes.set_ylabel("loss")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, frameon=False)
-    if title:
-        axes.set_title(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return _save(plt, figure, axes, path, title)
 
 
 def ranking_chart(labels: Sequence[str], scores: Sequence[float], path: str | Path, *, title: str = "", highlight: int = 0) -> Path:
@@ -45,9 +49,4 @@ def ranking_chart(labels: Sequence[str], scores: Sequence[float], path: str | Pa
     axes.set_xlabel("score on the target task(s)")
     axes.set_xlim(0, max(list(scores) + [1.0]) * 1.12)
     axes.grid(axis="x", alpha=0.3)
-    if title:
-        axes.set_title(title, fontsize=10)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
-    return Path(path)
+    return _save(plt, figure, axes, path, title)
