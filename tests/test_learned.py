@@ -101,7 +101,7 @@ def test_training_data_errors_name_the_file_and_line(tmp_path: Path) -> None:
         read_examples(tmp_path / "missing.jsonl")
 
 
-def test_prompt_tokens_are_context_and_completion_tokens_are_scored(skill_models) -> None:
+def test_prompt_tokens_are_context_and_completion_tokens_are_scored() -> None:
     from orchestrator.skills import build_tokenizer, encode
 
     rows = [{"prompt": "add: 1+2 =", "completion": " 03\n"}, {"text": "abc"}]
@@ -318,7 +318,19 @@ def test_the_protected_drop_rate_is_a_metric_per_protected_model_and_a_panel_of_
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
-def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models, eval_cache: Path, tmp_path: Path, capsys) -> None:
+def _json_command(argv: list[str]) -> dict:
+    """``mergefleet ... --json``'s object (stdout redirected here: capsys would close the stream
+    Prefect's console logging holds past the test)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert cli.main(argv + ["--json"]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models, eval_cache: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     from flows.dam import dam
@@ -336,8 +348,7 @@ def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models
               "models": [{"model": e, "parameters": {"weight": 0.5}} for e in trained["experts"]],
               "fleet": {"output": str(tmp_path / "search"), "tracking_uri": uri, "experiment": "search", "eval": eval_}}
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(search))
-    assert cli.main(["search", str(tmp_path / "search.yaml"), "--budget", "2", "--parallel", "2", "--json"]) == 0
-    found = json.loads(capsys.readouterr().out)
+    found = _json_command(["search", str(tmp_path / "search.yaml"), "--budget", "2", "--parallel", "2"])
     assert [t["values"] for t in found["trials"]][0] == {"m0.weight.g0": 0.5, "m1.weight.g0": 0.5}  # the recipe itself, then CMA-ES
     best = yaml.safe_load(Path(found["best_recipe"]).read_text())
     assert best["merge_method"] == "task_arithmetic" and best["models"][0]["parameters"]["weight"] == round(found["best"]["values"]["m0.weight.g0"], 6)
@@ -348,8 +359,7 @@ def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models
     mix = {"merge_method": "linear", "models": trained["experts"], "dtype": "float32",
            "fleet": {"output": str(tmp_path / "mix"), "tracking_uri": uri, "experiment": "mix", "eval": eval_}}
     (tmp_path / "mix.yaml").write_text(yaml.safe_dump(mix))
-    assert cli.main(["merge-to-mix", str(tmp_path / "mix.yaml"), "--json"]) == 0
-    ranked = json.loads(capsys.readouterr().out)
+    ranked = _json_command(["merge-to-mix", str(tmp_path / "mix.yaml")])
     assert sorted(row["subset"] for row in ranked["ranking"]) == ["add", "add+map", "map"]
     assert [row["score"] for row in ranked["ranking"]] == sorted((row["score"] for row in ranked["ranking"]), reverse=True)
     artifacts = {a.path for a in client.list_artifacts(ranked["run_id"])}

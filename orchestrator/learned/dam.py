@@ -310,7 +310,8 @@ class DamTrainer:
         if missing:
             raise CheckpointError(f"{experts.refs[0]} has no tensor '{missing[0]}', which its config's model needs")
         self.weights = experts.load(self.dtype, self.device)
-        self.coefficients = {name: c.to(self.device).requires_grad_(name in set(self.names))
+        used = set(self.names)  # a checkpoint tensor the model does not run with keeps 1/N
+        self.coefficients = {name: c.to(self.device).requires_grad_(name in used)
                              for name, c in initial_coefficients(experts.shapes, len(experts.refs)).items()}
 
     def merged(self) -> dict[str, torch.Tensor]:
