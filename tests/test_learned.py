@@ -17,10 +17,8 @@ from orchestrator.errors import OutputError, RecipeError, TrainingError
 from orchestrator.learned.coefficients import read_coefficients, write_coefficients
 from orchestrator.learned.dam import (
     DamTrainer,
-    ModelShape,
     ScaledSum,
     distillation_loss,
-    estimate_memory,
     initial_coefficients,
     inspect_experts,
     similarity_penalty,
@@ -28,6 +26,7 @@ from orchestrator.learned.dam import (
     training_batches,
 )
 from orchestrator.learned.data import make_batches, read_examples, tokenize
+from orchestrator.learned.memory import ModelShape, estimate_memory
 from orchestrator.learned.merge_to_mix import all_subsets, run_merge_to_mix, subset_recipe
 from orchestrator.learned.runs import CandidateResult
 from orchestrator.learned.search import run_search, search_space

@@ -13,7 +13,7 @@ The merged model is never materialised as a module: one skeleton (parameters on 
 device, buffers real) runs ``torch.func.functional_call`` with the merged weights of the
 step, computed from the frozen experts by ``ScaledSum`` (which saves nothing but the
 experts it already holds). Memory is every expert once plus one merged forward and
-backward; ``estimate_memory`` says how much before anything is loaded.
+backward; ``orchestrator.learned.memory`` says how much before anything is loaded.
 
 Torch and transformers only: the MLflow record is ``orchestrator.learned.records``'s job.
 """
@@ -21,8 +21,6 @@ Torch and transformers only: the MLflow record is ``orchestrator.learned.records
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 
 from orchestrator.errors import CheckpointError, TrainingError
 from orchestrator.learned.data import Batch, make_batches, read_examples, tokenize
+from orchestrator.learned.memory import MemoryEstimate, ModelShape, available_memory, check_memory, estimate_memory
 from orchestrator.learned.settings import DamSettings
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import StorageOptions, TensorInfo
@@ -98,100 +97,6 @@ def distillation_loss(expert_logits: torch.Tensor, merged_logits: torch.Tensor, 
     student = F.log_softmax(merged_logits[:, :-1][scored].float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="sum") / max(1, teacher.shape[0])
     return temperature**2 * kl
-
-
-# ---------------------------------------------------------------- memory
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """Bytes DAM training holds at its peak, by part (docs/learned.md gives the formula)."""
-
-    parts: dict[str, int]
-    available: int | None  # the limit it was checked against
-
-    @property
-    def total(self) -> int:
-        return sum(self.parts.values())
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    parameters: int  # elements of every tensor of one expert
-    largest: int  # elements of its largest tensor
-    coefficients: int  # Σ of every tensor's last dimension
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    vocab: int
-
-    @classmethod
-    def of(cls, config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> "ModelShape":
-        sizes = [math.prod(shape) for shape in shapes.values()]
-        hidden = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
-        return cls(
-            parameters=sum(sizes),
-            largest=max(sizes, default=0),
-            coefficients=sum(int(shape[-1]) if shape else 1 for shape in shapes.values()),
-            layers=int(config.get("num_hidden_layers") or config.get("n_layer") or 0),
-            hidden=hidden,
-            intermediate=int(config.get("intermediate_size") or config.get("n_inner") or 4 * hidden),
-            heads=int(config.get("num_attention_heads") or config.get("n_head") or 1),
-            vocab=int(config.get("vocab_size") or 0),
-        )
-
-
-def estimate_memory(shape: ModelShape, experts: int, settings: DamSettings, *, available: int | None = None) -> MemoryEstimate:
-    """Peak bytes of training: every expert once, the merged weights of one forward (kept for
-    its backward), float32 scratch for the largest tensor, the coefficients with their
-    gradients and AdamW's two moments, the activations of one batch and its logits."""
-    weight = torch.finfo(DTYPES[settings.dtype]).bits // 8
-    batch, length = settings.batch_size, settings.max_length
-    per_token_layer = 10 * shape.hidden + 4 * shape.intermediate + 2 * shape.heads * length
-    parts = {
-        "experts": experts * shape.parameters * weight,
-        "merged_weights": shape.parameters * weight,
-        "float32_scratch": 3 * shape.largest * 4,
-        "coefficients": 4 * experts * shape.coefficients * 4,
-        "activations": batch * length * shape.layers * per_token_layer * weight,
-        "logits": 6 * batch * length * shape.vocab * 4,
-    }
-    return MemoryEstimate(parts=parts, available=available)
-
-
-def available_memory(device: str) -> int | None:
-    """Free memory on ``device``: CUDA's free bytes, or the host's MemAvailable."""
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainingError(f"device {device}: no CUDA device is visible; use device: cpu")
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        return int(free)
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
-def _gib(count: int) -> str:
-    return f"{count / 2**30:.2f} GiB"
-
-
-def check_memory(estimate: MemoryEstimate) -> None:
-    if estimate.available is not None and estimate.total > estimate.available:
-        largest = ", ".join(f"{name} {_gib(size)}" for name, size in sorted(estimate.parts.items(), key=lambda kv: -kv[1])[:3])
-        raise TrainingError(
-            f"DAM training needs about {_gib(estimate.total)} ({largest}, ...) but {_gib(estimate.available)} is available; "
-            "lower fleet.dam.batch_size or max_length, hold the experts in bfloat16 (fleet.dam.dtype), "
-            "or raise fleet.dam.memory_limit if more is free"
-        )
 
 
 # ---------------------------------------------------------------- the experts
