@@ -53,7 +53,7 @@ def bench_mix(workdir: Path, limit: int) -> dict[str, Any]:
         seconds[n] = time.perf_counter() - started
     started = time.perf_counter()
     fleet = {"eval": eval_, "output": str(workdir / "mixtures"), "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}
-    surrogate = merge_to_mix({"merge_method": "linear", "models": singles, "fleet": fleet}, parallel=2)
+    surrogate = merge_to_mix({"merge_method": "linear", "models": singles, "fleet": fleet}, parallel=2, overwrite=True)
     surrogate_seconds = time.perf_counter() - started
     by_label = {row["subset"]: row["score"] for row in surrogate["ranking"]}
     real: dict[str, float] = {}
@@ -98,12 +98,12 @@ def bench_dam(workdir: Path, limit: int) -> dict[str, Any]:
     result = train_dam(experts, DamSettings(data=data, dtype="float32", batch_size=16, max_length=32, epochs=2))
     path = write_coefficients(str(workdir / "dam.safetensors"), result.coefficients, experts, overwrite=True)
     dam = merge_evaluate_record(parse_recipe({"merge_method": "dam_apply", "models": experts, "parameters": {"coefficients": path},
-                                              "fleet": fleet | {"output": str(workdir / "dam")}}), label="dam", record=False)
+                                              "fleet": fleet | {"output": str(workdir / "dam")}}), label="dam", record=False, overwrite=True)
     dam_seconds = time.perf_counter() - started
     search = parameter_search({"merge_method": "ties", "base_model": str(models.base),
                                "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts],
                                "fleet": fleet | {"output": str(workdir / "search"), "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}},
-                              budget=200, parallel=2, time_budget=dam_seconds)
+                              budget=200, parallel=2, time_budget=dam_seconds, overwrite=True)
     return {"dam_score": dam.score, "dam_scores": dam.scores, "dam_seconds": round(dam_seconds, 1), "search_best": search["best"]["score"],
             "search_trials": len(search["trials"]), "search_seconds": search["seconds"]}
 
@@ -124,7 +124,7 @@ def bench_ties_sv(workdir: Path, limit: int) -> dict[str, Any]:
                   "parameters": {"slack": 0.3} if method == "ties_sv" else {},
                   "fleet": {"output": str(workdir / f"lowres-{method}"),
                             "eval": {"tasks": [str(models.tasks_dir / "skill_add.yaml")], "limit": limit, "cache_dir": str(workdir / "eval-cache")}}}
-        result = merge_evaluate_record(parse_recipe(recipe), label=method, record=False)
+        result = merge_evaluate_record(parse_recipe(recipe), label=method, record=False, overwrite=True)
         figures[method] = {"skill_add": result.scores["skill_add"], "protected_drop_rate": (result.report.get("protected_drop_rate") or [None])[0]}
     return figures
 

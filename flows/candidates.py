@@ -16,17 +16,19 @@ from orchestrator.recipe import Recipe
 
 
 @task(name="merge-evaluate-record", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
-def merge_candidate(recipe: Recipe, label: str, tags: dict[str, str], objective: Objective) -> CandidateResult:
-    return merge_evaluate_record(recipe, label=label, tags=tags, objective=objective)
+def merge_candidate(recipe: Recipe, label: str, tags: dict[str, str], objective: Objective, overwrite: bool) -> CandidateResult:
+    return merge_evaluate_record(recipe, label=label, tags=tags, objective=objective, overwrite=overwrite)
 
 
-def run_candidates(items: Sequence[tuple[Recipe, str]], *, tags: dict[str, str], objective: Objective, parallel: int) -> list[CandidateResult]:
+def run_candidates(
+    items: Sequence[tuple[Recipe, str]], *, tags: dict[str, str], objective: Objective, parallel: int, overwrite: bool = False
+) -> list[CandidateResult]:
     """(recipe, label) pairs, ``parallel`` at a time; results in the same order."""
     if not items:
         return []
     parallel = max(1, min(parallel, len(items)))
     with _share_cpu(parallel), ThreadPoolTaskRunner(max_workers=parallel) as runner:
-        futures = [runner.submit(merge_candidate, parameters={"recipe": r, "label": label, "tags": tags, "objective": objective}) for r, label in items]
+        futures = [runner.submit(merge_candidate, parameters={"recipe": r, "label": label, "tags": tags, "objective": objective, "overwrite": overwrite}) for r, label in items]
         wait(futures)
     return [future.result() for future in futures]
 

@@ -36,9 +36,11 @@ def merge_to_mix(
     parallel: int = 2,
     budget: int | None = None,
     objective: Objective = "mean",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``recipe``: the base (optional) and one fine-tuned model per candidate dataset under
-    ``models``, the target task(s) in ``fleet.eval``. ``output``: each subset writes ``<label>/``."""
+    ``models``, the target task(s) in ``fleet.eval``. ``output``: each subset writes ``<label>/``
+    (``overwrite``: replacing an earlier run's merges)."""
     parsed = load_recipe(recipe) if isinstance(recipe, str) else parse_recipe(recipe)
     root = output or parsed.fleet.output
     if not root:
@@ -50,7 +52,7 @@ def merge_to_mix(
     try:
         def run_batch(subsets: list[Subset]) -> list[Any]:
             return run_candidates([(s.recipe, s.label) for s in subsets], tags=child_tags(parent, merge_to_mix=parent.run_id),
-                                  objective=objective, parallel=parallel)
+                                  objective=objective, parallel=parallel, overwrite=overwrite)
 
         result = run_merge_to_mix(parsed, run_batch, output=root, names=names, budget=budget)
         table = result.table()

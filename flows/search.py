@@ -34,9 +34,11 @@ def parameter_search(
     time_budget: float | None = None,
     objective: Objective = "mean",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """``output``: where trial ``k`` writes ``trial-k/`` and the best recipe goes
-    (``best-recipe.yaml``; default: fleet.output)."""
+    (``best-recipe.yaml``; default: fleet.output). ``overwrite``: replace the merges of an
+    earlier search there."""
     parsed = load_recipe(recipe) if isinstance(recipe, str) else parse_recipe(recipe)
     root = output or parsed.fleet.output
     if not root:
@@ -51,7 +53,7 @@ def parameter_search(
 
         def run_batch(proposals: list[Proposal]) -> list[Any]:
             return run_candidates([(p.recipe, p.label) for p in proposals], tags=child_tags(parent, search=parent.run_id),
-                                  objective=objective, parallel=parallel)
+                                  objective=objective, parallel=parallel, overwrite=overwrite)
 
         result = run_search(parsed, space, run_batch, output=root, budget=budget, parallel=parallel, time_budget=time_budget, seed=seed)
         text = best_recipe_yaml(result)

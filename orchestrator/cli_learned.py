@@ -61,7 +61,8 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         from flows.search import parameter_search
 
         return parameter_search(data, budget=args.budget, parallel=args.parallel, output=args.output, layer_groups=args.layer_groups,
-                                parameters=args.parameters.split(","), time_budget=args.time_budget, objective=args.objective, seed=args.seed)
+                                parameters=args.parameters.split(","), time_budget=args.time_budget, objective=args.objective, seed=args.seed,
+                                overwrite=args.overwrite)
 
     result = _run_flow(args, start)
     if not args.json and not args.quiet:
@@ -81,7 +82,8 @@ def cmd_merge_to_mix(args: argparse.Namespace, console: Console) -> dict[str, An
     def start() -> dict[str, Any]:
         from flows.merge_to_mix import merge_to_mix
 
-        return merge_to_mix(data, output=args.output, parallel=args.parallel, budget=args.budget, objective=args.objective)
+        return merge_to_mix(data, output=args.output, parallel=args.parallel, budget=args.budget, objective=args.objective,
+                            overwrite=args.overwrite)
 
     result = _run_flow(args, start)
     if not args.json and not args.quiet:
@@ -116,6 +118,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     search.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
     search.add_argument("--objective", choices=["mean", "normalised"], default="mean", help="mean score over the tasks, or mean normalised score")
     search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--overwrite", action="store_true", help="replace the trial merges of an earlier search in the output")
     search.set_defaults(handler=cmd_search)
 
     mix = commands.add_parser("merge-to-mix", parents=[common], help="rank data mixtures by merging the models fine-tuned on each dataset")
@@ -124,4 +127,5 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     mix.add_argument("--parallel", type=int, default=2, help="subsets merged and evaluated at once (default: %(default)s)")
     mix.add_argument("--budget", type=int, help="merges at most; below 2^N - 1 (or above 8 candidates) the search is greedy")
     mix.add_argument("--objective", choices=["mean", "normalised"], default="mean")
+    mix.add_argument("--overwrite", action="store_true", help="replace the subset merges of an earlier run in the output")
     mix.set_defaults(handler=cmd_merge_to_mix)

@@ -51,15 +51,16 @@ def merge_evaluate_record(
     objective: Objective = "mean",
     record: bool = True,
     values: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> CandidateResult:
-    """Merge ``recipe`` into its ``fleet.output`` (replacing an earlier merge there), evaluate
-    it with ``fleet.eval``, and record it (an MLflow run named ``label`` with ``tags``)."""
+    """Merge ``recipe`` into its ``fleet.output`` (``overwrite``: replacing another merge
+    there), evaluate it with ``fleet.eval``, and record it (an MLflow run named ``label``)."""
     if recipe.fleet.eval is None:
         raise RecipeError("a search needs evaluation tasks: set 'fleet: {eval: {tasks: [...]}}' in the recipe")
     if not recipe.fleet.output:
         raise RecipeError(f"candidate {label} has no output location")
     started = time.perf_counter()
-    summary = merge(recipe, recipe.fleet.output, workers=1, overwrite=True)
+    summary = merge(recipe, recipe.fleet.output, workers=1, overwrite=overwrite)
     plan = load_plan(summary.output)
     merged_at = time.perf_counter()
     evaluation = evaluate_merge(plan, recipe.fleet.eval)
