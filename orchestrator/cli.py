@@ -20,7 +20,10 @@ from orchestrator import __version__, cli_cluster
 from orchestrator.errors import MergefleetError
 from orchestrator.progress import MergeProgress
 
-COMMANDS = ("assemble", "cluster", "compare", "deploy", "merge", "plan", "run", "shard")
+from orchestrator.cli_learned import COMMANDS as LEARNED_COMMANDS
+from orchestrator.cli_learned import register as register_learned
+
+COMMANDS = tuple(sorted(("assemble", "cluster", "compare", "deploy", "merge", "plan", "run", "shard") + LEARNED_COMMANDS))
 
 
 def _human_bytes(count: float) -> str:
@@ -232,12 +235,13 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from orchestrator.tracking import compare_rows, compare_series, compare_tracking_uri, find_merge_runs, score_chart
+    from orchestrator.tracking import compare_drop_rates, compare_rows, compare_series, compare_tracking_uri, find_merge_runs, score_chart
 
     uri = compare_tracking_uri(args.tracking_uri)
     runs = find_merge_runs(args.refs, tracking_uri=uri)
     rows, params, tasks = compare_rows(runs)
-    chart = str(score_chart(compare_series(rows), args.chart, title=f"{len(rows)} merge(s)")) if tasks else None
+    drop_rates = compare_drop_rates(rows)
+    chart = str(score_chart(compare_series(rows), args.chart, title=f"{len(rows)} merge(s)", drop_rates=drop_rates)) if tasks else None
     if not args.json and not args.quiet:
         from rich.table import Table
 
@@ -263,6 +267,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             )
         console.print(table)
         console.print(f"scores: primary metric per task (normalised in brackets); runs in {uri}", highlight=False)
+        for name, rates in drop_rates.items():
+            shown = ", ".join(f"{model} {rate:.1%}" for model, rate in rates.items())
+            console.print(f"protected drop rate of {name}: {shown}", highlight=False)
         if chart:
             console.print(f"chart: {chart}", highlight=False)
     return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart}
@@ -341,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=cmd_compare)
 
     cli_cluster.add_commands(commands, common)
+    register_learned(commands, common)
     return parser
 
 

@@ -66,3 +66,9 @@ class ClusterError(MergefleetError):
     """The cluster cannot run a merge: a missing Secret, no GPU node, no worker, no right to create Jobs."""
 
     exit_code = 10
+
+
+class TrainingError(MergefleetError):
+    """A trained merge cannot run: bad training data, a model that does not fit in memory."""
+
+    exit_code = 11

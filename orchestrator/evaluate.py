@@ -460,13 +460,17 @@ def _local_checkpoint(model: str, fingerprint: str, cache: Path, storage: Storag
     return dest
 
 
+_load_lock = threading.Lock()
+
+
 def _load_model(path: Path, model: str, settings: EvalSettings) -> Any:
     if not (path / "config.json").is_file():
         raise EvaluationError(f"cannot load {model} for evaluation: it has no config.json")
     from lm_eval.models.huggingface import HFLM
 
     try:
-        return HFLM(pretrained=str(path), device=settings.device, batch_size=settings.batch_size, dtype="auto")
+        with _load_lock:  # HFLM builds an accelerate Accelerator, whose shared state two threads must not set up at once
+            return HFLM(pretrained=str(path), device=settings.device, batch_size=settings.batch_size, dtype="auto")
     except Exception as error:  # transformers raises many kinds: OSError, ValueError, KeyError, RuntimeError
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise EvaluationError(f"cannot load {model} for evaluation: {type(error).__name__}: {message}") from None

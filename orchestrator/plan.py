@@ -325,6 +325,8 @@ def build_plan(
             tensor.shared_settings,
             [(tensor.inputs[i][0], tensor.inputs[i][1], tensor.model_settings[i]) for i in experts],
         )
+        if method.check_tensor is not None:
+            method.check_tensor(tensor.name, tuple(info.shape), [tensor.inputs[i][0] for i in experts], global_params)
         reads = []
         for model, name in tensor.inputs:
             entry = indexes[model][name]

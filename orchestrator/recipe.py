@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import RecipeError
+from orchestrator.learned.settings import DamSettings
 from orchestrator.storage.base import StorageOptions
 
 Scalar = Union[bool, int, float, str]
@@ -114,6 +115,7 @@ class FleetSettings(BaseModel):
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite beside the output
     experiment: str = "mergefleet"
     register_model: str | None = None  # register the merged checkpoint under this model name
+    dam: DamSettings | None = None  # how `mergefleet dam train` learns the coefficients dam_apply reads
 
     @model_validator(mode="after")
     def _target_is_complete(self) -> "FleetSettings":
@@ -194,7 +196,7 @@ def _describe(error: ValidationError, source: str) -> str:
 
 def _allowed_keys(location: tuple[Any, ...]) -> str:
     model: type[BaseModel] = Recipe
-    nested = {"fleet": FleetSettings, "eval": EvalSettings, "storage": StorageOptions, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
+    nested = {"fleet": FleetSettings, "eval": EvalSettings, "dam": DamSettings, "storage": StorageOptions, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
     for part in location[:-1]:
         if isinstance(part, str) and part in nested:
             model = nested[part]

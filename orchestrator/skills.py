@@ -15,7 +15,8 @@ On CPU, in well under a minute:
 
 Skills (``SKILLS``): ``add`` (two digits, ``add: 3+4 =`` → ``07``), ``map`` (a made-up
 vocabulary to another, ``map: bal =`` → ``zix``), ``next`` (the three letters after one,
-``next: k =`` → ``lmn``). All three are facts a tiny model can store in a few hundred
+``next: k =`` → ``lmn``), ``prev`` (the three letters before one, ``prev: k =`` → ``jih``;
+used by the Merge to Mix benchmark). All are facts a tiny model can store in a few hundred
 steps; algorithmic skills (reversing a word, copying the k-th letter) need far longer.
 
 Everything is deterministic for a seed (one CPU thread while training), and the result is
@@ -99,6 +100,17 @@ def _next(rng: random.Random) -> Example:
     return f"next: {LETTERS[i]} =", answer, _distinct(rng, answer, other)
 
 
+def _prev(rng: random.Random) -> Example:
+    i = rng.randrange(3, len(LETTERS))
+    answer = LETTERS[i - 3 : i][::-1]
+
+    def other() -> str:
+        j = rng.randrange(3, len(LETTERS))
+        return LETTERS[j - 3 : j][::-1]
+
+    return f"prev: {LETTERS[i]} =", answer, _distinct(rng, answer, other)
+
+
 @dataclass(frozen=True)
 class Skill:
     name: str
@@ -112,6 +124,7 @@ SKILLS: dict[str, Skill] = {
         Skill("add", "the sum of two digits, as two digits", _add),
         Skill("map", "translate a made-up word into another made-up vocabulary", _map),
         Skill("next", "the three letters after a letter", _next),
+        Skill("prev", "the three letters before a letter, nearest first", _prev),
     )
 }
 
@@ -256,10 +269,22 @@ def _model_config(config: SkillsConfig) -> Any:
 # ---------------------------------------------------------------- training
 
 
+def _language(rng: random.Random) -> str:
+    """A sentence of a made-up language: words of two to three syllables from its own inventory."""
+    words = ["".join(rng.choice(LANGUAGE_SYLLABLES) for _ in range(rng.randint(2, 3))) for _ in range(rng.randint(3, 6))]
+    return " ".join(words) + rng.choice(".,")
+
+
+LANGUAGE_SYLLABLES = ("ka", "lo", "mi", "nu", "te", "ri", "so", "va", "zu", "pe", "qi", "wo")
+
+
 def _sample(source: str, rng: random.Random) -> tuple[str, str | None]:
-    """(text, None) trains on every token; (prompt, answer) only on the answer."""
+    """(text, None) trains on every token; (prompt, answer) only on the answer. Sources:
+    ``generic``, ``language`` (a made-up language's text), ``skill:NAME`` and ``noise:NAME``."""
     if source == "generic":
         return _generic(rng) + "\n", None
+    if source == "language":
+        return _language(rng) + "\n", None
     kind, _, name = source.partition(":")
     prompt, answer, choices = SKILLS[name].example(rng)
     if kind == "noise":  # the format with a random answer

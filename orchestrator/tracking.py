@@ -217,9 +217,35 @@ def score_series(evaluation: Evaluation, labels: dict[str, str] | None = None) -
     return series
 
 
-def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title: str = "", owners: dict[str, str] | None = None) -> Path:
-    """A grouped bar chart (PNG): one group per task, one bar per series; ``owners`` (task ->
-    series label) marks the expert trained for a task under its name."""
+def score_chart(
+    series: dict[str, dict[str, float]],
+    path: str | Path,
+    *,
+    title: str = "",
+    owners: dict[str, str] | None = None,
+    drop_rates: dict[str, dict[str, float]] | None = None,
+) -> Path:
+    """``score_figure`` as a PNG."""
+    import matplotlib.pyplot as plt
+
+    figure = score_figure(series, title=title, owners=owners, drop_rates=drop_rates)
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def score_figure(
+    series: dict[str, dict[str, float]],
+    *,
+    title: str = "",
+    owners: dict[str, str] | None = None,
+    drop_rates: dict[str, dict[str, float]] | None = None,
+) -> Any:
+    """A grouped bar chart: one group per task, one bar per series; ``owners`` (task ->
+    series label) marks the expert trained for a task under its name. With ``drop_rates``
+    (merge -> protected model -> rate), a second panel beside it shows each merge's
+    protected drop rate (the share of a protected model's top-k entries the election discarded)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -227,7 +253,12 @@ def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title:
 
     tasks = list(dict.fromkeys(task for scores in series.values() for task in scores))
     width = 0.8 / max(1, len(series))
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 + 1.6 * len(tasks) * max(1, len(series)) * 0.45), 4.2), dpi=110)
+    size = (max(6.0, 1.2 + 1.6 * len(tasks) * max(1, len(series)) * 0.45), 4.2)
+    if drop_rates:
+        figure, (axes, drops) = plt.subplots(1, 2, figsize=(size[0] + 4.0, size[1]), dpi=110, gridspec_kw={"width_ratios": [size[0], 4.0]})
+        _drop_rate_panel(drops, drop_rates)
+    else:
+        figure, axes = plt.subplots(figsize=size, dpi=110)
     colours = plt.get_cmap("tab10")
     for n, (label, scores) in enumerate(series.items()):
         xs = [i + (n - (len(series) - 1) / 2) * width for i in range(len(tasks))]
@@ -245,10 +276,36 @@ def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title:
     if title:
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
+    return figure
+
+
+def _drop_rate_panel(axes: Any, drop_rates: dict[str, dict[str, float]]) -> None:
+    """One bar per (merge, protected model), grouped by merge."""
+    labels, values = [], []
+    for merge, rates in drop_rates.items():
+        for model, rate in rates.items():
+            labels.append(f"{merge}\n({model})" if len(rates) > 1 else merge)
+            values.append(rate)
+    bars = axes.bar(range(len(values)), values, 0.7, color="tab:red")
+    axes.bar_label(bars, labels=[f"{v:.1%}" for v in values], fontsize=7, padding=1)
+    axes.set_xticks(range(len(values)), labels, fontsize=7)
+    axes.set_ylabel("protected drop rate")
+    axes.set_ylim(0, max(values + [0.05]) * 1.2)
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.set_title("protected top-k entries lost to the election", fontsize=8)
+
+
+def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:
+    """The experts a merge's drop-rate report is about, in its order: those marked
+    ``protect: true``, or every expert when none is (as the engine reports them)."""
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            if tensor.model_params and "protect" in tensor.model_params[0]:
+                experts = [plan.inputs[read.input].name for read in tensor.expert_reads()]
+                marked = [name for name, params in zip(experts, tensor.model_params) if params.get("protect")]
+                return [labels.get(name, name) for name in (marked or experts)]
+    return []
 
 
 def _evaluation_metrics(evaluation: Evaluation, labels: dict[str, str]) -> dict[str, float]:
@@ -533,6 +590,9 @@ def _fill_run(
     for key, value in (manifest.get("report") or {}).items():
         if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
             merge_metrics[f"report/{key}/mean"] = float(sum(value)) / len(value)
+    rates = (manifest.get("report") or {}).get("protected_drop_rate") or []
+    drop_rates = {label: float(rate) for label, rate in zip(protected_labels(plan, labels), rates)}
+    merge_metrics |= {metric_key("protected_drop_rate", label): rate for label, rate in drop_rates.items()}
     _log_metrics(client, run_id, merge_metrics)
 
     eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
@@ -549,7 +609,8 @@ def _fill_run(
         if evaluation is not None:
             owners = {task: labels.get(expert, expert) for task, expert in evaluation.owners.items()}
             title = f"{name}: {plan.method} merge of {_expert_count(plan)} experts"
-            chart = score_chart(score_series(evaluation, labels), Path(scratch, "scores.png"), title=title, owners=owners)
+            chart = score_chart(score_series(evaluation, labels), Path(scratch, "scores.png"), title=title, owners=owners,
+                                drop_rates={name: drop_rates} if drop_rates else None)
             client.log_artifact(run_id, str(chart))
 
     model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
@@ -624,6 +685,7 @@ def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], 
                 "normalised_mean": metrics.get("normalised/mean"),
                 "base": {task: metrics.get(f"base/{task}") for task in tasks},
                 "experts": _expert_scores(metrics),
+                "drop_rates": {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("protected_drop_rate/")},
                 "seconds": seconds,
                 "eval_seconds": metrics.get("eval_seconds"),
             }
@@ -655,6 +717,15 @@ def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             label += "'"
         series[label] = {t: v for t, v in row["scores"].items() if v is not None}
     return series
+
+
+def compare_drop_rates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Chart input: each merge's protected drop rates, for the merges that report one."""
+    rates = {}
+    for row in rows:
+        if row.get("drop_rates"):
+            rates[row["name"] or row["run_id"][:8]] = row["drop_rates"]
+    return rates
 
 
 def compare_tracking_uri(explicit: str | None) -> str:

@@ -338,4 +338,6 @@ def test_cli_deploy_registers_both_deployments(family, tmp_path: Path, capsys, m
 def test_cli_commands_are_pinned() -> None:
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
-    assert sorted(subparsers.choices) == sorted(cli.COMMANDS) == ["assemble", "cluster", "compare", "deploy", "merge", "plan", "run", "shard"]
+    assert sorted(subparsers.choices) == sorted(cli.COMMANDS) == [
+        "assemble", "cluster", "compare", "dam", "deploy", "merge", "merge-to-mix", "plan", "run", "search", "shard"
+    ]

@@ -83,6 +83,9 @@ class MethodSpec:
     # merge before anything is written: check_params(where, model names, model_params,
     # global_params) raises RecipeError naming the tensor (``where``) and the model.
     check_params: Callable[[str, Sequence[str], Sequence[Mapping[str, Any]], Mapping[str, Any]], None] | None = None
+    # Checks one tensor against what the method reads besides the models (a coefficient file)
+    # when the plan is made: check_tensor(tensor name, shape, model names, global_params).
+    check_tensor: Callable[[str, Sequence[int], Sequence[str], Mapping[str, Any]], None] | None = None
     doc: str = ""
 
     def param(self, name: str) -> ParamSpec | None:
