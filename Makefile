@@ -10,13 +10,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	$(VENV)/bin/pip install --quiet -e '.[test]' 2>&1 | grep -v "^WARNING: Location" || true
-	$(PY) -c "import orchestrator, torch, transformers, safetensors, mergekit" 
+	$(PY) -c "import orchestrator, flows, mergefleet, torch, transformers, safetensors, mergekit" 
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m orchestrator.demo --workdir demo-out
+	$(PY) -m mergefleet.demo --workdir demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -18,7 +18,7 @@ from rich.logging import RichHandler
 
 from orchestrator import __version__
 from orchestrator.errors import MergefleetError
-from orchestrator.progress import MergeProgress
+from mergefleet.progress import MergeProgress
 
 COMMANDS = ("assemble", "compare", "deploy", "merge", "plan", "run", "shard")
 

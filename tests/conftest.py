@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.synthetic import fine_tuned, random_weights, save_checkpoint
+from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY
 
 
@@ -40,7 +40,7 @@ def prefect_harness():
 def skill_models(tmp_path_factory: pytest.TempPathFactory):
     """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
     trained here on CPU (about 20 s)."""
-    from orchestrator.skills import SkillsConfig, build_skills
+    from mergefleet.fixtures.skills import SkillsConfig, build_skills
 
     return build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import sys
+
 import yaml
 
-from orchestrator.synthetic import LlamaShape
+from mergefleet.fixtures.synthetic import LlamaShape
+
+MERGEFLEET = [sys.executable, "-m", "mergefleet"]
+"""The command line, as the installed package runs it (whatever the console script points at)."""
 
 TINY = LlamaShape(hidden=32, layers=8, intermediate=64, vocab=96, heads=4, kv_heads=2)
 

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from orchestrator.synthetic import LlamaShape, make_model_family
+from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
 from tests.helpers import gta_recipe, write_recipe
 from tests.test_pipeline import read_tensors
 
@@ -20,7 +20,7 @@ MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8,
 
 
 def mergefleet(*args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "orchestrator.cli", *args]
+    command = [sys.executable, "-m", "mergefleet", *args]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

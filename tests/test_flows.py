@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import cli
+from mergefleet import cli
 from orchestrator.errors import PlanError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import changes_since_last_merge, portable_recipe
-from tests.helpers import gta_recipe, write_recipe
+from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -290,7 +290,6 @@ def test_cli_run_prints_the_summary_and_resumes(family, reference, tmp_path: Pat
 
 def test_cli_run_without_a_server_uses_an_embedded_api_and_stops_it(family, reference, tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     import psutil
 
@@ -298,7 +297,7 @@ def test_cli_run_without_a_server_uses_an_embedded_api_and_stops_it(family, refe
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")} | {"PREFECT_HOME": str(home)}
     path = write_recipe(tmp_path / "recipe.yaml", recipe_data(family))
     out = tmp_path / "merged"
-    command = [str(Path(sys.executable).parent / "mergefleet"), "run", str(path), str(out), "--json"]
+    command = [*MERGEFLEET, "run", str(path), str(out), "--json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["shards"] == 3

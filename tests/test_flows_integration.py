@@ -25,8 +25,8 @@ import torch
 
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.synthetic import LlamaShape, make_model_family
-from tests.helpers import gta_recipe, write_recipe
+from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
+from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
 from tests.test_flows import checkpoint_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,7 +120,7 @@ def worker(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def mergefleet(env: dict[str, str], *args: str, timeout: float = 240) -> dict:
-    done = subprocess.run([str(BIN / "mergefleet"), *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([*MERGEFLEET, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
 
@@ -174,7 +174,7 @@ def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_compl
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     out = tmp_path / "out"
     run = subprocess.Popen(
-        [str(BIN / "mergefleet"), "run", str(recipe), str(out), "--json"],
+        [*MERGEFLEET, "run", str(recipe), str(out), "--json"],
         env=deployed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     victim = None

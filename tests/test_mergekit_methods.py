@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.synthetic import fine_tuned, random_weights, save_checkpoint
+from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY, write_recipe
 
 TOP_K_METHODS = ("breadcrumbs", "breadcrumbs_ties", "sce")

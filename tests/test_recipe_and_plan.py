@@ -154,7 +154,7 @@ def test_too_many_shards(family, tmp_path: Path) -> None:
 
 
 def test_plan_explain_accounts_for_every_byte(family, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator import cli
+    from mergefleet import cli
 
     base, experts = family
     recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts))

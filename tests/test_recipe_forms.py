@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from orchestrator.errors import RecipeError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
 from tests.test_mergekit_differential import mergefleet_tensors, mergekit_tensors
 from tests.test_pipeline import read_tensors
 

@@ -29,7 +29,7 @@ from orchestrator.shard import Receipt, run_shard
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import MiB, StorageOptions
 from orchestrator.storage.s3 import ReadAhead, S3Checkpoint, S3Output, plan_requests
-from orchestrator.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
 from tests.helpers import gta_recipe
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, FlakyProxy, deny_policy, s3_server  # noqa: F401 -- fixture
 from tests.test_pipeline import read_tensors
@@ -130,7 +130,7 @@ def test_each_shard_fetches_only_its_own_bytes(s3_merge) -> None:
 
 
 def test_cli_merge_with_mixed_local_and_s3_inputs_and_outputs(s3_server, s3_family, s3_merge, tmp_path) -> None:
-    from orchestrator import cli
+    from mergefleet import cli
     from tests.helpers import write_recipe
 
     base, experts, s3_base, s3_experts = s3_family

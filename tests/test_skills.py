@@ -9,7 +9,7 @@ import pytest
 from orchestrator.evaluate import evaluate_merge
 from orchestrator.pipeline import load_plan, merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer
+from mergefleet.fixtures.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer
 
 
 def test_the_tokenizer_is_character_level_and_round_trips() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import cli
+from mergefleet import cli
 from orchestrator.evaluate import evaluate_inputs, evaluate_merge
 from orchestrator.pipeline import load_plan, merge
 from orchestrator.recipe import parse_recipe
