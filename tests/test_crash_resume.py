@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
-from tests.helpers import gta_recipe, write_recipe
-from tests.test_pipeline import read_tensors
+from tests.helpers import gta_recipe, read_tensors, write_recipe
 
 MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8, kv_heads=4)
 

@@ -18,7 +18,7 @@ from orchestrator.errors import PlanError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import changes_since_last_merge, portable_recipe
-from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
+from tests.helpers import MERGEFLEET, checkpoint_bytes, gta_recipe, write_recipe
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -32,11 +32,6 @@ def recipe_data(family, out: Path | None = None, **fleet) -> dict:
     if out is not None:
         data["fleet"]["output"] = str(out)
     return data
-
-
-def checkpoint_bytes(out: Path) -> dict[str, bytes]:
-    names = [p.name for p in out.glob("*.safetensors")] + ["model.safetensors.index.json", "config.json"]
-    return {name: (out / name).read_bytes() for name in sorted(names)}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -26,8 +26,8 @@ import torch
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
-from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
-from tests.test_flows import checkpoint_bytes
+from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
+from tests.helpers import MERGEFLEET, assert_same_tensors, checkpoint_bytes, gta_recipe, read_tensors, write_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -75,7 +75,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
     """A real Prefect server; yields the environment that points a process at it."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = _free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PREFECT_", "AWS_"))}
+    env |= s3_credentials()  # fake keys for the S3 server of the tests; its endpoint only ever in a recipe
     env |= {
         "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",  # one store for every merge here
         "PREFECT_HOME": str(home),
@@ -159,6 +160,30 @@ def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: d
     assert sorted(run["parameters"]["index"] for run in runs) == [0, 1, 2]
     assert {run["state_type"] for run in runs} == {"COMPLETED"}
     assert all(run["parent_task_run_id"] for run in runs)  # each shown under its shard task
+
+
+@pytest.fixture(scope="module")
+def s3_inputs(s3_server, family) -> list[str]:
+    """The tiny family uploaded to the S3 server; a bucket for the outputs."""
+    base, experts = family
+    s3_server.bucket("merges")
+    return [s3_server.upload_dir(path, "models", f"run/{path.name}") for path in [base, *experts]]
+
+
+@pytest.mark.parametrize("target", ["inline", "deployment"])
+def test_run_on_s3_with_the_endpoint_only_in_the_recipe(target: str, deployed, s3_server, s3_inputs, family, tmp_path: Path) -> None:
+    """Inputs and output on S3, the endpoint only in fleet.storage and nowhere in the
+    environment: every task and every worker's flow run opens the plan as the recipe says."""
+    assert not [name for name in deployed if name.startswith("AWS_ENDPOINT_URL")]
+    base, experts = family
+    fleet = {"shards": 3, "target": target, "work_pool": POOL, "storage": {"endpoint_url": s3_server.endpoint}}
+    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", s3_inputs[0], s3_inputs[1:]) | {"fleet": fleet})
+    result = mergefleet(deployed, "run", str(recipe), f"s3://merges/run-{target}")
+    assert result["target"] == target and result["shards"] == 3 and result["shards_skipped"] == 0
+    local = tmp_path / "local"
+    merge(parse_recipe(gta_recipe("ties", base, experts)), str(local), shards=3)
+    got = s3_server.download(f"s3://merges/run-{target}", tmp_path / "got")
+    assert_same_tensors(read_tensors(got), read_tensors(local))
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from orchestrator.errors import RecipeError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
+from tests.helpers import read_tensors
 from tests.test_mergekit_differential import mergefleet_tensors, mergekit_tensors
-from tests.test_pipeline import read_tensors
 
 
 def frankenmerge(base: Path, experts: list[Path]) -> dict:

@@ -30,31 +30,11 @@ from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import MiB, StorageOptions
 from orchestrator.storage.s3 import ReadAhead, S3Checkpoint, S3Output, plan_requests
 from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
-from tests.helpers import gta_recipe
+from tests.helpers import assert_same_tensors, gta_recipe, read_tensors
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, FlakyProxy, deny_policy, s3_server  # noqa: F401 -- fixture
-from tests.test_pipeline import read_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "task_arithmetic"  # storage is under test here, not the method: the cheapest one with a base
-
-
-def download(server, uri: str, dest: Path) -> Path:
-    """Every object under ``uri`` into ``dest`` (so local readers can check it)."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = server.client()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
-        for item in page.get("Contents", []):
-            target = dest / item["Key"][len(prefix) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, item["Key"], str(target))
-    return dest
-
-
-def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +65,7 @@ def s3_merge(s3_server, s3_family, tmp_path_factory):
     return {
         "summary": summary,
         "local": root / "local",
-        "downloaded": download(s3_server, "s3://merges/ties", root / "downloaded"),
+        "downloaded": s3_server.download("s3://merges/ties", root / "downloaded"),
         "storage": storage,
     }
 
@@ -137,7 +117,7 @@ def test_cli_merge_with_mixed_local_and_s3_inputs_and_outputs(s3_server, s3_fami
     expected = read_tensors(s3_merge["local"])
     mixed = write_recipe(tmp_path / "mixed.yaml", gta_recipe(METHOD, base, [s3_experts[0], experts[1], s3_experts[2]]))
     assert cli.main(["merge", str(mixed), "s3://merges/mixed", "--shards", "2", "--quiet"]) == 0
-    assert_same_tensors(read_tensors(download(s3_server, "s3://merges/mixed", tmp_path / "mixed")), expected)
+    assert_same_tensors(read_tensors(s3_server.download("s3://merges/mixed", tmp_path / "mixed")), expected)
     from_s3 = write_recipe(tmp_path / "from-s3.yaml", gta_recipe(METHOD, s3_base, s3_experts))
     assert cli.main(["merge", str(from_s3), str(tmp_path / "local-out"), "--quiet"]) == 0
     assert_same_tensors(read_tensors(tmp_path / "local-out"), expected)
@@ -302,7 +282,7 @@ def test_killed_shard_leaves_no_object_and_the_rerun_aborts_its_upload(s3_server
     assert summary.shards_skipped == 0
     assert sink.unfinished_uploads() == []
     reference = merge(parse_recipe(gta_like_local(data, refs, paths)), str(tmp_path / "reference"))
-    assert_same_tensors(read_tensors(download(s3_server, "s3://merges/killed", tmp_path / "got")), read_tensors(tmp_path / "reference"))
+    assert_same_tensors(read_tensors(s3_server.download("s3://merges/killed", tmp_path / "got")), read_tensors(tmp_path / "reference"))
     assert reference.shards == 1
 
 
@@ -406,7 +386,7 @@ def test_throttling_and_broken_responses_are_retried(s3_server, s3_family, s3_me
         recipe = parse_recipe(gta_recipe(METHOD, s3_base, s3_experts, fleet={"storage": storage}))
         merge(recipe, "s3://merges/flaky", shards=1)
     assert proxy.throttled > 0 and proxy.cut > 0
-    got = read_tensors(download(s3_server, "s3://merges/flaky", tmp_path / "flaky"))
+    got = read_tensors(s3_server.download("s3://merges/flaky", tmp_path / "flaky"))
     assert_same_tensors(got, read_tensors(s3_merge["local"]))
 
 
@@ -421,6 +401,6 @@ def test_cache_dir_serves_the_same_inputs_again(s3_server, s3_family, s3_merge, 
     assert 0 < sum(r.bytes_read for r in receipts[0]) <= sum(r.tensor_bytes for r in receipts[0])  # planning cached some
     assert all(r.bytes_read == 0 for r in receipts[1])
     assert first.manifest["inputs"] == second.manifest["inputs"]
-    got = read_tensors(download(s3_server, "s3://merges/cached-2", tmp_path / "cached"))
+    got = read_tensors(s3_server.download("s3://merges/cached-2", tmp_path / "cached"))
     assert_same_tensors(got, read_tensors(s3_merge["local"]))
     assert any((tmp_path / "cache").glob("*.ranges"))

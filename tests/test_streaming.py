@@ -13,8 +13,7 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.storage.checkpoint import open_source, read_tensor_index
 from orchestrator.streaming import StoredTensor
-from tests.helpers import gta_recipe
-from tests.test_pipeline import read_tensors
+from tests.helpers import gta_recipe, read_tensors
 
 STREAMING = sorted(name for name, spec in METHODS.items() if spec.streams_inputs)
 
