@@ -28,7 +28,9 @@ from orchestrator.recipe import parse_recipe
 from orchestrator.shard import Receipt, run_shard
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import MiB, StorageOptions
-from orchestrator.storage.s3 import ReadAhead, S3Checkpoint, S3Output, plan_requests
+from orchestrator.storage.s3.readahead import ReadAhead, plan_requests
+from orchestrator.storage.s3.sink import S3Output
+from orchestrator.storage.s3.source import S3Checkpoint
 from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
 from tests.helpers import assert_same_tensors, gta_recipe, read_tensors
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, FlakyProxy, deny_policy, s3_server  # noqa: F401 -- fixture

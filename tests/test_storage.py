@@ -218,7 +218,7 @@ def test_output_remove_partials_and_bad_paths(tmp_path):
 def test_open_source_and_output(tmp_path):
     assert isinstance(open_source(str(single_checkpoint(tmp_path / "m"))), LocalCheckpoint)
     assert isinstance(open_output(tmp_path / "o"), LocalOutput)
-    from orchestrator.storage.s3 import S3Output
+    from orchestrator.storage.s3.sink import S3Output
 
     sink = open_output("s3://bucket/out/", storage=StorageOptions(endpoint_url="http://127.0.0.1:9"))
     assert isinstance(sink, S3Output) and sink.uri == "s3://bucket/out"  # opening sends no request

@@ -1,7 +1,7 @@
 """Checkpoints on any backend: find the weight files, read headers and tensors, write shards.
 
 Everything here speaks only ``CheckpointSource`` / ``OutputSink``; the S3 backend
-(``storage/s3.py``) is a second implementation of those two, chosen by ``open_source`` and
+(``storage/s3/``) is a second implementation of those two, chosen by ``open_source`` and
 ``open_output`` for ``s3://`` references.
 """
 
@@ -77,7 +77,7 @@ def open_source(ref: str | os.PathLike[str], *, storage: StorageOptions | None =
     if match is None:
         return LocalCheckpoint(text)
     if match.group(1).lower() == "s3":
-        from orchestrator.storage.s3 import S3Checkpoint
+        from orchestrator.storage.s3.source import S3Checkpoint
 
         return S3Checkpoint(text, options=storage)
     raise CheckpointError(
@@ -93,7 +93,7 @@ def open_output(ref: str | os.PathLike[str], *, storage: StorageOptions | None =
     if match is None:
         return LocalOutput(text)
     if match.group(1).lower() == "s3":
-        from orchestrator.storage.s3 import S3Output
+        from orchestrator.storage.s3.sink import S3Output
 
         return S3Output(text, options=storage)
     raise OutputError(
