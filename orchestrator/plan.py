@@ -25,6 +25,7 @@ from orchestrator.parameters import check_parameter_names, layer_index, recipe_p
 from orchestrator.recipe import Recipe
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.convert import open_checkpoint
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, StorageOptions, TensorInfo
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
 from orchestrator.vocabulary import (
@@ -290,7 +291,7 @@ def build_plan(
     refs = recipe.model_refs()
     allow = recipe.fleet.allow_pickle if allow_pickle is None else allow_pickle
     sources: dict[str, CheckpointSource] = {
-        ref: ckpt.open_checkpoint(ref, allow_pickle=allow, scratch=scratch, storage=recipe.fleet.storage) for ref in refs
+        ref: open_checkpoint(ref, allow_pickle=allow, scratch=scratch, storage=recipe.fleet.storage) for ref in refs
     }
     configs = {ref: ckpt.read_config(source) for ref, source in sources.items()}
     indexes = {ref: ckpt.read_tensor_index(source) for ref, source in sources.items()}

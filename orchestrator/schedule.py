@@ -17,6 +17,7 @@ from typing import Any
 from orchestrator.assemble import MANIFEST_FILE
 from orchestrator.recipe import Recipe, parse_recipe
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.convert import open_checkpoint
 
 
 def _absolute(ref: str | None, root: Path) -> str | None:
@@ -72,7 +73,7 @@ def changes_since_last_merge(recipe: Recipe, output: str) -> list[str]:
         if ref not in recorded:
             changes.append(f"{ref} is a new input")
             continue
-        source = ckpt.open_checkpoint(ref, allow_pickle=recipe.fleet.allow_pickle, **options)
+        source = open_checkpoint(ref, allow_pickle=recipe.fleet.allow_pickle, **options)
         now = [asdict(fp) for fp in ckpt.fingerprints(source)]
         if now != recorded[ref]:
             before = {fp["file"]: fp for fp in recorded[ref]}

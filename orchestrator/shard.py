@@ -21,6 +21,8 @@ from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec, TensorTask, tensor_seed
 from orchestrator.plan import Plan, PlannedShard, PlannedTensor, shard_metadata
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.tensors import prefetch, read_tensor
+from orchestrator.storage.writer import SafetensorsWriter
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, TensorInfo
 from orchestrator.storage.safetensors_format import torch_dtype
 from orchestrator.streaming import StoredTensor
@@ -105,7 +107,7 @@ def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream:
             shape = ((read.end - read.begin) // row_bytes, *shape[1:])
         info = TensorInfo(read.name, read.dtype, shape, read.file, read.begin, read.end)
         source = sources[read.input]
-        inputs.append(StoredTensor(source, info) if stream else ckpt.read_tensor(source, info))
+        inputs.append(StoredTensor(source, info) if stream else read_tensor(source, info))
     return inputs
 
 
@@ -173,18 +175,18 @@ def run_shard(
     check_inputs_unchanged(plan, sources)
     for position, source in enumerate(sources):
         source.bytes_read = 0
-        ckpt.prefetch(source, [(r.file, r.begin, r.end) for t in shard.tensors for r in t.reads if r.input == position])
+        prefetch(source, [(r.file, r.begin, r.end) for t in shard.tensors for r in t.reads if r.input == position])
 
     started = time.perf_counter()
     report: dict[str, Any] = {}
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors]
     metadata = shard_metadata(plan, index)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as reader:
         def read(tensor: PlannedTensor) -> Any:
-            return prefetch.submit(_read_inputs, sources, tensor, should_stream(method, tensor, device))
+            return reader.submit(_read_inputs, sources, tensor, should_stream(method, tensor, device))
 
         pending = read(shard.tensors[0]) if shard.tensors else None
-        with ckpt.SafetensorsWriter(sink, shard.file, entries, metadata) as writer:
+        with SafetensorsWriter(sink, shard.file, entries, metadata) as writer:
             for position, tensor in enumerate(shard.tensors):
                 inputs = pending.result()
                 if position + 1 < len(shard.tensors):

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.tensors import read_tensor
 from orchestrator.storage.base import CheckpointSource, TensorInfo
 from orchestrator.storage.safetensors_format import torch_dtype
 
@@ -71,12 +71,12 @@ class StoredTensor:
         begin = self.info.begin + start * self._itemsize
         part = TensorInfo(self.info.name, self.info.dtype, (length,), self.info.file, begin, begin + length * self._itemsize)
         self._window = None  # let the old window go before the new one is read
-        self._window = ckpt.read_tensor(self.source, part)
+        self._window = read_tensor(self.source, part)
         self._window_start = start
 
     def to(self, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:  # noqa: ARG002 - torch's signature
         """The whole tensor, loaded: only for the rare path that needs it all."""
-        return ckpt.read_tensor(self.source, self.info).to(dtype, copy=True)
+        return read_tensor(self.source, self.info).to(dtype, copy=True)
 
     def __repr__(self) -> str:
         return f"StoredTensor({self.info.name!r}, {self.info.dtype}, {list(self.info.shape)})"

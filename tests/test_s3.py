@@ -27,6 +27,7 @@ from orchestrator.plan import build_plan
 from orchestrator.recipe import parse_recipe
 from orchestrator.shard import Receipt, run_shard
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.tensors import read_rows, read_tensor
 from orchestrator.storage.base import MiB, StorageOptions
 from orchestrator.storage.s3.readahead import ReadAhead, plan_requests
 from orchestrator.storage.s3.sink import S3Output
@@ -372,10 +373,10 @@ def test_read_ahead_serves_chunked_reads_in_bounded_memory(s3_server, s3_family)
     local = ckpt.open_source(experts[0])
     for info in infos:  # whole tensors, and one in row chunks as a chunked method reads them
         if info.name.endswith("embed_tokens.weight"):
-            parts = [ckpt.read_rows(source, info, start, min(start + 10, info.shape[0])) for start in range(0, info.shape[0], 10)]
-            assert torch.equal(torch.cat(parts), ckpt.read_tensor(local, info))
+            parts = [read_rows(source, info, start, min(start + 10, info.shape[0])) for start in range(0, info.shape[0], 10)]
+            assert torch.equal(torch.cat(parts), read_tensor(local, info))
         else:
-            assert torch.equal(ckpt.read_tensor(source, info), ckpt.read_tensor(local, info))
+            assert torch.equal(read_tensor(source, info), read_tensor(local, info))
     assert source.bytes_read == sum(t.nbytes for t in infos) <= size
     assert source._readahead is not None and source._readahead.held_bytes == 0
     assert source.requests <= 4  # coalesced: the whole file in a few GETs

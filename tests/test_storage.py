@@ -14,22 +14,18 @@ from safetensors.torch import load_file, save_file
 from orchestrator.errors import CheckpointError, MergeError, OutputError
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.checkpoint import (
-    SafetensorsWriter,
-    check_tensor_for_write,
-    convert_pickle_checkpoint,
     fingerprints,
-    open_checkpoint,
     open_output,
     open_source,
     pickle_weight_files,
     read_config,
     read_header,
-    read_rows,
-    read_tensor,
     read_tensor_index,
     weight_files,
-    write_safetensors,
 )
+from orchestrator.storage.convert import convert_pickle_checkpoint, open_checkpoint
+from orchestrator.storage.tensors import read_rows, read_tensor
+from orchestrator.storage.writer import SafetensorsWriter, check_tensor_for_write, write_safetensors
 from orchestrator.storage.base import StorageOptions
 from orchestrator.storage.local import LocalCheckpoint, LocalOutput
 from orchestrator.storage.safetensors_format import aligned_order, dtype_code
