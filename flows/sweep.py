@@ -20,11 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from orchestrator.evaluate import evaluate_inputs
+from orchestrator.evaluate.scores import evaluate_inputs, evaluate_merge
 from orchestrator.pipeline import load_plan, merge
 from orchestrator.recipe import Recipe, load_recipe, parse_recipe
 from orchestrator.sweep import SweepPoint, expand_grid, sweep_id
-from orchestrator.tracking import track_merge
+from orchestrator.tracking.record import track_merge
 
 
 @task(name="evaluate-inputs", cache_policy=NO_CACHE, persist_result=False)
@@ -32,13 +32,11 @@ def evaluate_sweep_inputs(recipe: Recipe) -> dict[str, Any]:
     """Scores of the base and every expert, computed once for the whole sweep."""
     if recipe.fleet.eval is None or not recipe.fleet.eval.evaluate_inputs:
         return {}
-    return {ref: scores.as_dict() for ref, scores in evaluate_inputs(recipe.model_refs(), recipe.fleet.eval).items()}
+    return {ref: scores.model_dump() for ref, scores in evaluate_inputs(recipe.model_refs(), recipe.fleet.eval).items()}
 
 
 @task(name="merge-evaluate-track", task_run_name="{point.label}", cache_policy=NO_CACHE, persist_result=False)
 def merge_point(point: SweepPoint, sweep: str, overwrite: bool) -> dict[str, Any]:
-    from orchestrator.evaluate import evaluate_merge
-
     recipe = point.recipe
     summary = merge(recipe, recipe.fleet.output or "", workers=1, overwrite=overwrite)
     plan = load_plan(summary.output)
@@ -53,7 +51,7 @@ def merge_point(point: SweepPoint, sweep: str, overwrite: bool) -> dict[str, Any
         "output": summary.output,
         "plan_id": summary.plan_id,
         "seconds": round(summary.seconds, 3),
-        "evaluation": evaluation.as_dict() if evaluation else None,
+        "evaluation": evaluation.model_dump() if evaluation else None,
         "tracking": tracked.as_dict(),
     }
 

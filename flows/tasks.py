@@ -283,13 +283,13 @@ def _optional(module: str, name: str) -> Callable[..., Any] | None:
 def evaluate_merge(recipe: Recipe, plan_uri: str) -> dict[str, Any] | None:
     """Scores of the merge (and of its inputs); cached by fingerprint, so a re-run reuses them."""
     settings = getattr(recipe.fleet, "eval", None)
-    evaluate = _optional("orchestrator.evaluate", "evaluate_merge") if settings is not None else None
+    evaluate = _optional("orchestrator.evaluate.scores", "evaluate_merge") if settings is not None else None
     if evaluate is None:
         _log().info("evaluation skipped: no fleet.eval in the recipe")
         return None
     evaluation = evaluate(load_plan(plan_uri), settings, storage=getattr(recipe.fleet, "storage", None))
     _log().info("scores of %s: %s", plan_uri, evaluation.merged.scores)
-    return evaluation.as_dict()
+    return evaluation.model_dump()
 
 
 @task(name="track", task_run_name="track", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=_worth_retrying)
@@ -297,7 +297,7 @@ def track_merge(
     plan_uri: str, manifest: dict[str, Any], shards: list[dict[str, Any]], evaluation: dict[str, Any] | None, merge_seconds: float
 ) -> dict[str, Any] | None:
     """Record the merge as one MLflow run; returns where it is."""
-    track = _optional("orchestrator.tracking", "track_merge")
+    track = _optional("orchestrator.tracking.record", "track_merge")
     if track is None:
         _log().info("tracking skipped: orchestrator.tracking is not installed")
         return None

@@ -241,7 +241,9 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from orchestrator.tracking import compare_rows, compare_series, compare_tracking_uri, find_merge_runs, score_chart
+    from orchestrator.tracking.charts import score_chart
+    from orchestrator.tracking.compare import compare_rows, compare_series, find_merge_runs
+    from orchestrator.tracking.store import compare_tracking_uri
 
     uri = compare_tracking_uri(args.tracking_uri)
     runs = find_merge_runs(args.refs, tracking_uri=uri)

@@ -28,7 +28,7 @@ import yaml
 
 from mergefleet import cli
 from mergefleet.fixtures.skills import SkillModels, SkillsConfig, build_skills
-from orchestrator.tracking import client_for, ui_command
+from orchestrator.tracking.store import client_for, ui_command
 
 DEMO_SKILLS = SkillsConfig(skills=("add", "map", "next"))
 EXPERIMENT = "mergefleet-demo"

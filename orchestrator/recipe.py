@@ -109,7 +109,7 @@ class FleetSettings(BaseModel):
     # 'gpu'); with concurrency_slots the flow creates it or sets its size.
     concurrency_limit: str | None = None
     concurrency_slots: int | None = Field(default=None, ge=1)
-    # Evaluation and lineage (orchestrator/evaluate.py, orchestrator/tracking.py)
+    # Evaluation and lineage (orchestrator/evaluate/, orchestrator/tracking/)
     eval: EvalSettings | None = None
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite beside the output
     experiment: str = "mergefleet"

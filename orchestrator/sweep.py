@@ -1,7 +1,7 @@
 """A sweep: one recipe, a grid of methods and parameters, a merge per grid point.
 
 Every point merges the same inputs, so their evaluations are computed once and cached
-(``orchestrator.evaluate``), and every merge is an MLflow run in the same experiment,
+(``orchestrator/evaluate/``), and every merge is an MLflow run in the same experiment,
 tagged ``mergefleet.sweep``, side by side in the MLflow UI and in ``mergefleet compare``.
 
 The grid::

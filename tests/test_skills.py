@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.evaluate import evaluate_merge
+from orchestrator.evaluate.scores import evaluate_merge
 from orchestrator.pipeline import load_plan, merge
 from orchestrator.recipe import parse_recipe
 from mergefleet.fixtures.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer

@@ -18,10 +18,11 @@ import pytest
 import yaml
 
 from mergefleet import cli
-from orchestrator.evaluate import evaluate_inputs, evaluate_merge
+from orchestrator.evaluate.scores import evaluate_inputs, evaluate_merge
 from orchestrator.pipeline import load_plan, merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.tracking import default_tracking_uri, track_merge
+from orchestrator.tracking.record import track_merge
+from orchestrator.tracking.store import default_tracking_uri
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 

@@ -1,34 +1,10 @@
-"""Lineage: one MLflow run per merge, recorded the same way every time so that merges
-compare side by side in the MLflow UI.
-
-A merge's run holds
-- the recipe as params (flattened: ``models.1.parameters.density``) and as ``recipe.yaml``;
-- tags ``mergefleet.method``, ``mergefleet.experts``, ``mergefleet.plan_id``, ...;
-- every input checkpoint as a run input (a dataset entry whose source is the input's URI
-  and whose digest is its fingerprint; context ``base`` or ``expert``);
-- one nested run per shard (bytes written and read, seconds, bytes per second);
-- the evaluation: ``score/<task>`` (the merged checkpoint's primary metric),
-  ``normalised/<task>``, ``merged/<task>/<metric>`` (everything lm-eval reported),
-  ``base/<task>`` and ``expert/<name>/<task>`` when the inputs were evaluated;
-- artifacts ``recipe.yaml``, ``mergefleet.json`` (the manifest), ``evaluation.json`` and
-  ``scores.png`` (merged vs base vs experts per task);
-- the merged checkpoint as an MLflow logged model. Its weights stay where the merge wrote
-  them: the model is an *external* one (MLflow's term) whose ``mergefleet.checkpoint_uri``
-  tag and ``checkpoint.json`` artifact give that location; optionally registered.
-
-Tracking goes to ``tracking_uri`` (argument, then ``fleet.tracking_uri``, then
-``MLFLOW_TRACKING_URI``), by default a SQLite file ``mlflow.db`` beside a local output
-(in its parent directory) with artifacts in ``mlartifacts/`` next to it; ``~/.mergefleet``
-for a remote output. The file store is deprecated in MLflow 3 and is not used.
-
-Only ``MlflowClient`` with an explicit URI is used: no global MLflow state, so merges of
-a sweep may be tracked from several threads.
-"""
+"""The MLflow run of one merge (see ``orchestrator/tracking/__init__.py`` for what it
+holds): params, tags, inputs with fingerprints, shard runs, metrics, artifacts, the logged
+model and its registered version."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -44,9 +20,12 @@ import yaml
 
 from orchestrator import __version__
 from orchestrator.errors import TrackingError
-from orchestrator.evaluate import Evaluation
+from orchestrator.evaluate.scores import Evaluation
 from orchestrator.plan import Plan
 from orchestrator.recipe import FleetSettings, parse_recipe
+from orchestrator.storage.checkpoint import fingerprint_digest
+from orchestrator.tracking.charts import score_chart, score_series
+from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -57,74 +36,6 @@ PARAM_VALUE_LIMIT = 6000
 _METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
 _sqlite_locks: dict[str, threading.Lock] = {}
-
-
-# ---------------------------------------------------------------- where
-
-
-def default_tracking_uri(output: str) -> str:
-    """``sqlite:///<parent of a local output>/mlflow.db``; ``~/.mergefleet/mlflow.db`` otherwise."""
-    if "://" in output:
-        directory = Path.home() / ".mergefleet"
-    else:
-        directory = Path(output).expanduser().resolve().parent
-    return f"sqlite:///{directory / 'mlflow.db'}"
-
-
-def resolve_tracking_uri(explicit: str | None, output: str) -> str:
-    """The argument, else ``$MLFLOW_TRACKING_URI``, else ``default_tracking_uri(output)``."""
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output)
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).expanduser()
-    return None
-
-
-def artifact_location(uri: str) -> str | None:
-    """``mlartifacts/`` beside a SQLite database; ``None`` (the server decides) otherwise."""
-    path = _sqlite_path(uri)
-    if path is None:
-        return None
-    return (path.resolve().parent / "mlartifacts").as_uri()
-
-
-def client_for(uri: str) -> Any:
-    from mlflow import MlflowClient
-
-    # MLflow writes "View run ... at ..." to stdout when a run ends; stdout is for --json
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    path = _sqlite_path(uri)
-    if path is not None:
-        path.resolve().parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def experiment_id(client: Any, name: str, uri: str) -> str:
-    """The id of experiment ``name``, created (with local artifacts for SQLite) if needed."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            return found.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
-    except MlflowException as error:
-        if "already exists" in str(error):  # created by a concurrent merge of the same sweep
-            return client.get_experiment_by_name(name).experiment_id
-        raise TrackingError(f"MLflow at {uri} refuses experiment '{name}': {error.message}") from None
-
-
-def ui_command(uri: str) -> str:
-    """How to open the MLflow UI on this tracking store."""
-    path = _sqlite_path(uri)
-    if path is None:
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifact_location(uri)}"
-
-
-# ---------------------------------------------------------------- the record
 
 
 @dataclass
@@ -160,11 +71,6 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 def metric_key(*parts: str) -> str:
     return "/".join(_METRIC_UNSAFE.sub("_", part) for part in parts)
-
-
-def input_fingerprint(uri: str, fingerprints: list[dict[str, Any]]) -> str:
-    """What identifies one version of a checkpoint (the same hash the evaluation cache uses)."""
-    return hashlib.sha256(json.dumps([uri, fingerprints], sort_keys=True).encode()).hexdigest()
 
 
 def input_labels(plan: Plan) -> dict[str, str]:
@@ -204,51 +110,6 @@ def _fleet(plan: Plan) -> FleetSettings:
         return parse_recipe(plan.recipe).fleet
     except Exception:  # a plan from an older recipe format: tracking still works
         return FleetSettings()
-
-
-def score_series(evaluation: Evaluation, labels: dict[str, str] | None = None) -> dict[str, dict[str, float]]:
-    """Primary scores per task of base, each expert and the merge, in that order."""
-    series: dict[str, dict[str, float]] = {}
-    if evaluation.base is not None:
-        series["base"] = evaluation.base.scores
-    for name, scores in evaluation.experts.items():
-        series[(labels or {}).get(name, Path(name.rstrip("/")).name)] = scores.scores
-    series["merged"] = evaluation.merged.scores
-    return series
-
-
-def score_chart(series: dict[str, dict[str, float]], path: str | Path, *, title: str = "", owners: dict[str, str] | None = None) -> Path:
-    """A grouped bar chart (PNG): one group per task, one bar per series; ``owners`` (task ->
-    series label) marks the expert trained for a task under its name."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    tasks = list(dict.fromkeys(task for scores in series.values() for task in scores))
-    width = 0.8 / max(1, len(series))
-    figure, axes = plt.subplots(figsize=(max(6.0, 1.2 + 1.6 * len(tasks) * max(1, len(series)) * 0.45), 4.2), dpi=110)
-    colours = plt.get_cmap("tab10")
-    for n, (label, scores) in enumerate(series.items()):
-        xs = [i + (n - (len(series) - 1) / 2) * width for i in range(len(tasks))]
-        values = [scores.get(task, float("nan")) for task in tasks]
-        colour = "black" if label == "merged" else ("0.65" if label == "base" else colours(n % 10))
-        bars = axes.bar(xs, values, width * 0.92, label=label, color=colour)
-        axes.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=7, padding=1)
-    axes.set_xticks(range(len(tasks)), [f"{t}\n(held in: {owners[t]})" if owners and t in owners else t for t in tasks])
-    axes.set_ylabel("score (primary metric)")
-    top = max([v for scores in series.values() for v in scores.values()] + [1.0])
-    axes.set_ylim(0, top * 1.12)
-    axes.grid(axis="y", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    if title:
-        axes.set_title(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    figure.savefig(path)
-    plt.close(figure)
-    return path
 
 
 def _evaluation_metrics(evaluation: Evaluation, labels: dict[str, str]) -> dict[str, float]:
@@ -296,7 +157,7 @@ def _log_inputs(client: Any, run_id: str, plan: Plan, labels: dict[str, str]) ->
 
     inputs = []
     for index, inp in enumerate(plan.inputs):
-        fingerprint = input_fingerprint(inp.ref, inp.fingerprints)
+        fingerprint = fingerprint_digest(inp.ref, inp.fingerprints)
         scheme = inp.ref.split("://", 1)[0] if "://" in inp.ref else "local"
         dataset = Dataset(
             name=labels[inp.name],
@@ -457,14 +318,14 @@ def track_merge(
 
         plan = load_plan(plan)
     if isinstance(evaluation, dict):
-        evaluation = Evaluation.from_dict(evaluation)
+        evaluation = Evaluation.model_validate(evaluation)
     fleet = _fleet(plan)
     uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
     experiment_name = experiment or fleet.experiment or DEFAULT_EXPERIMENT
     model_name = register_model or fleet.register_model
     labels = input_labels(plan)
     name = run_name or plan.recipe.get("name") or f"{plan.method}-{plan.plan_id[:8]}"
-    lock = _sqlite_locks.setdefault(uri, threading.Lock()) if _sqlite_path(uri) else contextlib.nullcontext()
+    lock = _sqlite_locks.setdefault(uri, threading.Lock()) if sqlite_path(uri) else contextlib.nullcontext()
     try:
         with lock:  # SQLite takes one writer at a time; a sweep's merges record one by one
             client = client_for(uri)
@@ -542,7 +403,7 @@ def _fill_run(
             "mergefleet.json": json.dumps(manifest, indent=1, default=str),
         }
         if evaluation is not None:
-            files["evaluation.json"] = json.dumps(evaluation.as_dict(), indent=1)
+            files["evaluation.json"] = evaluation.model_dump_json(indent=1)
         for file, text in files.items():
             Path(scratch, file).write_text(text)
             client.log_artifact(run_id, os.path.join(scratch, file))
@@ -559,112 +420,3 @@ def _fill_run(
 
 def _model_name(name: str) -> str:
     return _MODEL_NAME_UNSAFE.sub("-", name) or "merged"
-
-
-# ---------------------------------------------------------------- compare
-
-
-def find_merge_runs(refs: Sequence[str], *, tracking_uri: str) -> list[Any]:
-    """The merge runs named by ``refs``: run ids, or experiment names or ids (all their merges)."""
-    from mlflow.exceptions import MlflowException
-
-    client = client_for(tracking_uri)
-    runs: list[Any] = []
-    for ref in refs:
-        run = None
-        if re.fullmatch(r"[0-9a-f]{32}", ref):
-            try:
-                run = client.get_run(ref)
-            except MlflowException:
-                run = None
-        if run is not None:
-            runs.append(run)
-            continue
-        experiment = None
-        try:
-            experiment = client.get_experiment_by_name(ref)
-            if experiment is None and ref.isdigit():
-                experiment = client.get_experiment(ref)
-        except MlflowException:
-            experiment = None
-        if experiment is None:
-            raise TrackingError(f"'{ref}' is neither a run id nor an experiment in MLflow at {tracking_uri}")
-        found = client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.`{TAG}plan_id` != ''", order_by=["attributes.start_time ASC"], max_results=5000
-        )
-        runs += [r for r in found if f"{TAG}shard" not in r.data.tags]
-    unique = {run.info.run_id: run for run in runs}
-    if not unique:
-        raise TrackingError(f"no merge runs found for {', '.join(refs)} in MLflow at {tracking_uri}")
-    return list(unique.values())
-
-
-def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
-    """One row per merge run; also the recipe params that differ between runs, and the tasks."""
-    params = [run.data.params for run in runs]
-    keys = sorted({key for p in params for key in p if not key.startswith(("models.", "base_model", "fleet.", "mergefleet."))})
-    varying = [key for key in keys if len({p.get(key) for p in params}) > 1] if len(runs) > 1 else [
-        key for key in keys if key.startswith(("parameters.",)) or key in ("merge_method",)
-    ]
-    weights = sorted({key for p in params for key in p if key.startswith("models.") and ".parameters." in key})
-    varying += [key for key in weights if len({p.get(key) for p in params}) > 1]
-    tasks = sorted({key.split("/", 1)[1] for run in runs for key in run.data.metrics if key.startswith("score/") and key != "score/mean"})
-    rows = []
-    for run in runs:
-        metrics = run.data.metrics
-        seconds = metrics.get("merge_seconds", metrics.get("shard_seconds_total"))
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "name": run.info.run_name,
-                "method": run.data.tags.get(f"{TAG}method", run.data.params.get("merge_method")),
-                "params": {key: run.data.params.get(key) for key in varying},
-                "scores": {task: metrics.get(f"score/{task}") for task in tasks},
-                "normalised": {task: metrics.get(f"normalised/{task}") for task in tasks},
-                "normalised_mean": metrics.get("normalised/mean"),
-                "base": {task: metrics.get(f"base/{task}") for task in tasks},
-                "experts": _expert_scores(metrics),
-                "seconds": seconds,
-                "eval_seconds": metrics.get("eval_seconds"),
-            }
-        )
-    return rows, varying, tasks
-
-
-def _expert_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    experts: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        if key.startswith("expert/"):
-            _, label, task = key.split("/", 2)
-            experts.setdefault(label, {})[task] = value
-    return experts
-
-
-def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Chart series: the first run's base and experts, then every merge."""
-    series: dict[str, dict[str, float]] = {}
-    if rows:
-        base = {t: v for t, v in rows[0]["base"].items() if v is not None}
-        if base:
-            series["base"] = base
-        for label, scores in rows[0]["experts"].items():
-            series[label] = scores
-    for row in rows:
-        label = row["name"] or row["run_id"][:8]
-        while label in series:
-            label += "'"
-        series[label] = {t: v for t, v in row["scores"].items() if v is not None}
-    return series
-
-
-def compare_tracking_uri(explicit: str | None) -> str:
-    """For ``mergefleet compare``: the argument, ``$MLFLOW_TRACKING_URI``, or ``./mlflow.db``."""
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    if Path("mlflow.db").is_file():
-        return f"sqlite:///{Path('mlflow.db').resolve()}"
-    raise TrackingError(
-        "where are the merges recorded? give --tracking-uri (e.g. sqlite:///demo-out/mlflow.db or http://127.0.0.1:5000) "
-        "or set MLFLOW_TRACKING_URI"
-    )
