@@ -23,7 +23,7 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.merge_and_eval import merge_and_eval
 from flows.merge_shard import merge_shard
-from orchestrator.errors import MergeError
+from orchestrator.errors import ConfigurationError
 
 
 def _check_pool(name: str) -> str:
@@ -31,7 +31,7 @@ def _check_pool(name: str) -> str:
         try:
             return client.read_work_pool(name).type
         except ObjectNotFound:
-            raise MergeError(
+            raise ConfigurationError(
                 f"no work pool '{name}' on the Prefect server at {PREFECT_API_URL.value()}: create it with "
                 f"'prefect work-pool create {name} --type process' (or kubernetes), or start a worker with "
                 f"'prefect worker start --pool {name} --type process'"
@@ -49,7 +49,7 @@ def deploy(
 ) -> dict[str, Any]:
     """Create or update both deployments; ``recipe`` must be portable (absolute paths)."""
     if PREFECT_API_URL.value() is None:
-        raise MergeError("deployments live on a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
+        raise ConfigurationError("deployments live on a Prefect server: set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)")
     flow_pool = flow_pool or pool
     pool_types = {p: _check_pool(p) for p in {pool, flow_pool}}
     job_variables = {"image": image} if image else None

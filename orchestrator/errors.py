@@ -1,7 +1,8 @@
 """Typed errors. Each message names the thing at fault and says what to do.
 
-The CLI prints ``str(error)`` as one line and exits non-zero; nothing else in the
-library catches these.
+The CLI prints ``str(error)`` as one line and exits with the error's ``exit_code``;
+nothing else in the library catches these. Exit codes: 2 recipe, 3 checkpoint, 4 plan,
+5 merge, 6 output, 7 evaluation, 8 tracking, 9 configuration.
 """
 
 from __future__ import annotations
@@ -53,3 +54,11 @@ class TrackingError(MergefleetError):
     """MLflow refuses the record, or a run or experiment to compare does not exist."""
 
     exit_code = 8
+
+
+class ConfigurationError(MergefleetError):
+    """What the run needs around it is not set up: a Prefect server, a work pool, a
+    deployment, a concurrency limit, a device. Nothing is wrong with the recipe or the
+    inputs; the message says what to start, create or set."""
+
+    exit_code = 9

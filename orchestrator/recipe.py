@@ -6,8 +6,6 @@ of wrong merges) and every error names the key at fault and what is allowed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -15,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import RecipeError
+from orchestrator.hashing import stable_hash
 from orchestrator.storage.base import StorageOptions
 
 Scalar = Union[bool, int, float, str]
@@ -175,8 +174,18 @@ class Recipe(BaseModel):
 
     def recipe_hash(self) -> str:
         """Hash of what changes the weights: everything but ``fleet``."""
-        body = self.model_dump(mode="json", exclude={"fleet"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return stable_hash(self.model_dump(mode="json", exclude={"fleet"}))
+
+    def output_location(self, explicit: str | None = None) -> str:
+        """Where the merge goes: ``explicit`` (OUT on the command line, ``output=`` in Python),
+        else ``fleet.output``."""
+        chosen = explicit or self.fleet.output
+        if not chosen:
+            raise RecipeError(
+                "no output location: give OUT on the command line (output= in Python) or set "
+                "'fleet: {output: PATH}' in the recipe"
+            )
+        return chosen
 
 
 def _describe(error: ValidationError, source: str) -> str:

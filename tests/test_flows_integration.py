@@ -156,7 +156,7 @@ def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: d
     assert remote["plan_id"] == inline["plan_id"] and remote["shards"] == 3
     assert checkpoint_bytes(tmp_path / "remote") == checkpoint_bytes(tmp_path / "inline")
 
-    runs = [run for run in shard_runs(deployed) if run["parameters"]["plan_uri"] == str(tmp_path / "remote")]
+    runs = [run for run in shard_runs(deployed) if run["parameters"]["plan"]["uri"] == f"{tmp_path / 'remote'}/.mergefleet/plan.json"]
     assert sorted(run["parameters"]["index"] for run in runs) == [0, 1, 2]
     assert {run["state_type"] for run in runs} == {"COMPLETED"}
     assert all(run["parent_task_run_id"] for run in runs)  # each shown under its shard task
@@ -220,7 +220,7 @@ def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_compl
     result = json.loads(stdout)
     assert result["shards"] == 3 and result["shards_skipped"] == 0
 
-    runs = [r for r in shard_runs(deployed) if r["parameters"]["plan_uri"] == str(out)]
+    runs = [r for r in shard_runs(deployed) if r["parameters"]["plan"]["uri"] == f"{out}/.mergefleet/plan.json"]
     crashed = [r for r in runs if r["state_type"] == "CRASHED"]
     assert len(crashed) == 1 and "-9" in (crashed[0]["state"]["message"] or "")
     retried = crashed[0]["parameters"]["index"]
@@ -245,5 +245,5 @@ def test_prefect_yaml_deploys_with_prefect_deploy(deployed: dict[str, str], tmp_
     shard = httpx.get(f"{api}/deployments/name/merge-shard/yaml-pool", timeout=10).json()
     nightly = httpx.get(f"{api}/deployments/name/merge-and-eval/nightly", timeout=10).json()
     assert shard["work_pool_name"] == nightly["work_pool_name"] == "yaml-pool"
-    assert nightly["parameters"] == {"recipe": str(tmp_path / "recipe.yaml"), "overwrite": True, "skip_unchanged": True}
+    assert nightly["parameters"] == {"recipe_file": str(tmp_path / "recipe.yaml"), "overwrite": True, "skip_unchanged": True}
     assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 2 * * *"]

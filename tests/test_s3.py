@@ -22,10 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from orchestrator.errors import CheckpointError, OutputError, PlanError, RecipeError
-from orchestrator.pipeline import load_plan, merge, prepare_output
+from orchestrator.pipeline import merge, prepare_output
 from orchestrator.plan import build_plan
 from orchestrator.recipe import parse_recipe
-from orchestrator.shard import Receipt, run_shard
+from orchestrator.plan_ref import PlanRef, open_plan
+from orchestrator.receipt import Receipt
+from orchestrator.shard import run_shard
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.tensors import read_rows, read_tensor
 from orchestrator.storage.base import MiB, StorageOptions
@@ -250,7 +252,7 @@ def test_header_that_lies_about_its_length(s3_server, tmp_path) -> None:
 
 KILL_AFTER_BYTES = """
 import os, signal, sys
-from orchestrator.pipeline import load_plan
+from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.shard import run_shard
 
 written = 0
@@ -260,7 +262,7 @@ def on_tensor(name, nbytes):
     if written > 6 * 2**20:  # the first 5 MiB part is on its way: die without any cleanup
         os.kill(os.getpid(), signal.SIGKILL)
 
-run_shard(load_plan(sys.argv[1]), 0, on_tensor=on_tensor)
+run_shard(open_plan(PlanRef.locate(sys.argv[1])), 0, on_tensor=on_tensor)
 """
 
 
@@ -399,11 +401,11 @@ def test_cache_dir_serves_the_same_inputs_again(s3_server, s3_family, s3_merge, 
     recipe = parse_recipe(gta_recipe(METHOD, s3_base, s3_experts, fleet={"storage": storage}))
     first = merge(recipe, "s3://merges/cached-1", shards=2)
     second = merge(recipe, "s3://merges/cached-2", shards=3)  # other shards, same bytes wanted
-    plans = [load_plan(f"s3://merges/cached-{i}") for i in (1, 2)]
+    plans = [open_plan(PlanRef.locate(f"s3://merges/cached-{i}")) for i in (1, 2)]
     receipts = [[Receipt.model_validate_json(S3Output(p.output).read_file(f".mergefleet/shard-{s.index}.json")) for s in p.shards] for p in plans]
     assert 0 < sum(r.bytes_read for r in receipts[0]) <= sum(r.tensor_bytes for r in receipts[0])  # planning cached some
     assert all(r.bytes_read == 0 for r in receipts[1])
-    assert first.manifest["inputs"] == second.manifest["inputs"]
+    assert first.manifest.inputs == second.manifest.inputs
     got = read_tensors(s3_server.download("s3://merges/cached-2", tmp_path / "cached"))
     assert_same_tensors(got, read_tensors(s3_merge["local"]))
     assert any((tmp_path / "cache").glob("*.ranges"))

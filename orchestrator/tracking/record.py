@@ -12,16 +12,19 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import yaml
+from pydantic import BaseModel
 
 from orchestrator import __version__
-from orchestrator.errors import TrackingError
+from orchestrator.assemble import Manifest
+from orchestrator.errors import RecipeError, TrackingError
 from orchestrator.evaluate.scores import Evaluation
 from orchestrator.plan import Plan
+from orchestrator.receipt import ShardOutcome
 from orchestrator.recipe import FleetSettings, parse_recipe
 from orchestrator.storage.checkpoint import fingerprint_digest
 from orchestrator.tracking.charts import score_chart, score_series
@@ -38,8 +41,9 @@ _MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
 _sqlite_locks: dict[str, threading.Lock] = {}
 
 
-@dataclass
-class TrackedRun:
+class TrackedRun(BaseModel):
+    """Where the record of one merge is."""
+
     run_id: str
     experiment_id: str
     tracking_uri: str
@@ -47,8 +51,20 @@ class TrackedRun:
     model_version: str | None
     url: str | None  # the run's page when the tracking URI is a server
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass(frozen=True)
+class _ShardRow:
+    """One shard as its nested run records it."""
+
+    index: int
+    file: str
+    device: str
+    tensors: int | None
+    skipped: bool
+    sha256: str | None
+    seconds: float
+    bytes_written: int
+    bytes_read: int
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -89,26 +105,23 @@ def input_labels(plan: Plan) -> dict[str, str]:
     return labels
 
 
-def _shard_rows(shards: Iterable[Any] | None, manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    """Receipts (objects, dicts, or the flow's ``{"receipt": ..., "skipped": ...}``), or the manifest's shards."""
+def _shard_rows(shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> list[_ShardRow]:
+    """The shards' outcomes, or (without them) the manifest's shard list."""
     if shards is None:
-        return [dict(row) for row in manifest.get("shards", [])]
-    rows = []
-    for item in shards:
-        if hasattr(item, "model_dump"):
-            row = item.model_dump()
-        elif isinstance(item, dict) and "receipt" in item:
-            row = dict(item["receipt"]) | {"skipped": bool(item.get("skipped"))}
-        else:
-            row = dict(item)
-        rows.append(row)
-    return rows
+        return [
+            _ShardRow(s.index, "", s.device, None, False, None, s.seconds, s.bytes_written, s.bytes_read) for s in manifest.shards
+        ]
+    return [
+        _ShardRow(r.index, r.file, r.device, len(r.tensors), outcome.skipped, r.sha256, r.seconds, r.bytes_written, r.bytes_read)
+        for outcome in shards
+        for r in [outcome.receipt]
+    ]
 
 
 def _fleet(plan: Plan) -> FleetSettings:
     try:
         return parse_recipe(plan.recipe).fleet
-    except Exception:  # a plan from an older recipe format: tracking still works
+    except RecipeError:  # a plan from an older recipe format: tracking still works
         return FleetSettings()
 
 
@@ -176,28 +189,23 @@ def _log_inputs(client: Any, run_id: str, plan: Plan, labels: dict[str, str]) ->
     client.log_inputs(run_id, datasets=inputs)
 
 
-def _log_shards(client: Any, experiment: str, parent: str, rows: list[dict[str, Any]], plan_id: str) -> list[str]:
+def _log_shards(client: Any, experiment: str, parent: str, rows: list[_ShardRow], plan_id: str) -> list[str]:
     ids = []
     for row in rows:
-        index = int(row.get("index", len(ids)))
-        tags = {"mlflow.parentRunId": parent, f"{TAG}shard": str(index), f"{TAG}plan_id": plan_id}
-        run = client.create_run(experiment, run_name=f"shard-{index}", tags=tags)
+        tags = {"mlflow.parentRunId": parent, f"{TAG}shard": str(row.index), f"{TAG}plan_id": plan_id}
+        run = client.create_run(experiment, run_name=f"shard-{row.index}", tags=tags)
         run_id = run.info.run_id
-        tensors = row.get("tensors")
         params = {
-            "index": str(index),
-            "file": str(row.get("file", "")),
-            "device": str(row.get("device", "")),
-            "tensors": str(len(tensors) if isinstance(tensors, list) else (tensors or "")),
-            "skipped": str(bool(row.get("skipped", False))),
+            "index": str(row.index),
+            "file": row.file,
+            "device": row.device,
+            "tensors": "" if row.tensors is None else str(row.tensors),
+            "skipped": str(row.skipped),
+            "sha256": row.sha256 or "",
         }
-        if row.get("sha256"):
-            params["sha256"] = str(row["sha256"])
         _log_params(client, run_id, {k: v for k, v in params.items() if v != ""})
-        seconds = float(row.get("seconds") or 0.0)
-        written = float(row.get("bytes_written") or 0)
-        metrics = {"bytes_written": written, "bytes_read": float(row.get("bytes_read") or 0), "seconds": seconds}
-        metrics["bytes_per_second"] = written / seconds if seconds > 0 else 0.0
+        metrics = {"bytes_written": float(row.bytes_written), "bytes_read": float(row.bytes_read), "seconds": row.seconds}
+        metrics["bytes_per_second"] = row.bytes_written / row.seconds if row.seconds > 0 else 0.0
         _log_metrics(client, run_id, metrics)
         client.set_terminated(run_id, "FINISHED")
         ids.append(run_id)
@@ -209,7 +217,7 @@ def _log_logged_model(
     experiment: str,
     run_id: str,
     plan: Plan,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     metrics: dict[str, float],
     name: str,
 ) -> Any:
@@ -232,7 +240,7 @@ def _log_logged_model(
                 "uri": plan.output,
                 "plan_id": plan.plan_id,
                 "recipe_sha256": plan.recipe_hash,
-                "files": manifest.get("files", []),
+                "files": [entry.model_dump() for entry in manifest.files],
             }
             Path(scratch, "checkpoint.json").write_text(json.dumps(reference, indent=1))
             client.log_model_artifacts(model.model_id, scratch)
@@ -290,10 +298,10 @@ def _note(plan: Plan, evaluation: Evaluation | None) -> str:
 
 
 def track_merge(
-    plan: Plan | str,
-    manifest: dict[str, Any],
-    shards: Sequence[Any] | None = None,
-    evaluation: Evaluation | dict[str, Any] | None = None,
+    plan: Plan,
+    manifest: Manifest,
+    shards: Sequence[ShardOutcome] | None = None,
+    evaluation: Evaluation | None = None,
     *,
     tracking_uri: str | None = None,
     experiment: str | None = None,
@@ -304,21 +312,13 @@ def track_merge(
 ) -> TrackedRun:
     """Record one merge as an MLflow run (see the module's docstring); return where it is.
 
-    ``plan``: the Plan (or its output location / plan.json). ``manifest``: what
-    ``orchestrator.assemble.assemble`` returned. ``shards``: the shards' receipts (Receipt
-    objects, dicts, or the flow's ``{"receipt": ..., "skipped": ...}``); default: the
-    manifest's shard list. ``evaluation``: an ``Evaluation`` (or its ``as_dict()``).
-    ``tracking_uri``, ``experiment`` and ``register_model`` default to the recipe's
-    ``fleet`` settings.
+    ``manifest``: what ``orchestrator.assemble.assemble`` returned. ``shards``: every
+    runner's outcomes (default: the manifest's shard list, without the skipped flags).
+    ``evaluation``: the merge's scores, if it was evaluated. ``tracking_uri``,
+    ``experiment`` and ``register_model`` default to the recipe's ``fleet`` settings.
     """
     from mlflow.exceptions import MlflowException
 
-    if isinstance(plan, str):
-        from orchestrator.pipeline import load_plan
-
-        plan = load_plan(plan)
-    if isinstance(evaluation, dict):
-        evaluation = Evaluation.model_validate(evaluation)
     fleet = _fleet(plan)
     uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
     experiment_name = experiment or fleet.experiment or DEFAULT_EXPERIMENT
@@ -369,8 +369,8 @@ def _fill_run(
     experiment: str,
     run_id: str,
     plan: Plan,
-    manifest: dict[str, Any],
-    shards: Sequence[Any] | None,
+    manifest: Manifest,
+    shards: Sequence[ShardOutcome] | None,
     evaluation: Evaluation | None,
     labels: dict[str, str],
     name: str,
@@ -384,14 +384,14 @@ def _fill_run(
     rows = _shard_rows(shards, manifest)
     _log_shards(client, experiment, run_id, rows, plan.plan_id)
     merge_metrics = {
-        "bytes_written": float(sum(r.get("bytes_written") or 0 for r in rows)),
-        "bytes_read": float(sum(r.get("bytes_read") or 0 for r in rows)),
-        "shard_seconds_total": float(sum(r.get("seconds") or 0 for r in rows)),
-        "shard_seconds_max": float(max([r.get("seconds") or 0 for r in rows] + [0])),
+        "bytes_written": float(sum(r.bytes_written for r in rows)),
+        "bytes_read": float(sum(r.bytes_read for r in rows)),
+        "shard_seconds_total": float(sum(r.seconds for r in rows)),
+        "shard_seconds_max": float(max([r.seconds for r in rows] + [0])),
     }
     if merge_seconds is not None:
         merge_metrics["merge_seconds"] = float(merge_seconds)
-    for key, value in (manifest.get("report") or {}).items():
+    for key, value in manifest.report.items():
         if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
             merge_metrics[f"report/{key}/mean"] = float(sum(value)) / len(value)
     _log_metrics(client, run_id, merge_metrics)
@@ -400,7 +400,7 @@ def _fill_run(
     with tempfile.TemporaryDirectory(prefix="mergefleet-track-") as scratch:
         files = {
             "recipe.yaml": yaml.safe_dump(plan.recipe, sort_keys=False),
-            "mergefleet.json": json.dumps(manifest, indent=1, default=str),
+            "mergefleet.json": json.dumps(manifest.model_dump(mode="json"), indent=1),
         }
         if evaluation is not None:
             files["evaluation.json"] = evaluation.model_dump_json(indent=1)
