@@ -24,7 +24,7 @@ from orchestrator.methods.base import MethodSpec
 from orchestrator.parameters import check_parameter_names, layer_index, recipe_parameter_scopes, resolve_tensor_parameters
 from orchestrator.recipe import Recipe
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
-from orchestrator.storage.checkpoint import fingerprints, open_output, read_config, read_tensor_index
+from orchestrator.storage.checkpoint import fingerprints, open_output, read_config, read_tensor_index, shard_file_name
 from orchestrator.storage.convert import open_checkpoint
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
@@ -159,10 +159,6 @@ def shard_metadata(plan: "Plan", index: int) -> dict[str, str]:
         "mergefleet_recipe_sha256": plan.recipe_hash,
         "mergefleet_shard": f"{index + 1}/{len(plan.shards)}",
     }
-
-
-def shard_file_name(index: int, count: int) -> str:
-    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
 def plan_layer_groups(sizes: list[int], count: int) -> list[tuple[int, int]]:

@@ -1,5 +1,6 @@
-"""A real S3 HTTP server for the tests: moto in server mode on 127.0.0.1, started and
-stopped by the tests themselves. Nothing here mocks a client: every call goes over HTTP.
+"""A real S3 HTTP server for the tests: moto in server mode on 127.0.0.1, started (by the
+same launcher as ``infra/s3_server.py``) and stopped by the tests themselves. Nothing here
+mocks a client: every call goes over HTTP.
 
 ``s3_server`` (session scope) starts it, points the ``AWS_*`` environment at it with
 fake keys, and stops it afterwards. ``FlakyProxy`` sits in front of it and injects
@@ -12,7 +13,6 @@ import contextlib
 import http.client
 import http.server
 import json
-import logging
 import os
 import threading
 import urllib.request
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from infra.s3_server import start as start_s3_server
 
 ACCESS_KEY = "AKIAMERGEFLEETTEST01"
 SECRET_KEY = "mergefleet-test-secret-never-in-outputs-7f3a9c"
@@ -94,13 +96,8 @@ def s3_credentials() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    """The S3 server of ``infra/s3_server.py`` on a free port, for the whole session."""
+    server, endpoint = start_s3_server("127.0.0.1", 0)
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
             if name.startswith("AWS_"):

@@ -30,6 +30,11 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 # Pickles a training run leaves beside the weights; they are not weights.
 _NOT_WEIGHTS = re.compile(r"^(training_args\.bin|optimizer\.pt|scheduler\.pt|rng_state.*\.pth|scaler\.pt)$")
 
+def shard_file_name(index: int, count: int) -> str:
+    """The name of weight file ``index`` (from 0) of ``count``, as transformers names them."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
 FIRST_READ = 64 * 1024
 """Bytes fetched by the first read of a header; a longer header takes one more read."""
 

@@ -25,6 +25,7 @@ from orchestrator.storage.checkpoint import (
     file_label,
     open_source,
     pickle_weight_files,
+    shard_file_name,
     top_level_files,
     weight_files,
 )
@@ -134,7 +135,7 @@ def convert_pickle_checkpoint(
     total = 0
     for i, file in enumerate(weights):
         state = _load_pickle_state_dict(source, file)
-        out_name = SAFE_WEIGHTS if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        out_name = SAFE_WEIGHTS if count == 1 else shard_file_name(i, count)
         for name in state:
             if name in came_from:
                 raise CheckpointError(
