@@ -11,6 +11,16 @@ from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_check
 from tests.helpers import TINY
 
 
+SLOW_FIXTURES = {"skill_models", "prefect_harness"}
+"""A test that trains the skill models or starts a Prefect server is slow, whatever else it does."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     """A float32 base and three experts; the second expert is split over several files."""

@@ -20,7 +20,7 @@ from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import changes_since_last_merge, portable_recipe
 from tests.helpers import MERGEFLEET, checkpoint_bytes, gta_recipe, write_recipe
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 

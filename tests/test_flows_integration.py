@@ -29,6 +29,8 @@ from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
 from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
 from tests.helpers import MERGEFLEET, assert_same_tensors, checkpoint_bytes, gta_recipe, read_tensors, write_recipe
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 POOL = "it-pool"

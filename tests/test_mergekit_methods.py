@@ -27,6 +27,8 @@ from orchestrator.recipe import parse_recipe
 from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY, write_recipe
 
+pytestmark = pytest.mark.slow
+
 TOP_K_METHODS = ("breadcrumbs", "breadcrumbs_ties", "sce")
 
 _DRIVER = """

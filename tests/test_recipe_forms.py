@@ -51,6 +51,7 @@ def test_frankenmerge_repeats_layers_and_renames_them(family, tmp_path: Path) ->
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+@pytest.mark.slow
 def test_slices_with_gradients_match_mergekit(family, tmp_path: Path) -> None:
     base, experts = family
     recipe = {

@@ -26,6 +26,8 @@ from orchestrator.recipe import parse_recipe
 from orchestrator.tracking.record import track_merge
 from orchestrator.tracking.store import default_tracking_uri
 
+pytestmark = pytest.mark.slow
+
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
 
