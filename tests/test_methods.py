@@ -1,4 +1,4 @@
-"""Merge methods against naive float64 references written here from METHODS.md.
+"""Merge methods against naive float64 references (tests/references.py) written from docs/methods.md.
 
 The references loop over positions in numpy; the methods under test are the fused,
 chunked torch code. Every reference test runs twice: with the real chunk size and

@@ -1,4 +1,4 @@
-"""The methods beyond linear/ties/DARE against naive references written here from METHODS.md.
+"""The methods beyond linear/ties/DARE against naive references written from docs/methods.md.
 
 References are plain numpy in float64 (loops where it keeps them obvious); the code under
 test is the chunked torch code. Reference tests also run with a tiny chunk (and with the
@@ -140,7 +140,7 @@ def test_breadcrumbs_rejects_gamma_outside_unit_interval():
 
 
 def ref_della_mask(tau, density, epsilon, seed, expert=0):
-    """METHODS.md's DELLA draw, naively: the mid-rank of each entry's |τ| in its row (at
+    """docs/methods.md's DELLA draw, naively: the mid-rank of each entry's |τ| in its row (at
     bf16 precision, a bottom bin 2¹⁶ below the row's largest); kept with probability
     (d − ε) + 2ε·rank/(m − 1), drawn as v ~ uniform_ in rank space (rank_sparsify's doc)."""
     tau32 = np.ascontiguousarray(np.asarray(tau, dtype=np.float32))
@@ -168,7 +168,7 @@ def ref_della_mask(tau, density, epsilon, seed, expert=0):
 
 
 def test_della_draw_has_the_rank_probability():
-    """The rank-space draw is the probability METHODS.md gives: (d − ε) + 2ε·rank/(m − 1)."""
+    """The rank-space draw is the probability docs/methods.md gives: (d − ε) + 2ε·rank/(m − 1)."""
     m, density, epsilon = 5, 0.4, 0.3
     tau = torch.arange(1, m + 1, dtype=torch.float32).repeat(40_000, 1)  # ranks 0..4 in every row
     kept = rank_sparsify.della(tau, density, epsilon, seed=3, rescale=None) != 0
