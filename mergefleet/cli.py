@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 from rich.console import Console
 from rich.logging import RichHandler
 
+from mergefleet.progress import MergeProgress
 from orchestrator import __version__
 from orchestrator.errors import MergefleetError
-from mergefleet.progress import MergeProgress
 
 COMMANDS = ("assemble", "compare", "deploy", "merge", "plan", "run", "shard")
 

@@ -24,9 +24,9 @@ from orchestrator.methods.base import MethodSpec
 from orchestrator.parameters import check_parameter_names, layer_index, recipe_parameter_scopes, resolve_tensor_parameters
 from orchestrator.recipe import Recipe
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
+from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
 from orchestrator.storage.checkpoint import fingerprints, open_output, read_config, read_tensor_index, shard_file_name
 from orchestrator.storage.convert import open_checkpoint
-from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
 from orchestrator.vocabulary import (
     TOKENIZER_FILES,

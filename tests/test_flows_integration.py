@@ -23,11 +23,11 @@ import psutil
 import pytest
 import torch
 
+from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
-from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
 from tests.helpers import MERGEFLEET, assert_same_tensors, checkpoint_bytes, gta_recipe, read_tensors, write_recipe
+from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
 
 pytestmark = pytest.mark.slow
 

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY, write_recipe
 
 pytestmark = pytest.mark.slow

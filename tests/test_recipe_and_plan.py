@@ -11,8 +11,8 @@ import pytest
 from orchestrator.errors import RecipeError
 from orchestrator.parameters import evaluate_value
 from orchestrator.plan import build_plan, plan_layer_groups
-from orchestrator.slices import OutputSlice, SourceLayers, output_tensors, rename_layer
 from orchestrator.recipe import load_recipe, parse_recipe
+from orchestrator.slices import OutputSlice, SourceLayers, output_tensors, rename_layer
 from tests.helpers import gta_recipe, write_recipe
 
 MERGEKIT_RECIPE = """

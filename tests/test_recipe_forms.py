@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
 from orchestrator.errors import RecipeError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
 from tests.helpers import read_tensors
 from tests.test_mergekit_differential import mergefleet_tensors, mergekit_tensors
 

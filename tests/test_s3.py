@@ -21,20 +21,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
 from orchestrator.errors import CheckpointError, OutputError, PlanError, RecipeError
 from orchestrator.pipeline import merge, prepare_output
 from orchestrator.plan import build_plan
-from orchestrator.recipe import parse_recipe
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import Receipt
+from orchestrator.recipe import parse_recipe
 from orchestrator.shard import run_shard
 from orchestrator.storage import checkpoint as ckpt
-from orchestrator.storage.tensors import read_rows, read_tensor
 from orchestrator.storage.base import MiB, StorageOptions
 from orchestrator.storage.s3.readahead import ReadAhead, plan_requests
 from orchestrator.storage.s3.sink import S3Output
 from orchestrator.storage.s3.source import S3Checkpoint
-from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
+from orchestrator.storage.tensors import read_rows, read_tensor
 from tests.helpers import assert_same_tensors, gta_recipe, read_tensors
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, FlakyProxy, deny_policy, s3_server  # noqa: F401 -- fixture
 

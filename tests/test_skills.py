@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from mergefleet.fixtures.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer
 from orchestrator.evaluate.scores import evaluate_merge
 from orchestrator.pipeline import merge
 from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import parse_recipe
-from mergefleet.fixtures.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer
 
 
 def test_the_tokenizer_is_character_level_and_round_trips() -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import CheckpointError, MergeError, OutputError
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.base import StorageOptions
 from orchestrator.storage.checkpoint import (
     fingerprints,
     open_output,
@@ -24,11 +25,10 @@ from orchestrator.storage.checkpoint import (
     weight_files,
 )
 from orchestrator.storage.convert import convert_pickle_checkpoint, open_checkpoint
-from orchestrator.storage.tensors import read_rows, read_tensor
-from orchestrator.storage.writer import SafetensorsWriter, check_tensor_for_write, write_safetensors
-from orchestrator.storage.base import StorageOptions
 from orchestrator.storage.local import LocalCheckpoint, LocalOutput
 from orchestrator.storage.safetensors_format import aligned_order, dtype_code
+from orchestrator.storage.tensors import read_rows, read_tensor
+from orchestrator.storage.writer import SafetensorsWriter, check_tensor_for_write, write_safetensors
 
 PICKLE_MESSAGE = (
     "{path} holds only a pickle checkpoint ({file}); pickle can run code when loaded. "
