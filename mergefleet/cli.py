@@ -11,12 +11,15 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
 
 from mergefleet.progress import MergeProgress
+
+if TYPE_CHECKING:
+    from orchestrator.pipeline import MergeSummary
 from orchestrator import __version__
 from orchestrator.errors import MergefleetError
 
@@ -49,18 +52,22 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             on_plan=progress.start_plan,
             on_tensor=progress.advance,
         )
-    result = summary.model_dump(mode="json")
     if not args.json and not args.quiet:
-        rate = summary.bytes_written / summary.seconds if summary.seconds else 0.0
-        console.print(
-            f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
-            f"{_human_bytes(summary.bytes_written)} in {summary.shards} shard(s)"
-            + (f" ({summary.shards_skipped} already done)" if summary.shards_skipped else "")
-            + f", {summary.seconds:.1f} s ({_human_bytes(rate)}/s); plan {summary.plan_id}",
-            highlight=False,
-        )
-        _print_report(console, result["report"])
-    return result
+        _print_summary(console, summary)
+    return summary.model_dump(mode="json")
+
+
+def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", run: str = "") -> None:
+    """What a merge did, in one line, and its method report."""
+    rate = summary.bytes_written / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
+        f"{_human_bytes(summary.bytes_written)} in {summary.shards} shard(s){where}"
+        + (f" ({summary.shards_skipped} already done)" if summary.shards_skipped else "")
+        + f", {summary.seconds:.1f} s ({_human_bytes(rate)}/s); plan {summary.plan_id}{run}",
+        highlight=False,
+    )
+    _print_report(console, summary.report)
 
 
 def _print_report(console: Console, report: dict[str, Any]) -> None:
@@ -180,15 +187,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console.print(f"{result.output}: {result.reason}; nothing to do", highlight=False)
         return result.model_dump(mode="json")
     if not args.json and not args.quiet:
-        rate = result.bytes_written / result.seconds if result.seconds else 0.0
-        console.print(
-            f"merged {result.tensors} tensors with {result.method} into {result.output}: "
-            f"{_human_bytes(result.bytes_written)} in {result.shards} shard(s) ({result.target})"
-            + (f" ({result.shards_skipped} already done)" if result.shards_skipped else "")
-            + f", {result.seconds:.1f} s ({_human_bytes(rate)}/s); plan {result.plan_id}, flow run {result.flow_run_id}",
-            highlight=False,
-        )
-        _print_report(console, result.report)
+        _print_summary(console, result, where=f" ({result.target})", run=f", flow run {result.flow_run_id}")
         if result.evaluation is not None:
             scores = result.evaluation.merged.scores
             console.print("scores: " + ", ".join(f"{task} {value:.3f}" for task, value in scores.items()), highlight=False)

@@ -8,6 +8,7 @@ import logging
 from typing import Any, Iterator, Sequence
 
 from prefect import get_run_logger
+from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError, ObjectNotFound
@@ -31,6 +32,17 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
     """Retry what may pass next time (a crash, I/O, memory); not a bad recipe, plan or input."""
     error = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
     return isinstance(error, ShardRunFailed) or not isinstance(error, MergefleetError)
+
+
+SHARD_TASK = {
+    "task_run_name": "shard-{index}",
+    "cache_policy": NO_CACHE,
+    "persist_result": False,
+    "retries": 2,
+    "retry_delay_seconds": SHARD_RETRY_DELAY_S,
+    "retry_condition_fn": worth_retrying,
+}
+"""The options of every shard task (a runner sets retries and delay from the recipe as it starts)."""
 
 
 def run_log() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

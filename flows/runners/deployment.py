@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -28,15 +27,7 @@ POLL_S = 1.0
 """How often a shard's task asks for its flow run's state."""
 
 
-@task(
-    name="merge-shard-on-pool",
-    task_run_name="shard-{index}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=common.SHARD_RETRY_DELAY_S,
-    retry_condition_fn=common.worth_retrying,
-)
+@task(name="merge-shard-on-pool", **common.SHARD_TASK)
 def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str, concurrency_limit: str | None) -> ShardOutcome:
     """Run shard ``index`` as a flow run of ``deployment``, wait, and read its receipt."""
     opened = open_plan(plan)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -18,15 +17,7 @@ from orchestrator.recipe import FleetSettings
 from orchestrator.threads import share_cpu
 
 
-@task(
-    name="merge-shard",
-    task_run_name="shard-{index}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=2,
-    retry_delay_seconds=common.SHARD_RETRY_DELAY_S,
-    retry_condition_fn=common.worth_retrying,
-)
+@task(name="merge-shard", **common.SHARD_TASK)
 def merge_shard_task(plan: PlanRef, index: int, device: str, concurrency_limit: str | None) -> ShardOutcome:
     return common.run_one_shard(plan, index, device=device, concurrency_limit=concurrency_limit)
 
