@@ -44,18 +44,9 @@ def test_the_element_wise_methods_stream() -> None:
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "ties_sv"} <= set(STREAMING)
 
 
-@pytest.mark.parametrize("method", STREAMING)
-def test_streamed_inputs_give_the_same_bytes(method: str, family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every tensor streams through 1000-byte windows (the methods take chunks of 64 elements
-    or blocks of 8 rows, so a tensor of the tiny family spans many windows), and the bytes
-    are the loaded merge's."""
-    base, experts = family
-    recipe = recipe_for(method, base, experts)
-    monkeypatch.setattr(sparsify, "CHUNK", 64)
-    monkeypatch.setattr(rank_sparsify, "DELLA_BLOCK", 64)
-    merge(recipe, str(tmp_path / "loaded"), shards=2)
-    assert all(r.tensors_streamed == 0 for r in receipts(tmp_path / "loaded", 2))  # the default threshold: 2 GiB
-
+@pytest.fixture
+def window_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]:
+    """The tensors read through a StoredTensor window, once per window; and those loaded whole."""
     windows: list[str] = []
     wholes: list[str] = []
     load_window, load_whole = StoredTensor._load, StoredTensor.to
@@ -70,13 +61,41 @@ def test_streamed_inputs_give_the_same_bytes(method: str, family, tmp_path: Path
 
     monkeypatch.setattr(StoredTensor, "_load", counted_window)
     monkeypatch.setattr(StoredTensor, "to", counted_whole)
-    merge(recipe, str(tmp_path / "streamed"), shards=2, runner=WorkerProcesses(streaming=TINY_WINDOWS))
+    return windows, wholes
 
+
+@pytest.mark.parametrize("method", STREAMING)
+def test_streamed_inputs_give_the_same_bytes(method: str, family, tmp_path: Path, window_reads) -> None:
+    """Every tensor is read through windows, none loaded whole, and the bytes are the loaded merge's."""
+    base, experts = family
+    recipe = recipe_for(method, base, experts)
+    merge(recipe, str(tmp_path / "loaded"), shards=2)
+    assert all(r.tensors_streamed == 0 for r in receipts(tmp_path / "loaded", 2))  # the default threshold: 2 GiB
+    windows, wholes = window_reads
+    assert not windows
+
+    merge(recipe, str(tmp_path / "streamed"), shards=2, runner=WorkerProcesses(streaming=TINY_WINDOWS))
     loaded, streamed = read_tensors(tmp_path / "loaded"), read_tensors(tmp_path / "streamed")
     assert sum(r.tensors_streamed for r in receipts(tmp_path / "streamed", 2)) == len(loaded)
-    assert set(windows) == set(loaded) and not wholes  # every tensor read window by window, none loaded whole
-    assert windows.count("model.embed_tokens.weight") >= 4 * len(recipe.model_refs())  # 12 KB per input, in pieces
+    assert set(windows) == set(loaded) and not wholes
     assert_same_bytes(streamed, loaded)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_a_tensor_streams_through_many_windows(method: str, family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, window_reads) -> None:
+    """With the methods taking chunks of 64 elements (or blocks of 8 rows), each input of a
+    tensor is read in many 1000-byte windows, and the bytes are still the loaded merge's."""
+    base, experts = family
+    recipe = recipe_for(method, base, experts)
+    monkeypatch.setattr(sparsify, "CHUNK", 64)
+    monkeypatch.setattr(rank_sparsify, "DELLA_BLOCK", 64)
+    merge(recipe, str(tmp_path / "loaded"), shards=1)
+    merge(recipe, str(tmp_path / "streamed"), shards=1, runner=WorkerProcesses(streaming=TINY_WINDOWS))
+    windows, wholes = window_reads
+    embedding = read_tensors(tmp_path / "loaded")["model.embed_tokens.weight"]  # 12 KB in each input
+    assert windows.count("model.embed_tokens.weight") >= 10 * len(recipe.model_refs()) and not wholes
+    assert_same_bytes(read_tensors(tmp_path / "streamed"), read_tensors(tmp_path / "loaded"))
+    assert embedding.numel() * embedding.element_size() > 10 * TINY_WINDOWS.window_bytes
 
 
 def test_the_streaming_policy_reaches_worker_processes(family, tmp_path: Path) -> None:
