@@ -314,7 +314,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("sharded", [False, True])
 def test_pickle_checkpoint_converted_when_allowed(tmp_path, sharded):
     tensors = pickle_checkpoint(tmp_path / "p", sharded=sharded)
-    converted = convert_pickle_checkpoint(tmp_path / "p", tmp_path / "c")
+    converted = convert_pickle_checkpoint(LocalCheckpoint(tmp_path / "p"), tmp_path / "c")
     assert isinstance(converted, LocalCheckpoint)
     files = weight_files(converted)
     if sharded:
@@ -359,12 +359,12 @@ def test_pickle_with_arbitrary_objects_is_refused_even_when_allowed(tmp_path):
     directory.mkdir()
     torch.save({"w": torch.zeros(1), "obj": Path("x")}, directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as err:
-        convert_pickle_checkpoint(directory, tmp_path / "c")
+        convert_pickle_checkpoint(LocalCheckpoint(directory), tmp_path / "c")
     assert f"{directory}/pytorch_model.bin could not be loaded with torch.load(weights_only=True)" in str(err.value)
     assert not (tmp_path / "c" / "model.safetensors").exists()
     torch.save({"w": torch.zeros(1), "step": 3}, directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin: entry 'step' is a int"):
-        convert_pickle_checkpoint(directory, tmp_path / "c")
+        convert_pickle_checkpoint(LocalCheckpoint(directory), tmp_path / "c")
 
 
 # ---------------------------------------------------------------- headers and the tensor index

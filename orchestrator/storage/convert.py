@@ -99,9 +99,7 @@ def _load_pickle_state_dict(source: CheckpointSource, file: str) -> dict[str, to
     return state
 
 
-def convert_pickle_checkpoint(
-    source_dir: str | os.PathLike[str] | CheckpointSource, dest_dir: str | os.PathLike[str]
-) -> LocalCheckpoint:
+def convert_pickle_checkpoint(source: CheckpointSource, dest_dir: str | os.PathLike[str]) -> LocalCheckpoint:
     """Convert a pickle checkpoint to safetensors in the local ``dest_dir`` and open it.
 
     Only for ``--allow-pickle``: each weight file is loaded with
@@ -111,10 +109,6 @@ def convert_pickle_checkpoint(
     (config.json, tokenizer files, …) is copied. A marker file is written last, so a
     directory without it is an unfinished conversion.
     """
-    if isinstance(source_dir, (str, os.PathLike)):
-        source: CheckpointSource = LocalCheckpoint(source_dir)
-    else:
-        source = source_dir
     dest = LocalOutput(dest_dir)
     dest.delete(CONVERTED_MARK)
     if isinstance(source, LocalCheckpoint) and Path(dest.uri).resolve() == source.root.resolve():
