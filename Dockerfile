@@ -39,7 +39,7 @@ RUN case "${TORCH}" in cpu|cuda) ;; *) echo "TORCH must be cpu or cuda, not '${T
 COPY . /opt/src
 RUN pip install --no-deps /opt/src \
     && pip check \
-    && python -c "import orchestrator.cluster.entrypoint, flows.merge_shard, prefect_kubernetes" \
+    && python -c "import orchestrator.cluster.entrypoint, flows.merge_shard, mergefleet.cli, prefect_kubernetes" \
     && rm -rf /opt/src
 
 USER 10001:10001
@@ -50,4 +50,4 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "orchestrator.cluster.entrypoint", "healthcheck"]
 
 ENTRYPOINT ["python", "-m", "orchestrator.cluster.entrypoint"]
-CMD ["mergefleet", "--help"]
+CMD ["python", "-m", "mergefleet", "--help"]

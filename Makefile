@@ -23,7 +23,7 @@ LOCK_FLAGS ?=
 COMPILE := $(UV) pip compile --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 	--generate-hashes --custom-compile-command "make lock" $(LOCK_FLAGS)
 
-.PHONY: install demo test bench lock clean
+.PHONY: install demo test test-fast bench lock clean
 
 $(STAMP): requirements/pip.lock requirements/torch-cpu.lock requirements/test.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,16 +31,20 @@ $(STAMP): requirements/pip.lock requirements/torch-cpu.lock requirements/test.lo
 	$(PIP) install --quiet --require-hashes $(INSTALL_LOCKS) \
 		|| $(PIP) install --quiet --require-hashes --extra-index-url $(TORCH_CPU_INDEX) $(INSTALL_LOCKS)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
-	$(PY) -c "import orchestrator, torch, transformers, safetensors, mergekit"
+	$(PY) -c "import orchestrator, flows, mergefleet, torch, transformers, safetensors, mergekit"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m orchestrator.demo --workdir demo-out
+	$(PY) -m mergefleet.demo --workdir demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# The inner loop: everything but the tests marked slow (servers, training, mergekit, kills).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py

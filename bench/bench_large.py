@@ -19,9 +19,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_merge import ROOT, build_inputs, recipe_for, run_measured, warm_page_cache  # noqa: E402
+from bench_merge import MERGEFLEET, ROOT, build_inputs, recipe_for, run_measured, warm_page_cache  # noqa: E402
 
-from orchestrator.synthetic import LlamaShape  # noqa: E402
+from mergefleet.fixtures.synthetic import LlamaShape  # noqa: E402
 
 TARGET_RSS = 8e9
 
@@ -38,7 +38,6 @@ def main() -> int:
     shape = LlamaShape(hidden=args.hidden, layers=1, intermediate=256, vocab=args.vocab, heads=32, kv_heads=8)
     base, experts = build_inputs(args.workdir, shape, args.experts)
     warm_page_cache([base, *experts])
-    bindir = Path(sys.executable).parent
     print(f"\n{args.experts} experts + base, embedding and head {args.vocab} x {args.hidden} bf16 each")
     print(f"{'method':<10}{'seconds':>10}{'peak RSS':>12}{'target':>10}")
     worst = 0.0
@@ -47,7 +46,7 @@ def main() -> int:
         recipe.write_text(yaml.safe_dump(recipe_for(method, base, experts, 0.2), sort_keys=False))
         out = args.workdir / f"large-{method}-out"
         shutil.rmtree(out, ignore_errors=True)
-        seconds, rss, _ = run_measured([str(bindir / "mergefleet"), "merge", str(recipe), str(out), "--quiet"])
+        seconds, rss, _ = run_measured([*MERGEFLEET, "merge", str(recipe), str(out), "--quiet"])
         shutil.rmtree(out, ignore_errors=True)
         worst = max(worst, rss)
         print(f"{method:<10}{seconds:>10.1f}{rss / 1e9:>9.2f} GB{'< 8 GB' if rss < TARGET_RSS else 'OVER':>10}", flush=True)

@@ -24,11 +24,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.evaluate import evaluate_checkpoint  # noqa: E402
+from mergefleet.fixtures.skill_variants import fine_tune, write_skill_data  # noqa: E402
+from mergefleet.fixtures.skills import SkillsConfig, build_skills, write_task  # noqa: E402
+from orchestrator.evaluate.runner import evaluate_checkpoint  # noqa: E402
 from orchestrator.learned.merge_to_mix import all_subsets, subset_label  # noqa: E402
-from orchestrator.recipe import EvalSettings  # noqa: E402
-from orchestrator.skill_variants import fine_tune, write_skill_data  # noqa: E402
-from orchestrator.skills import SkillsConfig, build_skills, write_task  # noqa: E402
+from orchestrator.recipe import EvalSettings, parse_recipe  # noqa: E402
 
 
 def _tasks(root: Path, skills: list[str]) -> list[str]:
@@ -53,7 +53,7 @@ def bench_mix(workdir: Path, limit: int) -> dict[str, Any]:
         seconds[n] = time.perf_counter() - started
     started = time.perf_counter()
     fleet = {"eval": eval_, "output": str(workdir / "mixtures"), "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}
-    surrogate = merge_to_mix({"merge_method": "linear", "models": singles, "fleet": fleet}, parallel=2, overwrite=True)
+    surrogate = merge_to_mix(parse_recipe({"merge_method": "linear", "models": singles, "fleet": fleet}), parallel=2, overwrite=True)
     surrogate_seconds = time.perf_counter() - started
     by_label = {row["subset"]: row["score"] for row in surrogate["ranking"]}
     real: dict[str, float] = {}
@@ -88,7 +88,6 @@ def bench_dam(workdir: Path, limit: int) -> dict[str, Any]:
     from orchestrator.learned.dam import train_dam
     from orchestrator.learned.runs import merge_evaluate_record
     from orchestrator.learned.settings import DamSettings
-    from orchestrator.recipe import parse_recipe
 
     models = build_skills(workdir / "skills", SkillsConfig(skills=("add", "map")))
     experts = [str(p) for p in models.experts.values()]
@@ -100,9 +99,9 @@ def bench_dam(workdir: Path, limit: int) -> dict[str, Any]:
     dam = merge_evaluate_record(parse_recipe({"merge_method": "dam_apply", "models": experts, "parameters": {"coefficients": path},
                                               "fleet": fleet | {"output": str(workdir / "dam")}}), label="dam", record=False, overwrite=True)
     dam_seconds = time.perf_counter() - started
-    search = parameter_search({"merge_method": "ties", "base_model": str(models.base),
-                               "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts],
-                               "fleet": fleet | {"output": str(workdir / "search"), "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}},
+    search = parameter_search(parse_recipe({"merge_method": "ties", "base_model": str(models.base),
+                                            "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts],
+                                            "fleet": fleet | {"output": str(workdir / "search"), "tracking_uri": f"sqlite:///{workdir / 'mlflow.db'}"}}),
                               budget=200, parallel=2, time_budget=dam_seconds, overwrite=True)
     return {"dam_score": dam.score, "dam_scores": dam.scores, "dam_seconds": round(dam_seconds, 1), "search_best": search["best"]["score"],
             "search_trials": len(search["trials"]), "search_seconds": search["seconds"]}
@@ -110,8 +109,7 @@ def bench_dam(workdir: Path, limit: int) -> dict[str, Any]:
 
 def bench_ties_sv(workdir: Path, limit: int) -> dict[str, Any]:
     from orchestrator.learned.runs import merge_evaluate_record
-    from orchestrator.recipe import parse_recipe
-    from orchestrator.skill_variants import drift
+    from mergefleet.fixtures.skill_variants import drift
 
     models = build_skills(workdir / "skills", SkillsConfig(skills=("add", "map")))
     language = drift(models.base, workdir / "language-600", formats=list(models.experts), steps=600, lr=3e-3)

@@ -24,9 +24,10 @@ import psutil
 import torch
 import yaml
 
-from orchestrator.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent
+MERGEFLEET = [sys.executable, "-m", "mergefleet"]
 
 
 def build_inputs(workdir: Path, shape: LlamaShape, experts: int) -> tuple[Path, list[Path]]:
@@ -152,7 +153,7 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
         out = args.workdir / f"mergefleet-{method}"
         shutil.rmtree(out, ignore_errors=True)
-        command = [str(bindir / "mergefleet"), "merge", str(recipe_path), str(out), "--json", "--shards", str(args.shards), "--workers", str(args.workers)]
+        command = [*MERGEFLEET, "merge", str(recipe_path), str(out), "--json", "--shards", str(args.shards), "--workers", str(args.workers)]
         row["mergefleet_s"], row["mergefleet_rss"], output = run_measured(command)
         row["mergefleet_report"] = json.loads(output.strip().splitlines()[-1]).get("report", {})
         shutil.rmtree(out, ignore_errors=True)

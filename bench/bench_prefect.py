@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import add_input_arguments, prepare_inputs, recipe_for, run_measured  # noqa: E402
+from bench_merge import MERGEFLEET, add_input_arguments, prepare_inputs, recipe_for, run_measured  # noqa: E402
 
 
 
@@ -36,7 +36,6 @@ def main() -> int:
     params, base, experts = prepare_inputs(args)
     # Prefect's database lives here, not in the user's ~/.prefect; the first run creates it.
     os.environ.setdefault("PREFECT_HOME", str(args.workdir / "prefect-home"))
-    mergefleet = str(Path(sys.executable).parent / "mergefleet")
     print(f"{args.experts} experts x {params / 1e9:.2f} B params, bf16, {args.shards} shards, {args.workers} at once, "
           f"{os.cpu_count()} CPUs; min of {args.repeat} runs")
     print(f"{'method':<10}{'merge s':>10}{'run s':>10}{'overhead s':>12}{'target':>10}   (plan..assemble: merge / run)")
@@ -50,7 +49,7 @@ def main() -> int:
                 out = args.workdir / f"prefect-bench-{command}-{method}"
                 shutil.rmtree(out, ignore_errors=True)
                 seconds, _, output = run_measured(
-                    [mergefleet, command, str(recipe_path), str(out), "--json", "--shards", str(args.shards), "--workers", str(args.workers)]
+                    [*MERGEFLEET, command, str(recipe_path), str(out), "--json", "--shards", str(args.shards), "--workers", str(args.workers)]
                 )
                 row[key].append(round(seconds, 2))
                 summary = json.loads([line for line in output.splitlines() if line.startswith("{")][-1])

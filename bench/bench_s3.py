@@ -33,9 +33,9 @@ import yaml
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_merge import build_inputs  # noqa: E402
+from bench_merge import MERGEFLEET, build_inputs  # noqa: E402
 
-from orchestrator.synthetic import LlamaShape  # noqa: E402
+from mergefleet.fixtures.synthetic import LlamaShape  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -105,7 +105,7 @@ def recipe(method: str, base: str, experts: list[str], density: float, storage: 
 
 def run_merge(recipe_path: Path, output: str, args: argparse.Namespace, env: dict[str, str]) -> float:
     command = [
-        sys.executable, "-m", "orchestrator.cli", "merge", str(recipe_path), output,
+        *MERGEFLEET, "merge", str(recipe_path), output,
         "--shards", str(args.shards), "--workers", str(args.workers), "--overwrite", "--json",
     ]
     started = time.perf_counter()

@@ -43,9 +43,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from orchestrator.synthetic import LlamaShape, make_model_family  # noqa: E402
+from mergefleet.fixtures.synthetic import LlamaShape, make_model_family  # noqa: E402
 
-BIN = Path(sys.executable).parent
+MERGEFLEET = [sys.executable, "-m", "mergefleet"]
 COMPUTE_S = 60.0
 PODS = 8
 
@@ -67,7 +67,7 @@ def _seconds(start: str | None, end: str | None) -> float:
 
 def measure(env: dict[str, str], recipe: Path, out: Path, shards: int) -> dict[str, float]:
     done = subprocess.run(
-        [str(BIN / "mergefleet"), "run", str(recipe), str(out), "--target", "deployment", "--shards", str(shards), "--json"],
+        [*MERGEFLEET, "run", str(recipe), str(out), "--target", "deployment", "--shards", str(shards), "--json"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     if done.returncode != 0:
@@ -76,7 +76,7 @@ def measure(env: dict[str, str], recipe: Path, out: Path, shards: int) -> dict[s
     api = env["PREFECT_API_URL"]
     body = {"flow_runs": {"parent_flow_run_id": {"any_": [result["flow_run_id"]]}}}
     runs = [r for r in httpx.post(f"{api}/flow_runs/filter", json={"limit": 200} | body, timeout=30).json()
-            if r["parameters"].get("plan_uri") == str(out)]
+            if (r["parameters"].get("plan") or {}).get("uri") == f"{out}/.mergefleet/plan.json"]
     children = [r for r in runs if r["state_type"] == "COMPLETED"]  # a shard run again after a crash counts once
     assert sorted(r["parameters"]["index"] for r in children) == list(range(shards)), "a shard without a completed run"
     # The parent's shard tasks (merge-shard-on-pool, named shard-N), not the placeholder task
@@ -140,7 +140,7 @@ def main() -> int:
                 "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             }
-            subprocess.run([str(BIN / "mergefleet"), "deploy", str(recipe), str(work / "deployed"), "--pool", "scaleout", "--json"],
+            subprocess.run([*MERGEFLEET, "deploy", str(recipe), str(work / "deployed"), "--pool", "scaleout", "--json"],
                            env=env, check=True, stdout=subprocess.DEVNULL)
             rows = [measure(env, recipe, work / f"out-{n}", n) for n in counts]
             imports = import_seconds(env)

@@ -1,2 +1,4 @@
-"""Prefect flows: merge_and_eval (plan → shards → assemble → evaluate → track) and
-merge_shard (one shard, what a worker runs). They stay thin: the work is in orchestrator/."""
+"""Prefect flows: merge_and_eval (plan → shards → assemble → evaluate → track), merge_shard
+(one shard, what a worker runs) and sweep; the shard runners (``flows/runners/``) and the
+deployments. They stay thin: the work is in orchestrator/, and nothing here imports the
+application (mergefleet/)."""

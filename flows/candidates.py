@@ -10,9 +10,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.sweep import _share_cpu
 from orchestrator.learned.runs import CandidateResult, Objective, merge_evaluate_record
 from orchestrator.recipe import Recipe
+from orchestrator.threads import share_cpu
 
 
 @task(name="merge-evaluate-record", task_run_name="{label}", cache_policy=NO_CACHE, persist_result=False)
@@ -27,11 +27,11 @@ def run_candidates(
     if not items:
         return []
     parallel = max(1, min(parallel, len(items)))
-    with _share_cpu(parallel), ThreadPoolTaskRunner(max_workers=parallel) as runner:
+    with share_cpu(parallel), ThreadPoolTaskRunner(max_workers=parallel) as runner:
         futures = [runner.submit(merge_candidate, parameters={"recipe": r, "label": label, "tags": tags, "objective": objective, "overwrite": overwrite}) for r, label in items]
         wait(futures)
     return [future.result() for future in futures]
 
 
 def result_dicts(results: Sequence[CandidateResult]) -> list[dict[str, Any]]:
-    return [r.as_dict() for r in results]
+    return [r.model_dump(mode="json") for r in results]

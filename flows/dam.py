@@ -8,9 +8,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.merge_and_eval import merge_and_eval
+from flows.merge_and_eval import merge_and_eval, the_recipe
 from orchestrator.learned.dam_run import run_dam_training
-from orchestrator.recipe import Recipe, load_recipe, parse_recipe
+from orchestrator.recipe import Recipe
 
 
 @task(name="dam-train", task_run_name="dam-train", cache_policy=NO_CACHE, persist_result=False)
@@ -19,9 +19,12 @@ def dam_train(recipe: Recipe, overwrite: bool) -> dict[str, Any]:
 
 
 @flow(name="dam", description="Train DAM coefficients, then merge with them (dam_apply), evaluate and record.")
-def dam(recipe: dict[str, Any] | str, output: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """``recipe``: a dam_apply recipe with ``fleet.dam`` (see docs/learned.md)."""
-    parsed = load_recipe(recipe) if isinstance(recipe, str) else parse_recipe(recipe)
+def dam(
+    recipe: Recipe | None = None, output: str | None = None, overwrite: bool = False, recipe_file: str | None = None
+) -> dict[str, Any]:
+    """``recipe``: a dam_apply recipe with ``fleet.dam`` (see docs/learned.md); or
+    ``recipe_file``, the path of its YAML file."""
+    parsed = the_recipe(recipe, recipe_file)
     training = dam_train(parsed, overwrite)
-    merged = merge_and_eval(parsed.model_dump(mode="json", exclude_defaults=True), output, overwrite=overwrite)
+    merged = merge_and_eval(parsed, output, overwrite=overwrite)
     return {"training": training, "merge": merged}

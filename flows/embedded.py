@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 from typing import Iterator
 
+from orchestrator.errors import ConfigurationError
+
 
 _STARTED: set[str] = set()
 
@@ -81,7 +83,7 @@ class EmbeddedAPI:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(
+        raise ConfigurationError(
             f"the embedded Prefect API did not start within {timeout:.0f} s; "
             "start one with 'prefect server start' and set PREFECT_API_URL"
         )

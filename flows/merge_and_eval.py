@@ -1,71 +1,82 @@
 """The merge_and_eval flow: plan → shards → assemble → evaluate → track.
 
-Every step is a task in ``flows.tasks``; all the work happens in ``orchestrator/``.
+Each step is a task in ``flows.tasks``; shards run on the runner ``fleet.target`` picks
+(``flows/runners/``); all the work happens in ``orchestrator/``.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prefect import flow
 from prefect.runtime import flow_run
+from pydantic import BaseModel
 
 from flows import tasks
 from flows.outcomes import skipped
+from flows.runners import shard_runner
 from orchestrator.errors import RecipeError
-from orchestrator.recipe import Recipe, load_recipe, parse_recipe
+from orchestrator.evaluate.scores import Evaluation
+from orchestrator.pipeline import MergeSummary
+from orchestrator.plan_ref import open_plan
+from orchestrator.recipe import Recipe, load_recipe
+from orchestrator.tracking.record import TrackedRun
 
 
-def _recipe(recipe: dict[str, Any] | str) -> Recipe:
-    return load_recipe(recipe) if isinstance(recipe, str) else parse_recipe(recipe)
+class MergeAndEvalResult(MergeSummary):
+    """A merge the flow ran: the merge's summary, where its shards ran, its scores and its record."""
+
+    target: str
+    flow_run_id: str
+    evaluation: Evaluation | None
+    tracking: TrackedRun | None
+
+
+class SkippedMerge(BaseModel):
+    """A scheduled run that found nothing to do (``skip_unchanged``)."""
+
+    output: str
+    skipped: bool = True
+    reason: str
+
+
+def the_recipe(recipe: Recipe | None, recipe_file: str | None) -> Recipe:
+    """The recipe a flow run was given: as a recipe (a mapping, for Prefect) or as a file."""
+    if (recipe is None) == (recipe_file is None):
+        raise RecipeError("give the flow a recipe: either recipe= (the recipe itself) or recipe_file= (its YAML file), not both")
+    return recipe if recipe is not None else load_recipe(recipe_file)  # type: ignore[arg-type]
 
 
 @flow(name="merge-and-eval", description="Merge checkpoints from a recipe, evaluate the merge, record it.")
 def merge_and_eval(
-    recipe: dict[str, Any] | str,
+    recipe: Recipe | None = None,
     output: str | None = None,
     overwrite: bool = False,
     skip_unchanged: bool = False,
-) -> dict[str, Any]:
-    """``recipe``: the recipe as a mapping, or the path of its YAML file.
+    recipe_file: str | None = None,
+) -> MergeAndEvalResult | SkippedMerge:
+    """``recipe``: the recipe (a deployment passes it as a mapping); or ``recipe_file``, the
+    path of its YAML file where the flow runs.
     ``output``: where the checkpoint goes (default: fleet.output).
     ``overwrite``: replace a different merge already in ``output``.
     ``skip_unchanged``: do nothing when neither the recipe nor any input changed since
     the last successful merge into ``output`` (a nightly schedule)."""
     started = time.perf_counter()
-    parsed = _recipe(recipe)
-    out = output or parsed.fleet.output
-    if not out:
-        raise RecipeError("no output location: pass output= or set 'fleet: {output: PATH}' in the recipe")
+    parsed = the_recipe(recipe, recipe_file)
+    out = parsed.output_location(output)
 
-    if skip_unchanged:
-        changes = tasks.check_unchanged(parsed, out)
-        if not changes:
-            reason = f"nothing changed since the last successful merge into {out}"
-            # the run ends in this state (Completed, named Skipped); a caller gets its data
-            return skipped({"output": out, "skipped": True, "reason": reason}, reason)  # type: ignore[return-value]
+    if skip_unchanged and not tasks.check_unchanged_task(parsed, out):
+        reason = f"nothing changed since the last successful merge into {out}"
+        # the run ends in this state (Completed, named Skipped); a caller gets its data
+        return skipped(SkippedMerge(output=out, reason=reason), reason)  # type: ignore[return-value]
 
-    plan = tasks.plan_merge(parsed, out, overwrite=overwrite)
-    shards = tasks.run_shards(plan, parsed.fleet)
-    manifest = tasks.assemble_merge(plan["plan_uri"])
-    merge_seconds = time.perf_counter() - started
-    evaluation = tasks.evaluate_merge(parsed, plan["plan_uri"])
-    tracking = tasks.track_merge(plan["plan_uri"], manifest, shards, evaluation, merge_seconds)
-
-    receipts = [shard["receipt"] for shard in shards]
-    return {
-        "plan_id": plan["plan_id"],
-        "output": plan["plan_uri"],
-        "method": plan["method"],
-        "shards": plan["shards"],
-        "shards_skipped": sum(1 for shard in shards if shard["skipped"]),
-        "tensors": plan["tensors"],
-        "bytes_written": sum(r["bytes_written"] for r in receipts),
-        "seconds": round(merge_seconds, 3),
-        "report": manifest.get("report", {}),
-        "target": parsed.fleet.target,
-        "flow_run_id": flow_run.id,
-        "evaluation": evaluation,
-        "tracking": tracking,
-    }
+    plan = tasks.plan_task(parsed, out, overwrite=overwrite)
+    opened = open_plan(plan)
+    shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
+    manifest = tasks.assemble_task(plan)
+    summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
+    evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
+    tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds)
+    return MergeAndEvalResult(
+        **dict(summary), target=parsed.fleet.target, flow_run_id=flow_run.id, evaluation=evaluation, tracking=tracking
+    )

@@ -13,12 +13,12 @@ from typing import Any
 from prefect import flow
 
 from flows.candidates import run_candidates
-from orchestrator.errors import RecipeError
+from flows.merge_and_eval import the_recipe
 from orchestrator.learned.charts import ranking_chart
 from orchestrator.learned.merge_to_mix import Subset, candidates_of, run_merge_to_mix
 from orchestrator.learned.records import child_tags, expert_labels, open_run
 from orchestrator.learned.runs import Objective
-from orchestrator.recipe import load_recipe, parse_recipe
+from orchestrator.recipe import Recipe
 
 
 def ranking_markdown(table: list[dict[str, Any]]) -> str:
@@ -31,20 +31,19 @@ def ranking_markdown(table: list[dict[str, Any]]) -> str:
 
 @flow(name="merge-to-mix", description="Rank data mixtures by merging the models fine-tuned on each dataset.")
 def merge_to_mix(
-    recipe: dict[str, Any] | str,
+    recipe: Recipe | None = None,
     output: str | None = None,
     parallel: int = 2,
     budget: int | None = None,
     objective: Objective = "mean",
     overwrite: bool = False,
+    recipe_file: str | None = None,
 ) -> dict[str, Any]:
-    """``recipe``: the base (optional) and one fine-tuned model per candidate dataset under
-    ``models``, the target task(s) in ``fleet.eval``. ``output``: each subset writes ``<label>/``
-    (``overwrite``: replacing an earlier run's merges)."""
-    parsed = load_recipe(recipe) if isinstance(recipe, str) else parse_recipe(recipe)
-    root = output or parsed.fleet.output
-    if not root:
-        raise RecipeError("merge-to-mix: no output location; give --output or set 'fleet: {output: PATH}' in the recipe")
+    """``recipe`` (or ``recipe_file``, its YAML file): the base (optional) and one fine-tuned
+    model per candidate dataset under ``models``, the target task(s) in ``fleet.eval``.
+    ``output``: each subset writes ``<label>/`` (``overwrite``: replacing an earlier run's merges)."""
+    parsed = the_recipe(recipe, recipe_file)
+    root = parsed.output_location(output)
     names = expert_labels(candidates_of(parsed))
     parent = open_run(tracking_uri=parsed.fleet.tracking_uri, near=root, experiment=parsed.fleet.experiment,
                       name=parsed.name or "merge-to-mix", kind="merge_to_mix")

@@ -7,14 +7,16 @@ Prefect UI and ``prefect flow-run ls`` tell it apart from a run that merged.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypeVar
 
 from prefect.client.schemas.objects import State
 from prefect.states import Completed
 
 SKIPPED = "Skipped"
 
+Result = TypeVar("Result")
 
-def skipped(result: dict[str, Any], reason: str) -> State[dict[str, Any]]:
+
+def skipped(result: Result, reason: str) -> State[Result]:
     """The final state of a run that did nothing; calling the flow still returns ``result``."""
     return Completed(name=SKIPPED, message=reason, data=result)

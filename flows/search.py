@@ -13,11 +13,11 @@ from typing import Any
 from prefect import flow
 
 from flows.candidates import result_dicts, run_candidates
-from orchestrator.errors import RecipeError
+from flows.merge_and_eval import the_recipe
 from orchestrator.learned.records import child_tags, open_run
 from orchestrator.learned.runs import Objective, evaluate_recipe_inputs
 from orchestrator.learned.search import Proposal, best_recipe_yaml, run_search, search_space
-from orchestrator.recipe import load_recipe, parse_recipe
+from orchestrator.recipe import Recipe
 from orchestrator.storage import checkpoint as ckpt
 
 BEST_RECIPE = "best-recipe.yaml"
@@ -25,7 +25,7 @@ BEST_RECIPE = "best-recipe.yaml"
 
 @flow(name="parameter-search", description="Search a merge method's weights and densities with CMA-ES; each trial merged, evaluated and recorded.")
 def parameter_search(
-    recipe: dict[str, Any] | str,
+    recipe: Recipe | None = None,
     budget: int = 16,
     parallel: int = 2,
     output: str | None = None,
@@ -35,14 +35,14 @@ def parameter_search(
     objective: Objective = "mean",
     seed: int = 0,
     overwrite: bool = False,
+    recipe_file: str | None = None,
 ) -> dict[str, Any]:
-    """``output``: where trial ``k`` writes ``trial-k/`` and the best recipe goes
+    """``recipe`` (or ``recipe_file``, its YAML file): the method and the experts to search.
+    ``output``: where trial ``k`` writes ``trial-k/`` and the best recipe goes
     (``best-recipe.yaml``; default: fleet.output). ``overwrite``: replace the merges of an
     earlier search there."""
-    parsed = load_recipe(recipe) if isinstance(recipe, str) else parse_recipe(recipe)
-    root = output or parsed.fleet.output
-    if not root:
-        raise RecipeError("search: no output location; give --output or set 'fleet: {output: PATH}' in the recipe")
+    parsed = the_recipe(recipe, recipe_file)
+    root = parsed.output_location(output)
     space = search_space(parsed, parameters=parameters or ["weight", "density"], layer_groups=layer_groups)
     parent = open_run(tracking_uri=parsed.fleet.tracking_uri, near=root, experiment=parsed.fleet.experiment,
                       name=parsed.name or f"search-{parsed.merge_method}", kind="search")
@@ -69,7 +69,7 @@ def parameter_search(
     return {
         "run_id": parent.run_id,
         "tracking_uri": parent.tracking_uri,
-        "best": result.best.as_dict(),
+        "best": result.best.model_dump(mode="json"),
         "best_recipe": f"{root.rstrip('/')}/{BEST_RECIPE}" if "://" in root else str(Path(root) / BEST_RECIPE),
         "trials": result_dicts(result.trials),
         "seconds": round(result.seconds, 3),

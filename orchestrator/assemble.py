@@ -12,11 +12,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from orchestrator import __version__
 from orchestrator.errors import PlanError
-from orchestrator.plan import Plan, shard_metadata
-from orchestrator.shard import Receipt, add_report, load_receipt
-from orchestrator.storage import checkpoint as ckpt
+from orchestrator.plan import Plan, PlanInput, shard_metadata
+from orchestrator.receipt import Receipt, add_report, load_receipt
+from orchestrator.storage.base import OutputSink
+from orchestrator.storage.checkpoint import open_source
 from orchestrator.storage.safetensors_format import build_header
 from orchestrator.vocabulary import build_output_tokenizer, load_tokenizer
 
@@ -24,9 +27,43 @@ MANIFEST_FILE = "mergefleet.json"
 INDEX_FILE = "model.safetensors.index.json"
 
 
+class ManifestFile(BaseModel):
+    file: str
+    sha256: str
+    bytes: int
+    tensors: int
+
+
+class ManifestShard(BaseModel):
+    index: int
+    seconds: float
+    bytes_read: int
+    bytes_written: int
+    device: str
+
+
+class Manifest(BaseModel):
+    """``mergefleet.json``: what the checkpoint is and how it was made; written last."""
+
+    mergefleet_version: str
+    plan_id: str
+    recipe_sha256: str
+    recipe: dict[str, Any]
+    method: str
+    out_dtype: str
+    inputs: list[PlanInput]
+    files: list[ManifestFile]
+    shards: list[ManifestShard]
+    tokenizer_files: list[str]
+    report: dict[str, Any]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2)
+
+
 def collect_receipts(plan: Plan) -> list[Receipt]:
     """Every shard's receipt, checked against the plan; names the first shard that is not done."""
-    sink = ckpt.open_output(plan.output, storage=plan.storage)
+    sink = plan.output_sink()
     receipts = []
     for shard in plan.shards:
         receipt = load_receipt(sink, shard.index)
@@ -54,18 +91,18 @@ def _expected_size(plan: Plan, index: int) -> int:
 
 
 
-def write_tokenizer(plan: Plan, sink: Any) -> list[str]:
+def write_tokenizer(plan: Plan, sink: OutputSink) -> list[str]:
     """Copy the tokenizer source's files, or save the union tokenizer; apply the chat template."""
     files: dict[str, bytes] = {}
     if plan.tokenizer_mode == "union":
-        sources = {inp.name: ckpt.open_source(inp.ref, storage=plan.storage) for inp in plan.inputs}
+        sources = {inp.name: open_source(inp.ref, storage=plan.storage) for inp in plan.inputs}
         tokenizers = {name: load_tokenizer(source) for name, source in sources.items()}
         base = plan.inputs[plan.base if plan.base is not None else 0].name
         with tempfile.TemporaryDirectory(prefix="mergefleet-tokenizer-") as scratch:
             build_output_tokenizer("union", tokenizers, base).save_pretrained(scratch)
             files = {path.name: path.read_bytes() for path in Path(scratch).iterdir() if path.is_file()}
     elif plan.tokenizer_source is not None:
-        source = ckpt.open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
+        source = open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
         files = {name: source.read_file(name) for name in plan.tokenizer_files}
     if plan.chat_template is not None:
         files["chat_template.jinja"] = plan.chat_template.encode()
@@ -78,10 +115,10 @@ def write_tokenizer(plan: Plan, sink: Any) -> list[str]:
     return sorted(files)
 
 
-def assemble(plan: Plan) -> dict[str, Any]:
+def assemble(plan: Plan) -> Manifest:
     """Write index, config, tokenizer files and the manifest; return the manifest."""
     receipts = collect_receipts(plan)
-    sink = ckpt.open_output(plan.output, storage=plan.storage)
+    sink = plan.output_sink()
 
     weight_map = {name: receipt.file for receipt in receipts for name in receipt.tensors}
     total_size = sum(t.out_bytes for shard in plan.shards for t in shard.tensors)
@@ -100,23 +137,21 @@ def assemble(plan: Plan) -> dict[str, Any]:
             for dropped, topk in zip(report["protected_dropped"], report["protected_topk"])
         ]
 
-    manifest = {
-        "mergefleet_version": __version__,
-        "plan_id": plan.plan_id,
-        "recipe_sha256": plan.recipe_hash,
-        "recipe": plan.recipe,
-        "method": plan.method,
-        "out_dtype": plan.out_dtype,
-        "inputs": [inp.model_dump() for inp in plan.inputs],
-        "files": [
-            {"file": r.file, "sha256": r.sha256, "bytes": r.bytes_written, "tensors": len(r.tensors)} for r in receipts
-        ],
-        "shards": [
-            {"index": r.index, "seconds": r.seconds, "bytes_read": r.bytes_read, "bytes_written": r.bytes_written, "device": r.device}
+    manifest = Manifest(
+        mergefleet_version=__version__,
+        plan_id=plan.plan_id,
+        recipe_sha256=plan.recipe_hash,
+        recipe=plan.recipe,
+        method=plan.method,
+        out_dtype=plan.out_dtype,
+        inputs=plan.inputs,
+        files=[ManifestFile(file=r.file, sha256=r.sha256, bytes=r.bytes_written, tensors=len(r.tensors)) for r in receipts],
+        shards=[
+            ManifestShard(index=r.index, seconds=r.seconds, bytes_read=r.bytes_read, bytes_written=r.bytes_written, device=r.device)
             for r in receipts
         ],
-        "tokenizer_files": copied,
-        "report": report,
-    }
-    sink.write_file(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+        tokenizer_files=copied,
+        report=report,
+    )
+    sink.write_file(MANIFEST_FILE, manifest.to_json().encode())
     return manifest

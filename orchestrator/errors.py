@@ -1,7 +1,9 @@
 """Typed errors. Each message names the thing at fault and says what to do.
 
-The CLI prints ``str(error)`` as one line and exits non-zero; nothing else in the
-library catches these.
+The CLI prints ``str(error)`` as one line and exits with the error's ``exit_code``;
+nothing else in the library catches these. Exit codes: 2 recipe, 3 checkpoint, 4 plan,
+5 merge, 6 output, 7 evaluation, 8 tracking, 9 configuration (a deployment that cannot be
+registered is one), 10 cluster, 11 training.
 """
 
 from __future__ import annotations
@@ -55,11 +57,17 @@ class TrackingError(MergefleetError):
     exit_code = 8
 
 
-class DeploymentError(MergefleetError):
-    """A deployment cannot be registered: the Prefect server does not answer, a work pool is
-    missing or cannot run the flows, or the schedule is not one Prefect accepts."""
+class ConfigurationError(MergefleetError):
+    """What the run needs around it is not set up: a Prefect server, a work pool, a
+    deployment, a concurrency limit, a device. Nothing is wrong with the recipe or the
+    inputs; the message says what to start, create or set."""
 
     exit_code = 9
+
+
+class DeploymentError(ConfigurationError):
+    """A deployment cannot be registered: the Prefect server does not answer, a work pool is
+    missing or cannot run the flows, or the schedule is not one Prefect accepts."""
 
 
 class ClusterError(MergefleetError):

@@ -8,7 +8,6 @@ inputs and every parameter already resolved to a number.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -19,13 +18,15 @@ from pydantic import BaseModel
 
 from orchestrator.chat_templates import resolve_chat_template
 from orchestrator.errors import CheckpointError, PlanError, RecipeError
+from orchestrator.hashing import stable_hash
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec
 from orchestrator.parameters import check_parameter_names, layer_index, recipe_parameter_scopes, resolve_tensor_parameters
 from orchestrator.recipe import Recipe
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
-from orchestrator.storage import checkpoint as ckpt
-from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, StorageOptions, TensorInfo
+from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
+from orchestrator.storage.checkpoint import fingerprints, open_output, read_config, read_tensor_index, shard_file_name
+from orchestrator.storage.convert import open_checkpoint
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
 from orchestrator.vocabulary import (
     TOKENIZER_FILES,
@@ -135,6 +136,10 @@ class Plan(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=1)
 
+    def output_sink(self) -> OutputSink:
+        """The output location, opened the way every shard of this plan opens it."""
+        return open_output(self.output, storage=self.storage)
+
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "plan") -> "Plan":
         try:
@@ -154,10 +159,6 @@ def shard_metadata(plan: "Plan", index: int) -> dict[str, str]:
         "mergefleet_recipe_sha256": plan.recipe_hash,
         "mergefleet_shard": f"{index + 1}/{len(plan.shards)}",
     }
-
-
-def shard_file_name(index: int, count: int) -> str:
-    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
 def plan_layer_groups(sizes: list[int], count: int) -> list[tuple[int, int]]:
@@ -290,10 +291,10 @@ def build_plan(
     refs = recipe.model_refs()
     allow = recipe.fleet.allow_pickle if allow_pickle is None else allow_pickle
     sources: dict[str, CheckpointSource] = {
-        ref: ckpt.open_checkpoint(ref, allow_pickle=allow, scratch=scratch, storage=recipe.fleet.storage) for ref in refs
+        ref: open_checkpoint(ref, allow_pickle=allow, scratch=scratch, storage=recipe.fleet.storage) for ref in refs
     }
-    configs = {ref: ckpt.read_config(source) for ref, source in sources.items()}
-    indexes = {ref: ckpt.read_tensor_index(source) for ref, source in sources.items()}
+    configs = {ref: read_config(source) for ref, source in sources.items()}
+    indexes = {ref: read_tensor_index(source) for ref, source in sources.items()}
     reference = recipe.base_model or refs[0]
     _check_architectures(refs, configs, reference)
 
@@ -354,7 +355,7 @@ def build_plan(
     planned_shards = cut_into_shards(planned, shard_count)
 
     inputs = [
-        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in ckpt.fingerprints(sources[ref])])
+        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in fingerprints(sources[ref])])
         for ref in refs
     ]
     tokenizer_ref = recipe.tokenizer_source if recipe.tokenizer_source in refs else reference
@@ -370,7 +371,7 @@ def build_plan(
         "shards": shard_count,
         "out_dtype": out_dtype,
     }
-    plan_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    plan_id = stable_hash(identity, length=16)
     return Plan(
         plan_id=plan_id,
         recipe=recipe.model_dump(mode="json", exclude_defaults=True),
@@ -423,47 +424,6 @@ def _plan_vocabulary(
     if all(r == identity and sizes[ref] == size for ref, r in rows.items()):
         return None, "union" if mode == "union" else None
     return _Vocabulary(size, rows), "union" if mode == "union" else None
-
-
-WORKING_SET_BYTES = 64 << 20
-"""Method scratch beyond the tensors themselves (chunk buffers, histograms): a generous bound."""
-
-
-def tensor_peak_bytes(tensor: PlannedTensor, following: PlannedTensor | None, method: MethodSpec) -> int:
-    """Memory a shard holds while merging ``tensor``: its inputs (or their read windows when
-    streamed), the next tensor's inputs (read ahead), the float32 result, its cast copy and
-    the method's working set."""
-    from orchestrator.shard import should_stream
-    from orchestrator.streaming import WINDOW_BYTES
-
-    def held(t: PlannedTensor) -> int:
-        return WINDOW_BYTES * len(t.reads) if should_stream(method, t, "cpu") else t.in_bytes
-
-    elements = tensor.out_bytes // DTYPE_SIZES[tensor.out_dtype]
-    ahead = held(following) if following is not None else 0
-    permuted = tensor.out_bytes * len(tensor.reads) if tensor.vocab else 0
-    return held(tensor) + ahead + permuted + elements * 4 + tensor.out_bytes + WORKING_SET_BYTES
-
-
-def explain_plan(plan: Plan) -> list[dict[str, Any]]:
-    """Per shard and tensor group: tensors, bytes read, bytes written and the expected peak memory."""
-    method = get_method(plan.method)
-    rows: list[dict[str, Any]] = []
-    for shard in plan.shards:
-        tensors = shard.tensors
-        for position, tensor in enumerate(tensors):
-            following = tensors[position + 1] if position + 1 < len(tensors) else None
-            peak = tensor_peak_bytes(tensor, following, method)
-            if rows and rows[-1]["shard"] == shard.index and rows[-1]["group"] == tensor.group:
-                row = rows[-1]
-            else:
-                row = {"shard": shard.index, "group": tensor.group, "tensors": 0, "bytes_read": 0, "bytes_written": 0, "peak_bytes": 0}
-                rows.append(row)
-            row["tensors"] += 1
-            row["bytes_read"] += tensor.in_bytes
-            row["bytes_written"] += tensor.out_bytes
-            row["peak_bytes"] = max(row["peak_bytes"], peak)
-    return rows
 
 
 def cut_into_shards(tensors: list[PlannedTensor], count: int) -> list[PlannedShard]:

@@ -6,8 +6,6 @@ of wrong merges) and every error names the key at fault and what is allowed.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -15,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import RecipeError
+from orchestrator.hashing import stable_hash
 from orchestrator.learned.settings import DamSettings
 from orchestrator.storage.base import StorageOptions
 
@@ -110,7 +109,7 @@ class FleetSettings(BaseModel):
     # 'gpu'); with concurrency_slots the flow creates it or sets its size.
     concurrency_limit: str | None = None
     concurrency_slots: int | None = Field(default=None, ge=1)
-    # Evaluation and lineage (orchestrator/evaluate.py, orchestrator/tracking.py)
+    # Evaluation and lineage (orchestrator/evaluate/, orchestrator/tracking/)
     eval: EvalSettings | None = None
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite beside the output
     experiment: str = "mergefleet"
@@ -177,8 +176,18 @@ class Recipe(BaseModel):
 
     def recipe_hash(self) -> str:
         """Hash of what changes the weights: everything but ``fleet``."""
-        body = self.model_dump(mode="json", exclude={"fleet"})
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        return stable_hash(self.model_dump(mode="json", exclude={"fleet"}))
+
+    def output_location(self, explicit: str | None = None) -> str:
+        """Where the merge goes: ``explicit`` (OUT or ``--output`` on the command line,
+        ``output=`` in Python), else ``fleet.output``."""
+        chosen = explicit or self.fleet.output
+        if not chosen:
+            raise RecipeError(
+                "no output location: give OUT (or --output) on the command line (output= in Python) or set "
+                "'fleet: {output: PATH}' in the recipe"
+            )
+        return chosen
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -8,15 +8,15 @@ recorded, and that manifest exists only once a merge has finished.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from orchestrator.assemble import MANIFEST_FILE
+from orchestrator.assemble import MANIFEST_FILE, Manifest
 from orchestrator.recipe import Recipe, parse_recipe
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.convert import open_checkpoint
 
 
 def _absolute(ref: str | None, root: Path) -> str | None:
@@ -67,7 +67,7 @@ def deployed_tracking_uri(recipe: Recipe, output: str, root: Path) -> str | None
     temporary directory. None for a remote output without either: the worker's
     ``$MLFLOW_TRACKING_URI``, else ``~/.mergefleet/mlflow.db`` in the worker's home.
     """
-    from orchestrator.tracking import default_tracking_uri
+    from orchestrator.tracking.store import default_tracking_uri
 
     chosen = recipe.fleet.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if chosen:
@@ -81,33 +81,31 @@ def changes_since_last_merge(recipe: Recipe, output: str) -> list[str]:
     Compares the recipe hash, every input's fingerprints (size and mtime or ETag of its
     weight files, index and config) and the presence of the output's files.
     """
-    storage = getattr(recipe.fleet, "storage", None)  # S3 settings, where recipes carry them
-    options = {} if storage is None else {"storage": storage}
-    sink = ckpt.open_output(output, **options)
+    storage = recipe.fleet.storage
+    sink = ckpt.open_output(output, storage=storage)
     if not sink.exists(MANIFEST_FILE):
         return [f"{sink.uri} holds no finished merge yet"]
     try:
-        manifest = json.loads(sink.read_file(MANIFEST_FILE))
-        recorded = {entry["name"]: entry["fingerprints"] for entry in manifest["inputs"]}
-        recipe_hash, files = manifest["recipe_sha256"], manifest["files"]
-    except (ValueError, KeyError, TypeError):
+        manifest = Manifest.model_validate_json(sink.read_file(MANIFEST_FILE))
+    except ValueError:
         return [f"{sink.uri}/{MANIFEST_FILE} is unreadable"]
+    recorded = {entry.name: entry.fingerprints for entry in manifest.inputs}
 
     changes = []
-    if recipe_hash != recipe.recipe_hash():
+    if manifest.recipe_sha256 != recipe.recipe_hash():
         changes.append("the recipe changed")
     for ref in recipe.model_refs():
         if ref not in recorded:
             changes.append(f"{ref} is a new input")
             continue
-        source = ckpt.open_checkpoint(ref, allow_pickle=recipe.fleet.allow_pickle, **options)
+        source = open_checkpoint(ref, allow_pickle=recipe.fleet.allow_pickle, storage=storage)
         now = [asdict(fp) for fp in ckpt.fingerprints(source)]
         if now != recorded[ref]:
             before = {fp["file"]: fp for fp in recorded[ref]}
             changed = [fp["file"] for fp in now if before.get(fp["file"]) != fp]
             changed += [name for name in before if name not in {fp["file"] for fp in now}]
             changes.append(f"{ref} changed ({', '.join(sorted(set(changed)))})")
-    for entry in files:
-        if not sink.exists(entry["file"]):
-            changes.append(f"{sink.uri}/{entry['file']} is missing")
+    for entry in manifest.files:
+        if not sink.exists(entry.file):
+            changes.append(f"{sink.uri}/{entry.file} is missing")
     return changes

@@ -1,8 +1,10 @@
 """One shard: read its tensors from every input, merge them, stream the result out.
 
 The shard file appears under its final name only once it is complete, and a receipt
-(``.mergefleet/shard-{i}.json``) records what was written. A shard whose receipt
-matches the plan is not run again, so a re-run after a crash does only missing work.
+(``.mergefleet/shard-{i}.json``, ``orchestrator/receipt.py``) records what was written. A
+shard whose receipt matches the plan is not run again, so a re-run after a crash does only
+missing work. Where shards run (this process, worker processes, Prefect, pods) is a shard
+runner's business (``orchestrator/runners/``); this module is what each of them calls.
 """
 
 from __future__ import annotations
@@ -14,16 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
-from pydantic import BaseModel
 
-from orchestrator.errors import MergeError, PlanError
+from orchestrator.errors import ConfigurationError, PlanError
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec, TensorTask, tensor_seed
 from orchestrator.plan import Plan, PlannedShard, PlannedTensor, shard_metadata
-from orchestrator.storage import checkpoint as ckpt
-from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, TensorInfo
+from orchestrator.receipt import Receipt, ShardOutcome, add_report, finished_receipt, receipt_file
+from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, TensorInfo
+from orchestrator.storage.checkpoint import describe_version, fingerprints, open_source
 from orchestrator.storage.safetensors_format import torch_dtype
-from orchestrator.streaming import StoredTensor
+from orchestrator.storage.tensors import prefetch, read_tensor
+from orchestrator.storage.writer import SafetensorsWriter
+from orchestrator.streaming import StoredTensor, StreamingPolicy
 from orchestrator.vocabulary import permute_rows
 
 log = logging.getLogger(__name__)
@@ -31,72 +35,27 @@ log = logging.getLogger(__name__)
 OnTensor = Callable[[str, int], None]
 """Progress callback: (tensor name, output bytes written)."""
 
-
-class Receipt(BaseModel):
-    plan_id: str
-    index: int
-    file: str
-    tensors: list[str]
-    bytes_written: int
-    sha256: str
-    seconds: float
-    bytes_read: int
-    tensor_bytes: int
-    device: str
-    report: dict[str, Any] = {}
-
-
-def receipt_file(index: int) -> str:
-    return f".mergefleet/shard-{index}.json"
-
-
-def load_receipt(sink: OutputSink, index: int) -> Receipt | None:
-    name = receipt_file(index)
-    if not sink.exists(name):
-        return None
-    try:
-        return Receipt.model_validate_json(sink.read_file(name))
-    except ValueError:
-        log.warning("receipt %s/%s is unreadable; the shard will run again", sink.uri, name)
-        return None
-
-
-def finished_receipt(plan: Plan, sink: OutputSink, index: int) -> Receipt | None:
-    """The receipt of a shard already done for this plan, if its file is still there."""
-    receipt = load_receipt(sink, index)
-    shard = plan.shard(index)
-    if receipt is None or receipt.plan_id != plan.plan_id or receipt.file != shard.file:
-        return None
-    if not sink.exists(shard.file):
-        return None
-    return receipt
+PauseHook = Callable[[int, int], None]
+"""Called after each tensor is written, with the shard's index and the tensors written so
+far, while the shard file is still open: a test holds a shard here to interrupt it mid-write."""
 
 
 def check_inputs_unchanged(plan: Plan, sources: list[CheckpointSource]) -> None:
     """Refuse to merge inputs that changed after planning: the plan's offsets would lie."""
     for planned, source in zip(plan.inputs, sources):
-        current = {fp.file: fp for fp in ckpt.fingerprints(source)}
+        current = {fp.file: fp for fp in fingerprints(source)}
         for recorded in planned.fingerprints:
             now = current.get(recorded["file"])
             if now is None or now.size != recorded["size"] or now.version != recorded["version"]:
                 raise PlanError(
                     f"input {planned.ref} changed after planning ({recorded['file']}: "
-                    f"planned size {recorded['size']} {ckpt.describe_version(recorded['version'])}, now "
-                    f"{'missing' if now is None else f'size {now.size} {ckpt.describe_version(now.version)}'}); "
+                    f"planned size {recorded['size']} {describe_version(recorded['version'])}, now "
+                    f"{'missing' if now is None else f'size {now.size} {describe_version(now.version)}'}); "
                     "run 'mergefleet plan' again (or 'mergefleet merge --overwrite')"
                 )
 
 
-EAGER_INPUT_BYTES = 2 << 30
-"""Above this many input bytes for one tensor, a streaming method reads its inputs a window
-at a time (``StoredTensor``) instead of loading them, so memory does not grow with the tensor."""
-
-
-def should_stream(method: MethodSpec, tensor: PlannedTensor, device: str, *, limit: int = EAGER_INPUT_BYTES) -> bool:
-    return method.streams_inputs and device == "cpu" and not tensor.vocab and tensor.in_bytes > limit
-
-
-def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream: bool) -> list[torch.Tensor]:
+def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream: bool, window_bytes: int) -> list[torch.Tensor]:
     inputs: list[Any] = []
     for read in tensor.reads:
         shape = tuple(tensor.shape)
@@ -105,7 +64,7 @@ def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream:
             shape = ((read.end - read.begin) // row_bytes, *shape[1:])
         info = TensorInfo(read.name, read.dtype, shape, read.file, read.begin, read.end)
         source = sources[read.input]
-        inputs.append(StoredTensor(source, info) if stream else ckpt.read_tensor(source, info))
+        inputs.append(StoredTensor(source, info, window_bytes=window_bytes) if stream else read_tensor(source, info))
     return inputs
 
 
@@ -138,16 +97,6 @@ def merge_tensor(
     return merged.contiguous(), result.report
 
 
-def add_report(total: dict[str, Any], report: dict[str, Any]) -> None:
-    """Sum a tensor's (or shard's) method report into a running total, list-wise."""
-    for key, value in report.items():
-        if isinstance(value, list):
-            current = total.setdefault(key, [0] * len(value))
-            total[key] = [a + b for a, b in zip(current, value)]
-        elif isinstance(value, (int, float)):
-            total[key] = total.get(key, 0) + value
-
-
 def run_shard(
     plan: Plan,
     index: int,
@@ -155,46 +104,51 @@ def run_shard(
     device: str = "cpu",
     on_tensor: OnTensor | None = None,
     force: bool = False,
-) -> tuple[Receipt, bool]:
-    """Run shard ``index`` of ``plan``; returns its receipt and whether it was skipped."""
+    streaming: StreamingPolicy = StreamingPolicy(),
+    pause: PauseHook | None = None,
+) -> ShardOutcome:
+    """Run shard ``index`` of ``plan`` (skipped when its receipt says it is done, unless ``force``)."""
     shard: PlannedShard = plan.shard(index)
-    sink = ckpt.open_output(plan.output, storage=plan.storage)
+    sink = plan.output_sink()
     if not force:
         done = finished_receipt(plan, sink, index)
         if done is not None:
             for tensor in shard.tensors if on_tensor else ():
                 on_tensor(tensor.name, tensor.out_bytes)
-            return done, True
+            return ShardOutcome(receipt=done, skipped=True)
     if device == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device cpu")
+        raise ConfigurationError("--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); use --device cpu")
 
     method = get_method(plan.method)
-    sources = [ckpt.open_source(inp.ref, storage=plan.storage) for inp in plan.inputs]
+    sources = [open_source(inp.ref, storage=plan.storage) for inp in plan.inputs]
     check_inputs_unchanged(plan, sources)
     for position, source in enumerate(sources):
         source.bytes_read = 0
-        ckpt.prefetch(source, [(r.file, r.begin, r.end) for t in shard.tensors for r in t.reads if r.input == position])
+        prefetch(source, [(r.file, r.begin, r.end) for t in shard.tensors for r in t.reads if r.input == position])
 
     started = time.perf_counter()
     report: dict[str, Any] = {}
+    streamed = [streaming.streams(method, tensor, device) for tensor in shard.tensors]
     entries = [(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors]
-    metadata = shard_metadata(plan, index)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as prefetch:
-        def read(tensor: PlannedTensor) -> Any:
-            return prefetch.submit(_read_inputs, sources, tensor, should_stream(method, tensor, device))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as reader:
 
-        pending = read(shard.tensors[0]) if shard.tensors else None
-        with ckpt.SafetensorsWriter(sink, shard.file, entries, metadata) as writer:
+        def read(position: int) -> Any:
+            return reader.submit(_read_inputs, sources, shard.tensors[position], streamed[position], streaming.window_bytes)
+
+        pending = read(0) if shard.tensors else None
+        with SafetensorsWriter(sink, shard.file, entries, shard_metadata(plan, index)) as writer:
             for position, tensor in enumerate(shard.tensors):
                 inputs = pending.result()
                 if position + 1 < len(shard.tensors):
-                    pending = read(shard.tensors[position + 1])
+                    pending = read(position + 1)
                 merged, tensor_report = merge_tensor(plan, method, tensor, inputs, device)
                 del inputs
                 add_report(report, tensor_report)
                 writer.write(tensor.name, merged)
                 if on_tensor:
                     on_tensor(tensor.name, tensor.out_bytes)
+                if pause:
+                    pause(index, position + 1)
         sha256, written = writer.sha256, writer.bytes_written
 
     receipt = Receipt(
@@ -208,7 +162,8 @@ def run_shard(
         bytes_read=sum(source.bytes_read for source in sources),
         tensor_bytes=shard.in_bytes,
         device=device,
+        tensors_streamed=sum(streamed),
         report=report,
     )
     sink.write_file(receipt_file(index), receipt.model_dump_json(indent=1).encode())
-    return receipt, False
+    return ShardOutcome(receipt=receipt, skipped=False)

@@ -6,32 +6,57 @@ handed a ``StoredTensor`` instead of a loaded one. It answers the few questions 
 methods ask of their inputs (shape, dtype, device, ``numel``, a flat view, a slice of
 elements) and reads each slice through a window of ``window_bytes``, so memory stays
 bounded by the window times the number of inputs, whatever the tensor's size.
+
+``StreamingPolicy`` says which tensors stream; a shard runner passes one to every shard.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import CheckpointSource, TensorInfo
 from orchestrator.storage.safetensors_format import torch_dtype
+from orchestrator.storage.tensors import read_tensor
 
-WINDOW_BYTES = 32 << 20
+if TYPE_CHECKING:
+    from orchestrator.methods.base import MethodSpec
+    from orchestrator.plan import PlannedTensor
+
+
+@dataclass(frozen=True)
+class StreamingPolicy:
+    """When a tensor's inputs are read a window at a time instead of loaded whole.
+
+    A method that declares ``streams_inputs`` streams a tensor on the CPU once its inputs
+    exceed ``threshold_bytes`` together (vocabulary tensors, permuted row by row, never do).
+    """
+
+    threshold_bytes: int = 2 << 30
+    window_bytes: int = 32 << 20
+
+    def __post_init__(self) -> None:
+        if self.threshold_bytes < 0 or self.window_bytes < 1:
+            raise ValueError(f"a streaming threshold of {self.threshold_bytes} bytes and window of {self.window_bytes} bytes")
+
+    def streams(self, method: "MethodSpec", tensor: "PlannedTensor", device: str) -> bool:
+        return method.streams_inputs and device == "cpu" and not tensor.vocab and tensor.in_bytes > self.threshold_bytes
 
 
 class StoredTensor:
     """A tensor in a checkpoint, read on demand; slicing its flat view returns a real tensor."""
 
-    def __init__(self, source: CheckpointSource, info: TensorInfo, *, window_bytes: int | None = None) -> None:
+    def __init__(self, source: CheckpointSource, info: TensorInfo, *, window_bytes: int) -> None:
         self.source = source
         self.info = info
         self.shape = torch.Size(info.shape)
         self.dtype = torch_dtype(info.dtype)
         self.device = torch.device("cpu")
         self._itemsize = torch.empty((), dtype=self.dtype).element_size()
-        self._window_elements = max(1, (window_bytes or WINDOW_BYTES) // self._itemsize)
+        self._window_elements = max(1, window_bytes // self._itemsize)
         self._window: torch.Tensor | None = None
         self._window_start = 0
         self._flat = False
@@ -71,12 +96,12 @@ class StoredTensor:
         begin = self.info.begin + start * self._itemsize
         part = TensorInfo(self.info.name, self.info.dtype, (length,), self.info.file, begin, begin + length * self._itemsize)
         self._window = None  # let the old window go before the new one is read
-        self._window = ckpt.read_tensor(self.source, part)
+        self._window = read_tensor(self.source, part)
         self._window_start = start
 
     def to(self, dtype: torch.dtype, copy: bool = False) -> torch.Tensor:  # noqa: ARG002 - torch's signature
         """The whole tensor, loaded: only for the rare path that needs it all."""
-        return ckpt.read_tensor(self.source, self.info).to(dtype, copy=True)
+        return read_tensor(self.source, self.info).to(dtype, copy=True)
 
     def __repr__(self) -> str:
         return f"StoredTensor({self.info.name!r}, {self.info.dtype}, {list(self.info.shape)})"

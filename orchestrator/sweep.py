@@ -1,7 +1,7 @@
 """A sweep: one recipe, a grid of methods and parameters, a merge per grid point.
 
 Every point merges the same inputs, so their evaluations are computed once and cached
-(``orchestrator.evaluate``), and every merge is an MLflow run in the same experiment,
+(``orchestrator/evaluate/``), and every merge is an MLflow run in the same experiment,
 tagged ``mergefleet.sweep``, side by side in the MLflow UI and in ``mergefleet compare``.
 
 The grid::
@@ -16,20 +16,29 @@ ignored parameters are merged once.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
-from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from orchestrator.errors import RecipeError
+from orchestrator.hashing import stable_hash
 from orchestrator.methods import get_method
-from orchestrator.recipe import Recipe, parse_recipe
+from orchestrator.recipe import Recipe, Scalar, parse_recipe
 
 
-@dataclass
-class SweepPoint:
+class SweepGrid(BaseModel):
+    """The grid: methods (default: the recipe's) and values per parameter (a list, or one value)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[str] = Field(default_factory=list)
+    parameters: dict[str, list[Scalar] | Scalar] = Field(default_factory=dict)
+
+
+class SweepPoint(BaseModel):
     label: str  # e.g. ties-weight1.0-density0.3; also the run's name and the output's last part
     method: str
     parameters: dict[str, Any]
@@ -40,18 +49,13 @@ def _label(method: str, parameters: dict[str, Any]) -> str:
     return "-".join([method] + [f"{key}{value}" for key, value in parameters.items()])
 
 
-def expand_grid(recipe: Recipe, grid: dict[str, Any], *, output: str | None = None) -> list[SweepPoint]:
+def expand_grid(recipe: Recipe, grid: SweepGrid, *, output: str | None = None) -> list[SweepPoint]:
     """One recipe per grid point, each writing to ``<output>/<label>``."""
-    unknown = sorted(set(grid) - {"methods", "parameters"})
-    if unknown:
-        raise RecipeError(f"sweep grid: unknown key(s) {', '.join(unknown)}; allowed: methods, parameters")
-    methods = list(grid.get("methods") or [recipe.merge_method])
+    methods = list(grid.methods or [recipe.merge_method])
     parameters: dict[str, list[Any]] = {
-        key: (list(values) if isinstance(values, (list, tuple)) else [values]) for key, values in (grid.get("parameters") or {}).items()
+        key: (list(values) if isinstance(values, list) else [values]) for key, values in grid.parameters.items()
     }
-    root = output or recipe.fleet.output
-    if not root:
-        raise RecipeError("sweep: no output location; give output= or set 'fleet: {output: PATH}' in the recipe")
+    root = recipe.output_location(output)
     data = recipe.model_dump(mode="json", exclude_defaults=True)
     base = recipe.base_model
     points: list[SweepPoint] = []
@@ -86,7 +90,6 @@ def expand_grid(recipe: Recipe, grid: dict[str, Any], *, output: str | None = No
     return points
 
 
-def sweep_id(recipe: Recipe, grid: dict[str, Any]) -> str:
+def sweep_id(recipe: Recipe, grid: SweepGrid) -> str:
     """A short id of the recipe and grid, for the runs' ``mergefleet.sweep`` tag."""
-    identity = json.dumps([recipe.recipe_hash(), grid], sort_keys=True, default=str)
-    return hashlib.sha256(identity.encode()).hexdigest()[:12]
+    return stable_hash([recipe.recipe_hash(), grid.model_dump(exclude_unset=True)], length=12)

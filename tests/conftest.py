@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.synthetic import fine_tuned, random_weights, save_checkpoint
+from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY
+
+
+SLOW_FIXTURES = {"skill_models", "prefect_harness", "real_prefect_server"}
+"""A test that trains the skill models or starts a Prefect server is slow, whatever else it does."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +71,7 @@ def real_prefect_server(tmp_path_factory: pytest.TempPathFactory):
 def skill_models(tmp_path_factory: pytest.TempPathFactory):
     """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
     trained here on CPU (about 20 s)."""
-    from orchestrator.skills import SkillsConfig, build_skills
+    from mergefleet.fixtures.skills import SkillsConfig, build_skills
 
     return build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
 

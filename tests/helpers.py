@@ -1,13 +1,20 @@
-"""Helpers the tests share: tiny shapes and recipe builders."""
+"""Helpers the tests share: tiny shapes, recipe builders, reading a merged checkpoint back."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from safetensors import safe_open
 
-from orchestrator.synthetic import LlamaShape
+from mergefleet.fixtures.synthetic import LlamaShape
+
+MERGEFLEET = [sys.executable, "-m", "mergefleet"]
+"""The command line, as the installed package runs it (whatever the console script points at)."""
 
 TINY = LlamaShape(hidden=32, layers=8, intermediate=64, vocab=96, heads=4, kv_heads=2)
 
@@ -28,3 +35,25 @@ def gta_recipe(method: str, base: Path, experts: list[Path], **extra: Any) -> di
     recipe = {"merge_method": method, "base_model": str(base), "models": models, "random_seed": 11}
     recipe.update(extra)
     return recipe
+
+
+def read_tensors(output: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    tensors = {}
+    for file in sorted(set(index["weight_map"].values())):
+        with safe_open(output / file, "pt") as handle:
+            for name in handle.keys():
+                tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+def checkpoint_bytes(out: Path) -> dict[str, bytes]:
+    names = [p.name for p in out.glob("*.safetensors")] + ["model.safetensors.index.json", "config.json"]
+    return {name: (out / name).read_bytes() for name in sorted(names)}

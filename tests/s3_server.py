@@ -1,5 +1,6 @@
-"""A real S3 HTTP server for the tests: moto in server mode on 127.0.0.1, started and
-stopped by the tests themselves. Nothing here mocks a client: every call goes over HTTP.
+"""A real S3 HTTP server for the tests: moto in server mode on 127.0.0.1, started (by the
+same launcher as ``infra/s3_server.py``) and stopped by the tests themselves. Nothing here
+mocks a client: every call goes over HTTP.
 
 ``s3_server`` (session scope) starts it, points the ``AWS_*`` environment at it with
 fake keys, and stops it afterwards. ``FlakyProxy`` sits in front of it and injects
@@ -12,7 +13,6 @@ import contextlib
 import http.client
 import http.server
 import json
-import logging
 import os
 import threading
 import urllib.request
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from infra.s3_server import start as start_s3_server
 
 ACCESS_KEY = "AKIAMERGEFLEETTEST01"
 SECRET_KEY = "mergefleet-test-secret-never-in-outputs-7f3a9c"
@@ -45,6 +47,17 @@ class S3Server:
             client.upload_file(str(file), bucket, f"{prefix}/{file.relative_to(path).as_posix()}")
         return f"s3://{bucket}/{prefix}"
 
+    def download(self, uri: str, dest: Path) -> Path:
+        """Every object under ``uri`` into ``dest`` (so local readers can check it)."""
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        client = self.client()
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
+            for item in page.get("Contents", []):
+                target = dest / item["Key"][len(prefix) + 1 :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                client.download_file(bucket, item["Key"], str(target))
+        return dest
+
     def bucket(self, name: str) -> str:
         client = self.client()
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
@@ -68,26 +81,29 @@ class S3Server:
             reset("inf")
 
 
+def s3_credentials() -> dict[str, str]:
+    """The AWS environment of the tests' S3 server, without its endpoint: fake keys, and no
+    profile, config file or instance metadata to fall back on."""
+    return {
+        "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
+    """The S3 server of ``infra/s3_server.py`` on a free port, for the whole session."""
+    server, endpoint = start_s3_server("127.0.0.1", 0)
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
             if name.startswith("AWS_"):
                 patch.delenv(name)
-        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
-        patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
-        patch.setenv("AWS_DEFAULT_REGION", REGION)
-        patch.setenv("AWS_ENDPOINT_URL", endpoint)
-        patch.setenv("AWS_CONFIG_FILE", os.devnull)
-        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        for name, value in (s3_credentials() | {"AWS_ENDPOINT_URL": endpoint}).items():
+            patch.setenv(name, value)
         try:
             yield S3Server(endpoint)
         finally:

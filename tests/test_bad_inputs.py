@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orchestrator import cli
+from mergefleet import cli
 from tests.helpers import gta_recipe, write_recipe
 
 

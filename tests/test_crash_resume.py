@@ -1,27 +1,45 @@
-"""A worker killed mid-shard: the re-run rewrites only what is missing and gives the same checkpoint."""
+"""A worker killed mid-shard: the re-run rewrites only what is missing and gives the same checkpoint.
+
+The kill is deterministic: a pause hook holds one shard after its second tensor, with its
+file half written, and the test kills that worker process there.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 
-from orchestrator.synthetic import LlamaShape, make_model_family
-from tests.helpers import gta_recipe, write_recipe
-from tests.test_pipeline import read_tensors
+from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
+from tests.helpers import MERGEFLEET, gta_recipe, read_tensors, write_recipe
 
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
 MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8, kv_heads=4)
+HELD = 3  # the shard held, then killed
+
+MERGE_HOLDING_A_SHARD = """
+import sys
+from orchestrator.pipeline import merge
+from orchestrator.recipe import load_recipe
+from orchestrator.runners.processes import WorkerProcesses
+from tests.hooks import HoldShard
+
+recipe, out, flag, held = sys.argv[1:]
+merge(load_recipe(recipe), out, shards=6, runner=WorkerProcesses(workers=2, pause=HoldShard(index=int(held), after=2, flag=flag)))
+"""
 
 
 def mergefleet(*args: str) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "orchestrator.cli", *args]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([*MERGEFLEET, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 @pytest.fixture(scope="module")
@@ -32,31 +50,26 @@ def medium_family(tmp_path_factory: pytest.TempPathFactory):
 def test_killed_worker_then_rerun_rewrites_only_missing_shards(medium_family, tmp_path: Path) -> None:
     base, experts = medium_family
     recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("dare_ties", base, experts))
-    out = tmp_path / "out"
+    out, flag = tmp_path / "out", tmp_path / "held.pid"
 
-    process = mergefleet("merge", str(recipe), str(out), "--shards", "6", "--workers", "2", "--quiet")
-    victim = None
-    deadline = time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline and process.poll() is None:
-        receipts = list((out / ".mergefleet").glob("shard-*.json")) if out.exists() else []
-        partials = [p for p in out.glob("*.partial-*")] if out.exists() else []
-        if receipts and partials:
-            children = psutil.Process(process.pid).children(recursive=True)
-            workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
-            if workers:
-                victim = workers[-1]
-                victim.send_signal(signal.SIGKILL)
-                break
-        time.sleep(0.005)
-    assert victim is not None, "the merge finished before a worker could be killed mid-shard"
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", textwrap.dedent(MERGE_HOLDING_A_SHARD), str(recipe), str(out), str(flag), str(HELD)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not flag.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flag.exists(), f"shard {HELD} was never held: {process.communicate(timeout=60)[1][-3000:]}"
+    held_file = f"model-{HELD + 1:05d}-of-00006.safetensors"
+    assert [p.name.split(".partial-")[0] for p in out.glob("*.partial-*")].count(held_file) == 1  # mid-write
+    os.kill(int(flag.read_text()), signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0
-    assert "worker" in stderr and "again" in stderr, stderr
+    assert "a shard worker process died" in stderr and "run the same command again" in stderr, stderr[-3000:]
 
     done_before = {p.name: p.stat() for p in (out / ".mergefleet").glob("shard-*.json")}
-    assert 0 < len(done_before) < 6
+    assert 0 < len(done_before) < 6 and f"shard-{HELD}.json" not in done_before
     files_before = {p.name: p.stat() for p in out.glob("model-*.safetensors")}
-    assert not (out / "mergefleet.json").exists()
+    assert held_file not in files_before and not (out / "mergefleet.json").exists()
 
     rerun = mergefleet("merge", str(recipe), str(out), "--shards", "6", "--workers", "2", "--json")
     stdout, stderr = rerun.communicate(timeout=300)
@@ -65,7 +78,7 @@ def test_killed_worker_then_rerun_rewrites_only_missing_shards(medium_family, tm
     for name, stat in files_before.items():
         assert (out / name).stat().st_ino == stat.st_ino and (out / name).stat().st_mtime_ns == stat.st_mtime_ns, name
     rewritten = [p.name for p in out.glob("model-*.safetensors") if p.name not in files_before]
-    assert len(rewritten) == 6 - len(files_before)
+    assert len(rewritten) == 6 - len(files_before) and held_file in rewritten
 
     reference = tmp_path / "reference"
     clean = mergefleet("merge", str(recipe), str(reference), "--shards", "1", "--quiet")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli
+from mergefleet import cli
 from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import deployed_tracking_uri
 from tests.helpers import write_recipe

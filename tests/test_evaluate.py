@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from orchestrator.errors import EvaluationError
-from orchestrator.evaluate import evaluate_checkpoint, normalise, resolve_tasks, task_manager
+from orchestrator.evaluate.runner import evaluate_checkpoint
+from orchestrator.evaluate.scores import normalise
+from orchestrator.evaluate.tasks import resolve_tasks, task_manager
 from orchestrator.recipe import EvalSettings, parse_recipe
 
 
@@ -132,7 +134,7 @@ def test_eval_settings_are_strict() -> None:
 def test_local_tasks_run_offline_and_the_environment_is_restored(monkeypatch) -> None:
     import huggingface_hub.constants
 
-    from orchestrator.evaluate import offline
+    from orchestrator.evaluate.offline import offline
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     before = huggingface_hub.constants.HF_HUB_OFFLINE

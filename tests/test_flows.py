@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator import cli
+from mergefleet import cli
 from orchestrator.errors import PlanError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from orchestrator.schedule import changes_since_last_merge, portable_recipe
-from tests.helpers import gta_recipe, write_recipe
+from tests.helpers import MERGEFLEET, checkpoint_bytes, gta_recipe, write_recipe
 
-pytestmark = pytest.mark.usefixtures("prefect_harness", "restore_environ")
+pytestmark = [pytest.mark.usefixtures("prefect_harness", "restore_environ"), pytest.mark.slow]
 
 
 
@@ -30,11 +30,6 @@ def recipe_data(family, out: Path | None = None, **fleet) -> dict:
     if out is not None:
         data["fleet"]["output"] = str(out)
     return data
-
-
-def checkpoint_bytes(out: Path) -> dict[str, bytes]:
-    names = [p.name for p in out.glob("*.safetensors")] + ["model.safetensors.index.json", "config.json"]
-    return {name: (out / name).read_bytes() for name in sorted(names)}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,9 +47,9 @@ def _one_tracking_store(tmp_path_factory):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    import flows.tasks
+    import flows.runners.common
 
-    monkeypatch.setattr(flows.tasks, "SHARD_RETRY_DELAY_S", 0)
+    monkeypatch.setattr(flows.runners.common, "SHARD_RETRY_DELAY_S", 0)
 
 
 @pytest.fixture(scope="module")
@@ -69,29 +64,42 @@ def test_inline_flow_gives_the_plain_merge_byte_for_byte(family, reference, tmp_
     from flows.merge_and_eval import merge_and_eval
 
     out = tmp_path / "merged"
-    result = merge_and_eval(recipe_data(family), str(out))
-    assert result["shards"] == 3 and result["shards_skipped"] == 0 and result["target"] == "inline"
-    assert result["output"] == str(out) and result["flow_run_id"]
-    assert result["evaluation"] is None  # no fleet.eval in the recipe
-    assert result["tracking"] is None or result["tracking"]["run_id"]
+    result = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
+    assert result.shards == 3 and result.shards_skipped == 0 and result.target == "inline"
+    assert result.output == str(out) and result.flow_run_id
+    assert result.evaluation is None  # no fleet.eval in the recipe
+    assert result.tracking.run_id
     assert checkpoint_bytes(out) == reference
     manifest = json.loads((out / "mergefleet.json").read_text())
-    assert manifest["plan_id"] == result["plan_id"]
+    assert manifest["plan_id"] == result.plan_id
+
+
+def test_the_flow_opens_its_plan_from_memory(family, reference, tmp_path: Path, monkeypatch) -> None:
+    """Every task receives the plan's PlanRef; in the flow's process the plan the plan task
+    built is opened from memory: plan.json is written once and never read back."""
+    import orchestrator.plan_ref
+    from flows.merge_and_eval import merge_and_eval
+
+    read, reads = orchestrator.plan_ref.read_plan, []
+    monkeypatch.setattr(orchestrator.plan_ref, "read_plan", lambda ref: reads.append(ref.uri) or read(ref))
+    result = merge_and_eval(parse_recipe(recipe_data(family)), str(tmp_path / "merged"))
+    assert result.shards == 3 and result.shards_skipped == 0 and reads == []
+    assert checkpoint_bytes(tmp_path / "merged") == reference
 
 
 def test_rerun_reuses_finished_shards_and_runs_only_missing_ones(family, reference, tmp_path: Path) -> None:
     from flows.merge_and_eval import merge_and_eval
 
     out = tmp_path / "merged"
-    merge_and_eval(recipe_data(family), str(out))
+    merge_and_eval(parse_recipe(recipe_data(family)), str(out))
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
-    again = merge_and_eval(recipe_data(family), str(out))
-    assert again["shards_skipped"] == 3
+    again = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
+    assert again.shards_skipped == 3
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
 
     (out / ".mergefleet/shard-1.json").unlink()
-    third = merge_and_eval(recipe_data(family), str(out))
-    assert third["shards_skipped"] == 2
+    third = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
+    assert third.shards_skipped == 2
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     assert [name for name in after if after[name] != before[name]] == ["model-00002-of-00003.safetensors"]
     assert checkpoint_bytes(out) == reference
@@ -99,9 +107,9 @@ def test_rerun_reuses_finished_shards_and_runs_only_missing_ones(family, referen
 
 def _failing_run_shard(monkeypatch, fail: dict[int, int], error: Exception) -> dict[int, int]:
     """Make shard i fail its first fail[i] attempts with ``error``; returns attempt counts."""
-    import flows.tasks
+    import flows.runners.common
 
-    real = flows.tasks.run_shard
+    real = flows.runners.common.run_shard
     calls: dict[int, int] = {}
 
     def flaky(plan, index, **kwargs):
@@ -110,7 +118,7 @@ def _failing_run_shard(monkeypatch, fail: dict[int, int], error: Exception) -> d
             raise error
         return real(plan, index, **kwargs)
 
-    monkeypatch.setattr(flows.tasks, "run_shard", flaky)
+    monkeypatch.setattr(flows.runners.common, "run_shard", flaky)
     return calls
 
 
@@ -119,7 +127,7 @@ def test_a_shard_that_keeps_failing_fails_the_flow_with_its_own_message(family, 
 
     calls = _failing_run_shard(monkeypatch, {1: 99}, OSError("disk sector 7 is on fire"))
     out = tmp_path / "merged"
-    state = merge_and_eval(recipe_data(family, shard_retries=2), str(out), return_state=True)
+    state = merge_and_eval(parse_recipe(recipe_data(family, shard_retries=2)), str(out), return_state=True)
     assert state.is_failed()
     assert "disk sector 7 is on fire" in state.message
     assert calls[1] == 3  # the first try and 2 retries
@@ -134,7 +142,7 @@ def test_errors_that_cannot_pass_are_not_retried(family, fast_retries, monkeypat
     from flows.merge_and_eval import merge_and_eval
 
     calls = _failing_run_shard(monkeypatch, {2: 99}, PlanError("input x changed after planning"))
-    state = merge_and_eval(recipe_data(family), str(tmp_path / "merged"), return_state=True)
+    state = merge_and_eval(parse_recipe(recipe_data(family)), str(tmp_path / "merged"), return_state=True)
     assert state.is_failed() and "input x changed after planning" in state.message
     assert calls[2] == 1
 
@@ -144,18 +152,18 @@ def test_a_transient_failure_is_retried_and_the_merge_completes(family, referenc
 
     calls = _failing_run_shard(monkeypatch, {0: 1, 2: 2}, MemoryError("out of memory"))
     out = tmp_path / "merged"
-    result = merge_and_eval(recipe_data(family), str(out))
+    result = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
     assert calls == {0: 2, 1: 1, 2: 3}
-    assert result["shards_skipped"] == 0
+    assert result.shards_skipped == 0
     assert checkpoint_bytes(out) == reference
 
 
 def test_the_global_concurrency_limit_bounds_shards_at_once(family, monkeypatch, tmp_path: Path) -> None:
-    import flows.tasks
+    import flows.runners.common
     from flows.merge_and_eval import merge_and_eval
     from prefect.client.orchestration import get_client
 
-    real = flows.tasks.run_shard
+    real = flows.runners.common.run_shard
     lock, running, peak = threading.Lock(), [0], [0]
 
     def counted(plan, index, **kwargs):
@@ -169,22 +177,22 @@ def test_the_global_concurrency_limit_bounds_shards_at_once(family, monkeypatch,
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(flows.tasks, "run_shard", counted)
+    monkeypatch.setattr(flows.runners.common, "run_shard", counted)
     data = recipe_data(family, workers=3, concurrency_limit="gpu-test", concurrency_slots=1)
-    merge_and_eval(data, str(tmp_path / "one-slot"))
+    merge_and_eval(parse_recipe(data), str(tmp_path / "one-slot"))
     assert peak[0] == 1
     with get_client(sync_client=True) as client:
         assert client.read_global_concurrency_limit_by_name("gpu-test").limit == 1
 
     peak[0] = 0
-    merge_and_eval(recipe_data(family, workers=3, concurrency_limit="gpu-test", concurrency_slots=3), str(tmp_path / "three"))
+    merge_and_eval(parse_recipe(recipe_data(family, workers=3, concurrency_limit="gpu-test", concurrency_slots=3)), str(tmp_path / "three"))
     assert peak[0] > 1
 
 
 def test_a_missing_concurrency_limit_is_a_clear_error(family, tmp_path: Path) -> None:
     from flows.merge_and_eval import merge_and_eval
 
-    state = merge_and_eval(recipe_data(family, concurrency_limit="no-such-limit"), str(tmp_path / "m"), return_state=True)
+    state = merge_and_eval(parse_recipe(recipe_data(family, concurrency_limit="no-such-limit")), str(tmp_path / "m"), return_state=True)
     assert state.is_failed() and "no-such-limit" in state.message
 
 
@@ -192,7 +200,7 @@ def test_deployment_target_without_its_deployment_says_what_to_register(family, 
     from flows.merge_and_eval import merge_and_eval
 
     data = recipe_data(family, target="deployment", work_pool="nowhere")
-    state = merge_and_eval(data, str(tmp_path / "m"), return_state=True)
+    state = merge_and_eval(parse_recipe(data), str(tmp_path / "m"), return_state=True)
     assert state.is_failed()
     assert "merge-shard/nowhere" in state.message and "mergefleet deploy" in state.message
 
@@ -208,9 +216,9 @@ def test_deployment_target_reads_finished_shards_without_starting_runs(family, t
         client.create_work_pool(WorkPoolCreate(name="resume-pool", type="process"))
     deploy(recipe_data(family), name="resume", pool="resume-pool")
     out = tmp_path / "merged"
-    merge_and_eval(recipe_data(family), str(out))
-    again = merge_and_eval(recipe_data(family, target="deployment", work_pool="resume-pool"), str(out))
-    assert again["target"] == "deployment" and again["shards_skipped"] == 3
+    merge_and_eval(parse_recipe(recipe_data(family)), str(out))
+    again = merge_and_eval(parse_recipe(recipe_data(family, target="deployment", work_pool="resume-pool")), str(out))
+    assert again.target == "deployment" and again.shards_skipped == 3
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["resume-pool"])))
     assert runs == []
@@ -225,23 +233,24 @@ def own_family(family, tmp_path: Path) -> tuple[Path, list[Path]]:
 
 
 def test_skip_unchanged_merges_again_only_when_an_input_changed(own_family, tmp_path: Path) -> None:
-    from flows.merge_and_eval import merge_and_eval
+    from flows.merge_and_eval import MergeAndEvalResult, SkippedMerge, merge_and_eval
 
     out = tmp_path / "merged"
     data = recipe_data(own_family)
-    first = merge_and_eval(data, str(out), skip_unchanged=True)
-    assert not first.get("skipped") and first["shards_skipped"] == 0
-    state = merge_and_eval(data, str(out), skip_unchanged=True, return_state=True)
-    assert state.is_completed() and state.name == "Skipped" and state.result()["skipped"] is True
-    assert state.message == f"nothing changed since the last successful merge into {out}"
+    first = merge_and_eval(parse_recipe(data), str(out), skip_unchanged=True)
+    assert isinstance(first, MergeAndEvalResult) and first.shards_skipped == 0
+    state = merge_and_eval(parse_recipe(data), str(out), skip_unchanged=True, return_state=True)
+    skipped = state.result()
+    assert state.is_completed() and state.name == "Skipped" and isinstance(skipped, SkippedMerge) and skipped.skipped
+    assert state.message == skipped.reason == f"nothing changed since the last successful merge into {out}"
 
     expert = own_family[1][0]
     weights = next(expert.glob("*.safetensors"))
     stat = weights.stat()
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new checkpoint version
     assert changes_since_last_merge(parse_recipe(data), str(out)) == [f"{expert} changed ({weights.name})"]
-    again = merge_and_eval(data, str(out), overwrite=True, skip_unchanged=True)
-    assert not again.get("skipped") and again["plan_id"] != first["plan_id"] and again["shards_skipped"] == 0
+    again = merge_and_eval(parse_recipe(data), str(out), overwrite=True, skip_unchanged=True)
+    assert isinstance(again, MergeAndEvalResult) and again.plan_id != first.plan_id and again.shards_skipped == 0
 
 
 def test_changes_since_last_merge_names_what_differs(own_family, tmp_path: Path) -> None:
@@ -281,7 +290,6 @@ def test_cli_run_prints_the_summary_and_resumes(family, reference, tmp_path: Pat
 
 def test_cli_run_without_a_server_uses_an_embedded_api_and_stops_it(family, reference, tmp_path: Path) -> None:
     import subprocess
-    import sys
 
     import psutil
 
@@ -289,7 +297,7 @@ def test_cli_run_without_a_server_uses_an_embedded_api_and_stops_it(family, refe
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")} | {"PREFECT_HOME": str(home)}
     path = write_recipe(tmp_path / "recipe.yaml", recipe_data(family))
     out = tmp_path / "merged"
-    command = [str(Path(sys.executable).parent / "mergefleet"), "run", str(path), str(out), "--json"]
+    command = [*MERGEFLEET, "run", str(path), str(out), "--json"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout)["shards"] == 3

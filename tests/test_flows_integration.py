@@ -18,12 +18,14 @@ import psutil
 import pytest
 import torch
 
+from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.synthetic import LlamaShape, make_model_family
-from tests.helpers import gta_recipe, write_recipe
-from tests.prefect_services import BIN, process_worker
-from tests.test_flows import checkpoint_bytes
+from tests.helpers import MERGEFLEET, assert_same_tensors, checkpoint_bytes, gta_recipe, read_tensors, write_recipe
+from tests.prefect_services import process_worker
+from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
+
+pytestmark = pytest.mark.slow
 
 POOL = "it-pool"
 MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8, kv_heads=4)
@@ -31,8 +33,10 @@ MEDIUM = LlamaShape(hidden=384, layers=6, intermediate=1024, vocab=512, heads=8,
 
 @pytest.fixture(scope="module")
 def server(real_prefect_server: tuple[dict[str, str], Path]) -> dict[str, str]:
-    """The environment that points a process at the session's Prefect server."""
-    return real_prefect_server[0]
+    """The environment that points a process at the session's Prefect server, with the fake
+    keys of the tests' S3 server (its endpoint only ever in a recipe)."""
+    env = {key: value for key, value in real_prefect_server[0].items() if not key.startswith("AWS_")}
+    return env | s3_credentials()
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def worker(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def mergefleet(env: dict[str, str], *args: str, timeout: float = 240) -> dict:
-    done = subprocess.run([str(BIN / "mergefleet"), *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([*MERGEFLEET, *args, "--json"], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout)
 
@@ -78,10 +82,34 @@ def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: d
     assert remote["plan_id"] == inline["plan_id"] and remote["shards"] == 3
     assert checkpoint_bytes(tmp_path / "remote") == checkpoint_bytes(tmp_path / "inline")
 
-    runs = [run for run in shard_runs(deployed) if run["parameters"]["plan_uri"] == str(tmp_path / "remote")]
+    runs = [run for run in shard_runs(deployed) if run["parameters"]["plan"]["uri"] == f"{tmp_path / 'remote'}/.mergefleet/plan.json"]
     assert sorted(run["parameters"]["index"] for run in runs) == [0, 1, 2]
     assert {run["state_type"] for run in runs} == {"COMPLETED"}
     assert all(run["parent_task_run_id"] for run in runs)  # each shown under its shard task
+
+
+@pytest.fixture(scope="module")
+def s3_inputs(s3_server, family) -> list[str]:
+    """The tiny family uploaded to the S3 server; a bucket for the outputs."""
+    base, experts = family
+    s3_server.bucket("merges")
+    return [s3_server.upload_dir(path, "models", f"run/{path.name}") for path in [base, *experts]]
+
+
+@pytest.mark.parametrize("target", ["inline", "deployment"])
+def test_run_on_s3_with_the_endpoint_only_in_the_recipe(target: str, deployed, s3_server, s3_inputs, family, tmp_path: Path) -> None:
+    """Inputs and output on S3, the endpoint only in fleet.storage and nowhere in the
+    environment: every task and every worker's flow run opens the plan as the recipe says."""
+    assert not [name for name in deployed if name.startswith("AWS_ENDPOINT_URL")]
+    base, experts = family
+    fleet = {"shards": 3, "target": target, "work_pool": POOL, "storage": {"endpoint_url": s3_server.endpoint}}
+    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", s3_inputs[0], s3_inputs[1:]) | {"fleet": fleet})
+    result = mergefleet(deployed, "run", str(recipe), f"s3://merges/run-{target}")
+    assert result["target"] == target and result["shards"] == 3 and result["shards_skipped"] == 0
+    local = tmp_path / "local"
+    merge(parse_recipe(gta_recipe("ties", base, experts)), str(local), shards=3)
+    got = s3_server.download(f"s3://merges/run-{target}", tmp_path / "got")
+    assert_same_tensors(read_tensors(got), read_tensors(local))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +125,7 @@ def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_compl
     recipe = write_recipe(tmp_path / "recipe.yaml", data)
     out = tmp_path / "out"
     run = subprocess.Popen(
-        [str(BIN / "mergefleet"), "run", str(recipe), str(out), "--json"],
+        [*MERGEFLEET, "run", str(recipe), str(out), "--json"],
         env=deployed, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     victim = None
@@ -118,7 +146,7 @@ def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_compl
     result = json.loads(stdout)
     assert result["shards"] == 3 and result["shards_skipped"] == 0
 
-    runs = [r for r in shard_runs(deployed) if r["parameters"]["plan_uri"] == str(out)]
+    runs = [r for r in shard_runs(deployed) if r["parameters"]["plan"]["uri"] == f"{out}/.mergefleet/plan.json"]
     crashed = [r for r in runs if r["state_type"] == "CRASHED"]
     assert len(crashed) == 1 and "-9" in (crashed[0]["state"]["message"] or "")
     retried = crashed[0]["parameters"]["index"]

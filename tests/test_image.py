@@ -116,7 +116,7 @@ def test_the_entrypoint_runs_what_it_is_given(items: list[dockerfile.Instruction
     assert command[:3] == ["python", "-m", "orchestrator.cluster.entrypoint"]
     module = [sys.executable, *command[1:]]
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}  # the image's venv first
-    echoed = subprocess.run([*module, "python", "-c", "import orchestrator.cluster.entrypoint, flows.merge_shard; print('imported')"],
+    echoed = subprocess.run([*module, "python", "-c", "import orchestrator.cluster.entrypoint, flows.merge_shard, mergefleet.cli; print('imported')"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert echoed.returncode == 0 and echoed.stdout.strip() == "imported", echoed.stderr
     default = subprocess.run([*module, *dockerfile.last(items, "CMD").exec_form()], capture_output=True, text=True, timeout=120,

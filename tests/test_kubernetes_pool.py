@@ -26,11 +26,12 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from tests import dockerfile
 from tests.chart import NAMESPACE, find, render, validate
-from tests.helpers import gta_recipe, write_recipe
+from tests.helpers import MERGEFLEET, checkpoint_bytes, gta_recipe, write_recipe
 from tests.kube_standin import JOBS, PODS, Image, StandInCluster
 from tests.prefect_services import free_port, stop, wait_for, worker_online
 from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY, s3_server  # noqa: F401  (s3_server is a fixture)
-from tests.test_flows import checkpoint_bytes
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -137,7 +138,7 @@ def as_kubernetes_keeps_it(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def mergefleet(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(BIN / "mergefleet"), *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*MERGEFLEET, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def ok_json(done: subprocess.CompletedProcess[str]) -> dict[str, Any]:
@@ -262,7 +263,7 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> 
     at the module's Prefect server and the stand-in cluster; returns (exit code, stdout, stderr)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from orchestrator import cli as command_line
+    from mergefleet import cli as command_line
 
     def run(env: dict[str, str], *args: str) -> tuple[int, str, str]:
         monkeypatch.setenv("PREFECT_API_URL", env["PREFECT_API_URL"])

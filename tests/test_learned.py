@@ -12,7 +12,8 @@ import pytest
 import torch
 import yaml
 
-from orchestrator import cli
+from mergefleet import cli
+from mergefleet.fixtures.skill_variants import write_skill_data
 from orchestrator.errors import OutputError, RecipeError, TrainingError
 from orchestrator.learned.coefficients import read_coefficients, write_coefficients
 from orchestrator.learned.dam import (
@@ -34,7 +35,6 @@ from orchestrator.learned.settings import DamSettings, parse_bytes
 from orchestrator.methods.dam_apply import dam_merge
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.skill_variants import write_skill_data
 
 # ---------------------------------------------------------------- DAM's math
 
@@ -101,7 +101,7 @@ def test_training_data_errors_name_the_file_and_line(tmp_path: Path) -> None:
 
 
 def test_prompt_tokens_are_context_and_completion_tokens_are_scored() -> None:
-    from orchestrator.skills import build_tokenizer, encode
+    from mergefleet.fixtures.skills import build_tokenizer, encode
 
     rows = [{"prompt": "add: 1+2 =", "completion": " 03\n"}, {"text": "abc"}]
     examples = tokenize(rows, build_tokenizer(), 64)
@@ -290,8 +290,10 @@ def test_merge_to_mix_tries_every_subset_or_grows_the_best_greedily(family) -> N
 
 
 def test_the_protected_drop_rate_is_a_metric_per_protected_model_and_a_panel_of_the_compare_chart(family, tmp_path: Path) -> None:
-    from orchestrator.pipeline import load_plan
-    from orchestrator.tracking import compare_drop_rates, compare_rows, find_merge_runs, score_figure, track_merge
+    from orchestrator.plan_ref import open_plan
+    from orchestrator.tracking.charts import score_figure
+    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, find_merge_runs
+    from orchestrator.tracking.record import track_merge
 
     base, experts = family
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -300,8 +302,8 @@ def test_the_protected_drop_rate_is_a_metric_per_protected_model_and_a_panel_of_
         models = [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5, "protect": i == 1}} for i, e in enumerate(experts)]
         recipe = parse_recipe({"merge_method": method, "base_model": str(base), "models": models, "name": method})
         summary = merge(recipe, str(tmp_path / method))
-        rates[method] = summary.manifest["report"]["protected_drop_rate"]
-        track_merge(load_plan(str(tmp_path / method)), summary.manifest, None, None, tracking_uri=uri, experiment="drops")
+        rates[method] = summary.manifest.report["protected_drop_rate"]
+        track_merge(open_plan(summary.plan_ref), summary.manifest, None, None, tracking_uri=uri, experiment="drops")
     assert len(rates["ties"]) == 1 and rates["ties_sv"][0] < rates["ties"][0]
     rows, _, _ = compare_rows(find_merge_runs(["drops"], tracking_uri=uri))
     label = experts[1].name
@@ -339,9 +341,9 @@ def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models
     recipe = {"merge_method": "dam_apply", "models": trained["experts"], "parameters": {"coefficients": str(tmp_path / "c.safetensors")},
               "dtype": "float32", "fleet": {"dam": trained["settings"].model_dump(mode="json") | {"batch_size": 12}, "tracking_uri": uri,
                                             "output": str(tmp_path / "dam-merged"), "eval": eval_}}
-    result = dam(recipe)
+    result = dam(parse_recipe(recipe))
     assert result["training"]["steps"] == 1 and (tmp_path / "c.safetensors").is_file()
-    assert set(result["merge"]["evaluation"]["merged"]["scores"]) == {"skill_add", "skill_map"}
+    assert set(result["merge"].evaluation.merged.scores) == {"skill_add", "skill_map"}
 
     search = {"merge_method": "task_arithmetic", "base_model": str(skill_models.base), "dtype": "float32",
               "models": [{"model": e, "parameters": {"weight": 0.5}} for e in trained["experts"]],

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergefleet.fixtures.skill_variants import drift, fine_tune, write_skill_data
 from orchestrator.learned.coefficients import write_coefficients
 from orchestrator.learned.dam import DamTrainer, inspect_experts, train_dam, training_batches
 from orchestrator.learned.merge_to_mix import all_subsets, subset_label
 from orchestrator.learned.runs import merge_evaluate_record
 from orchestrator.learned.settings import DamSettings
 from orchestrator.recipe import parse_recipe
-from orchestrator.skill_variants import drift, fine_tune, write_skill_data
 
 pytestmark = pytest.mark.slow
 LIMIT = 100  # examples per task: enough to rank, a few seconds per evaluation
@@ -72,7 +72,7 @@ def test_dam_beats_the_average_and_matches_the_search_on_the_same_budget(skill_m
     search_recipe = {"merge_method": "ties", "base_model": str(skill_models.base),
                      "models": [{"model": e, "parameters": {"weight": 0.5, "density": 0.5}} for e in experts], "dtype": "float32",
                      "fleet": fleet | {"output": str(tmp_path / "search"), "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}}
-    search = parameter_search(search_recipe, budget=32, parallel=2, time_budget=dam_seconds)
+    search = parameter_search(parse_recipe(search_recipe), budget=32, parallel=2, time_budget=dam_seconds)
     best = search["best"]["score"]
     _report("dam", {"kl_average": kl["average"], "kl_dam": kl["dam"], "scores_average": average.scores, "scores_dam": dam.scores,
                     "dam_score": dam.score, "search_best": best, "search_trials": len(search["trials"]), "dam_steps": result.steps,
@@ -91,7 +91,7 @@ def test_merge_to_mix_ranks_mixtures_like_real_fine_tuning(skill_models, eval_ca
     from scipy.stats import spearmanr
 
     from flows.merge_to_mix import merge_to_mix
-    from orchestrator.evaluate import evaluate_checkpoint
+    from orchestrator.evaluate.runner import evaluate_checkpoint
     from orchestrator.recipe import EvalSettings
 
     root = tmp_path_factory.mktemp("mix")
@@ -103,7 +103,7 @@ def test_merge_to_mix_ranks_mixtures_like_real_fine_tuning(skill_models, eval_ca
     fleet = {"eval": _eval(skill_models, eval_cache, ["add", "map"]), "output": str(root / "mixtures"),
              "tracking_uri": f"sqlite:///{root / 'mlflow.db'}"}
     started = time.perf_counter()
-    surrogate = merge_to_mix({"merge_method": "linear", "models": singles, "dtype": "float32", "fleet": fleet}, parallel=2)
+    surrogate = merge_to_mix(parse_recipe({"merge_method": "linear", "models": singles, "dtype": "float32", "fleet": fleet}), parallel=2)
     surrogate_seconds = time.perf_counter() - started
     by_label = {row["subset"]: row["score"] for row in surrogate["ranking"]}
 
@@ -126,7 +126,8 @@ def test_merge_to_mix_ranks_mixtures_like_real_fine_tuning(skill_models, eval_ca
 
 
 def test_ties_sv_keeps_the_protected_skill_when_the_other_model_drifts(skill_models, eval_cache: Path, tmp_path: Path) -> None:
-    from orchestrator.tracking import compare_drop_rates, compare_rows, find_merge_runs, score_figure
+    from orchestrator.tracking.charts import score_figure
+    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, find_merge_runs
 
     language = drift(skill_models.base, tmp_path / "language", formats=list(skill_models.experts), steps=300, lr=3e-3)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -16,6 +16,8 @@ from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from tests.helpers import gta_recipe, write_recipe
 
+pytestmark = pytest.mark.slow
+
 MERGEKIT = Path(sys.executable).with_name("mergekit-yaml")
 
 

@@ -6,7 +6,7 @@ for all recipes, in one process (its start-up is most of its cost here), through
 ``MergeConfiguration`` / ``run_merge`` path ``mergekit-yaml`` takes; our side runs through
 ``pipeline.merge`` with three shards. Tensors must agree within 1e-6 (top-k based
 methods: at most one element in 10⁴ may differ). karcher checks the difference
-METHODS.md documents: mergekit ignores ``weight``, we honour it.
+docs/methods.md documents: mergekit ignores ``weight``, we honour it.
 """
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY, write_recipe
+
+pytestmark = pytest.mark.slow
 
 TOP_K_METHODS = ("breadcrumbs", "breadcrumbs_ties", "sce")
 

@@ -1,4 +1,4 @@
-"""Merge methods against naive float64 references written here from METHODS.md.
+"""Merge methods against naive float64 references (tests/references.py) written from docs/methods.md.
 
 The references loop over positions in numpy; the methods under test are the fused,
 chunked torch code. Every reference test runs twice: with the real chunk size and
@@ -16,76 +16,7 @@ from orchestrator.errors import RecipeError
 from orchestrator.methods import METHODS, get_method, sparsify
 from orchestrator.methods.base import MergeResult, TensorTask, tensor_seed
 from orchestrator.methods.linear import linear_merge
-
-# ----------------------------------------------------------------------------- references
-
-
-def ref_kept(n: int, density: float) -> int:
-    if density >= 1:
-        return n
-    if density <= 0:
-        return 0
-    return max(1, int(density * n))
-
-
-def ref_top_positions(tau: np.ndarray, k: int) -> set[int]:
-    """The k positions of largest |τ|, ties by lowest index."""
-    order = sorted(range(tau.size), key=lambda j: (-abs(tau[j]), j))
-    return set(order[:k])
-
-
-def ref_magnitude(tau: np.ndarray, density: float) -> np.ndarray:
-    keep = ref_top_positions(tau, ref_kept(tau.size, density))
-    return np.array([tau[j] if j in keep else 0.0 for j in range(tau.size)])
-
-
-def ref_family(
-    base,
-    experts,
-    weights,
-    *,
-    sparsified=None,
-    consensus=False,
-    normalize=False,
-    lam=1.0,
-    protected=(),
-    slack=0.0,
-    densities=None,
-    report=(),
-):
-    """θ₀ + λΔ per METHODS.md, one position at a time, with ties_sv's rescue of the
-    ``protected`` models' entries and the drop-rate report of the ``report`` models.
-    ``sparsified`` gives each δᵢ (default: τᵢ)."""
-    base = np.asarray(base, dtype=np.float64).ravel()
-    taus = [np.asarray(e, dtype=np.float64).ravel() - base for e in experts]
-    deltas = sparsified if sparsified is not None else taus
-    n = base.size
-    slack_sets = {p: ref_top_positions(taus[p], int(slack * n)) for p in protected}
-    dropped = {p: 0 for p in report}
-    out = np.empty(n)
-    for j in range(n):
-        x = [w * d[j] for w, d in zip(weights, deltas)]
-        if not consensus:
-            total, divisor = sum(x), sum(weights)
-            divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-        else:
-            gamma = 1.0 if sum(x) >= 0 else -1.0
-            agree = [np.sign(v) == gamma for v in x]
-            rescued = [p for p in protected if x[p] != 0 and not agree[p] and j in slack_sets[p]]
-            for p in report:
-                if x[p] != 0 and not agree[p] and p not in rescued:
-                    dropped[p] += 1
-            if rescued:
-                total, divisor = sum(x[p] for p in rescued), sum(weights[p] for p in rescued)
-            else:
-                total = sum(v for v, a in zip(x, agree) if a)
-                divisor = sum(w for w, a in zip(weights, agree) if a)
-            divisor = 1.0 if divisor == 0 else divisor
-        delta = total / divisor if normalize else total
-        out[j] = base[j] + lam * delta
-    topk = [ref_kept(n, densities[p]) if densities else n for p in report]
-    return out, {"protected_topk": topk, "protected_dropped": [dropped[p] for p in report]}
-
+from tests.references import ref_family, ref_magnitude
 
 # ----------------------------------------------------------------------------- helpers
 

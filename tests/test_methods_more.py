@@ -1,4 +1,4 @@
-"""The methods beyond linear/ties/DARE against naive references written here from METHODS.md.
+"""The methods beyond linear/ties/DARE against naive references written from docs/methods.md.
 
 References are plain numpy in float64 (loops where it keeps them obvious); the code under
 test is the chunked torch code. Reference tests also run with a tiny chunk (and with the
@@ -17,6 +17,7 @@ import torch
 from orchestrator.errors import MergeError, RecipeError
 from orchestrator.methods import get_method, rank_sparsify, sparsify
 from orchestrator.methods.base import MergeResult, TensorTask, tensor_seed
+from tests.references import ref_family, ref_outliers
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -45,47 +46,6 @@ def case(n_experts=3, shape=(6, 10), seed=0, scale=0.3, quantise=False):
     if quantise:
         taus = [np.round(t * 4) / 4 for t in taus]
     return torch.tensor(base), [torch.tensor(base + t) for t in taus]
-
-
-def ref_kept(n, density):
-    if density >= 1:
-        return n
-    if density <= 0:
-        return 0
-    return max(1, int(density * n))
-
-
-def ref_order(tau):
-    """Positions by |τ| descending, ties by lowest index first."""
-    flat = np.asarray(tau, dtype=np.float64).ravel()
-    return sorted(range(flat.size), key=lambda j: (-abs(flat[j]), j))
-
-
-def ref_outliers(tau, density, gamma):
-    flat = np.asarray(tau, dtype=np.float64).ravel()
-    n = flat.size
-    k = ref_kept(n, density)
-    top = 0 if k >= n else min(int(gamma * n), n - k)
-    keep = set(ref_order(flat)[top : top + k])
-    return np.array([flat[j] if j in keep else 0.0 for j in range(n)])
-
-
-def ref_family(base, sparse, weights, *, consensus, normalize, lam=1.0):
-    """θ₀ + λΔ of the task-arithmetic family, one position at a time, from the δᵢ."""
-    base = np.asarray(base, dtype=np.float64).ravel()
-    out = np.empty(base.size)
-    for j in range(base.size):
-        x = [w * d[j] for w, d in zip(weights, sparse)]
-        if consensus:
-            gamma = 1.0 if sum(x) >= 0 else -1.0
-            agree = [np.sign(v) == gamma for v in x]
-            total = sum(v for v, a in zip(x, agree) if a)
-            divisor = sum(w for w, a in zip(weights, agree) if a) or 1.0
-        else:
-            total, divisor = sum(x), sum(weights)
-            divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-        out[j] = base[j] + lam * (total / divisor if normalize else total)
-    return out
 
 
 def np_(t):
@@ -165,7 +125,7 @@ def test_breadcrumbs_matches_reference(chunking, name):
     for normalize, lam in ((False, 1.0), (True, 0.6)):
         got = run(name, base, experts, params, {"normalize": normalize, "lambda": lam})
         sparse = [ref_outliers(np_(e - base), d, g) for e, d, g in zip(experts, densities, gammas)]
-        expected = ref_family(np_(base), sparse, weights, consensus=name.endswith("ties"), normalize=normalize, lam=lam)
+        expected, _ = ref_family(np_(base), list(map(np_, experts)), weights, sparsified=sparse, consensus=name.endswith("ties"), normalize=normalize, lam=lam)
         np.testing.assert_allclose(np_(got.tensor).ravel(), expected, rtol=0, atol=1e-12)
         assert got.tensor.dtype == torch.float64 and got.tensor.shape == base.shape
 
@@ -180,7 +140,7 @@ def test_breadcrumbs_rejects_gamma_outside_unit_interval():
 
 
 def ref_della_mask(tau, density, epsilon, seed, expert=0):
-    """METHODS.md's DELLA draw, naively: the mid-rank of each entry's |τ| in its row (at
+    """docs/methods.md's DELLA draw, naively: the mid-rank of each entry's |τ| in its row (at
     bf16 precision, a bottom bin 2¹⁶ below the row's largest); kept with probability
     (d − ε) + 2ε·rank/(m − 1), drawn as v ~ uniform_ in rank space (rank_sparsify's doc)."""
     tau32 = np.ascontiguousarray(np.asarray(tau, dtype=np.float32))
@@ -208,7 +168,7 @@ def ref_della_mask(tau, density, epsilon, seed, expert=0):
 
 
 def test_della_draw_has_the_rank_probability():
-    """The rank-space draw is the probability METHODS.md gives: (d − ε) + 2ε·rank/(m − 1)."""
+    """The rank-space draw is the probability docs/methods.md gives: (d − ε) + 2ε·rank/(m − 1)."""
     m, density, epsilon = 5, 0.4, 0.3
     tau = torch.arange(1, m + 1, dtype=torch.float32).repeat(40_000, 1)  # ranks 0..4 in every row
     kept = rank_sparsify.della(tau, density, epsilon, seed=3, rescale=None) != 0
@@ -241,7 +201,7 @@ def test_della_merge_matches_reference_given_its_masks(chunking, name):
         tau = np_(e - base)
         kept = tau * ref_della_mask(tau, d, eps, seed, expert=i)
         sparse.append((kept * np.abs(tau).sum() / np.abs(kept).sum()).ravel())  # L1 rescale
-    expected = ref_family(np_(base), sparse, weights, consensus=name == "della", normalize=name == "della")
+    expected, _ = ref_family(np_(base), list(map(np_, experts)), weights, sparsified=sparse, consensus=name == "della", normalize=name == "della")
     np.testing.assert_allclose(np_(got.tensor).ravel(), expected, rtol=0, atol=1e-12)
 
 

@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from tests.helpers import gta_recipe
+from tests.helpers import gta_recipe, read_tensors
 
 METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "ties_sv"]
 
@@ -29,16 +29,6 @@ def recipe_for(method: str, base: Path, experts: list[Path]):
             data["models"][1]["parameters"]["protect"] = True
             data["parameters"] = {"slack": 0.2}
     return parse_recipe(data)
-
-
-def read_tensors(output: Path) -> dict[str, torch.Tensor]:
-    index = json.loads((output / "model.safetensors.index.json").read_text())
-    tensors = {}
-    for file in sorted(set(index["weight_map"].values())):
-        with safe_open(output / file, "pt") as handle:
-            for name in handle.keys():
-                tensors[name] = handle.get_tensor(name)
-    return tensors
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -11,8 +11,8 @@ import pytest
 from orchestrator.errors import RecipeError
 from orchestrator.parameters import evaluate_value
 from orchestrator.plan import build_plan, plan_layer_groups
-from orchestrator.slices import OutputSlice, SourceLayers, output_tensors, rename_layer
 from orchestrator.recipe import load_recipe, parse_recipe
+from orchestrator.slices import OutputSlice, SourceLayers, output_tensors, rename_layer
 from tests.helpers import gta_recipe, write_recipe
 
 MERGEKIT_RECIPE = """
@@ -154,7 +154,7 @@ def test_too_many_shards(family, tmp_path: Path) -> None:
 
 
 def test_plan_explain_accounts_for_every_byte(family, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from orchestrator import cli
+    from mergefleet import cli
 
     base, experts = family
     recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts))

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
 from orchestrator.errors import RecipeError
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from orchestrator.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint, save_word_tokenizer
+from tests.helpers import read_tensors
 from tests.test_mergekit_differential import mergefleet_tensors, mergekit_tensors
-from tests.test_pipeline import read_tensors
 
 
 def frankenmerge(base: Path, experts: list[Path]) -> dict:
@@ -51,6 +51,7 @@ def test_frankenmerge_repeats_layers_and_renames_them(family, tmp_path: Path) ->
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+@pytest.mark.slow
 def test_slices_with_gradients_match_mergekit(family, tmp_path: Path) -> None:
     base, experts = family
     recipe = {

@@ -21,40 +21,25 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from mergefleet.fixtures.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
 from orchestrator.errors import CheckpointError, OutputError, PlanError, RecipeError
-from orchestrator.pipeline import load_plan, merge, prepare_output
+from orchestrator.pipeline import merge, prepare_output
 from orchestrator.plan import build_plan
+from orchestrator.plan_ref import PlanRef, open_plan
+from orchestrator.receipt import Receipt
 from orchestrator.recipe import parse_recipe
-from orchestrator.shard import Receipt, run_shard
+from orchestrator.shard import run_shard
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import MiB, StorageOptions
-from orchestrator.storage.s3 import ReadAhead, S3Checkpoint, S3Output, plan_requests
-from orchestrator.synthetic import LlamaShape, fine_tuned, random_weights, save_checkpoint
-from tests.helpers import gta_recipe
+from orchestrator.storage.s3.readahead import ReadAhead, plan_requests
+from orchestrator.storage.s3.sink import S3Output
+from orchestrator.storage.s3.source import S3Checkpoint
+from orchestrator.storage.tensors import read_rows, read_tensor
+from tests.helpers import assert_same_tensors, gta_recipe, read_tensors
 from tests.s3_server import ACCESS_KEY, SECRET_KEY, FlakyProxy, deny_policy, s3_server  # noqa: F401 -- fixture
-from tests.test_pipeline import read_tensors
 
 ROOT = Path(__file__).resolve().parent.parent
 METHOD = "task_arithmetic"  # storage is under test here, not the method: the cheapest one with a base
-
-
-def download(server, uri: str, dest: Path) -> Path:
-    """Every object under ``uri`` into ``dest`` (so local readers can check it)."""
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    client = server.client()
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/"):
-        for item in page.get("Contents", []):
-            target = dest / item["Key"][len(prefix) + 1 :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            client.download_file(bucket, item["Key"], str(target))
-    return dest
-
-
-def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +70,7 @@ def s3_merge(s3_server, s3_family, tmp_path_factory):
     return {
         "summary": summary,
         "local": root / "local",
-        "downloaded": download(s3_server, "s3://merges/ties", root / "downloaded"),
+        "downloaded": s3_server.download("s3://merges/ties", root / "downloaded"),
         "storage": storage,
     }
 
@@ -130,14 +115,14 @@ def test_each_shard_fetches_only_its_own_bytes(s3_merge) -> None:
 
 
 def test_cli_merge_with_mixed_local_and_s3_inputs_and_outputs(s3_server, s3_family, s3_merge, tmp_path) -> None:
-    from orchestrator import cli
+    from mergefleet import cli
     from tests.helpers import write_recipe
 
     base, experts, s3_base, s3_experts = s3_family
     expected = read_tensors(s3_merge["local"])
     mixed = write_recipe(tmp_path / "mixed.yaml", gta_recipe(METHOD, base, [s3_experts[0], experts[1], s3_experts[2]]))
     assert cli.main(["merge", str(mixed), "s3://merges/mixed", "--shards", "2", "--quiet"]) == 0
-    assert_same_tensors(read_tensors(download(s3_server, "s3://merges/mixed", tmp_path / "mixed")), expected)
+    assert_same_tensors(read_tensors(s3_server.download("s3://merges/mixed", tmp_path / "mixed")), expected)
     from_s3 = write_recipe(tmp_path / "from-s3.yaml", gta_recipe(METHOD, s3_base, s3_experts))
     assert cli.main(["merge", str(from_s3), str(tmp_path / "local-out"), "--quiet"]) == 0
     assert_same_tensors(read_tensors(tmp_path / "local-out"), expected)
@@ -267,7 +252,7 @@ def test_header_that_lies_about_its_length(s3_server, tmp_path) -> None:
 
 KILL_AFTER_BYTES = """
 import os, signal, sys
-from orchestrator.pipeline import load_plan
+from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.shard import run_shard
 
 written = 0
@@ -277,7 +262,7 @@ def on_tensor(name, nbytes):
     if written > 6 * 2**20:  # the first 5 MiB part is on its way: die without any cleanup
         os.kill(os.getpid(), signal.SIGKILL)
 
-run_shard(load_plan(sys.argv[1]), 0, on_tensor=on_tensor)
+run_shard(open_plan(PlanRef.locate(sys.argv[1])), 0, on_tensor=on_tensor)
 """
 
 
@@ -302,7 +287,7 @@ def test_killed_shard_leaves_no_object_and_the_rerun_aborts_its_upload(s3_server
     assert summary.shards_skipped == 0
     assert sink.unfinished_uploads() == []
     reference = merge(parse_recipe(gta_like_local(data, refs, paths)), str(tmp_path / "reference"))
-    assert_same_tensors(read_tensors(download(s3_server, "s3://merges/killed", tmp_path / "got")), read_tensors(tmp_path / "reference"))
+    assert_same_tensors(read_tensors(s3_server.download("s3://merges/killed", tmp_path / "got")), read_tensors(tmp_path / "reference"))
     assert reference.shards == 1
 
 
@@ -390,10 +375,10 @@ def test_read_ahead_serves_chunked_reads_in_bounded_memory(s3_server, s3_family)
     local = ckpt.open_source(experts[0])
     for info in infos:  # whole tensors, and one in row chunks as a chunked method reads them
         if info.name.endswith("embed_tokens.weight"):
-            parts = [ckpt.read_rows(source, info, start, min(start + 10, info.shape[0])) for start in range(0, info.shape[0], 10)]
-            assert torch.equal(torch.cat(parts), ckpt.read_tensor(local, info))
+            parts = [read_rows(source, info, start, min(start + 10, info.shape[0])) for start in range(0, info.shape[0], 10)]
+            assert torch.equal(torch.cat(parts), read_tensor(local, info))
         else:
-            assert torch.equal(ckpt.read_tensor(source, info), ckpt.read_tensor(local, info))
+            assert torch.equal(read_tensor(source, info), read_tensor(local, info))
     assert source.bytes_read == sum(t.nbytes for t in infos) <= size
     assert source._readahead is not None and source._readahead.held_bytes == 0
     assert source.requests <= 4  # coalesced: the whole file in a few GETs
@@ -406,7 +391,7 @@ def test_throttling_and_broken_responses_are_retried(s3_server, s3_family, s3_me
         recipe = parse_recipe(gta_recipe(METHOD, s3_base, s3_experts, fleet={"storage": storage}))
         merge(recipe, "s3://merges/flaky", shards=1)
     assert proxy.throttled > 0 and proxy.cut > 0
-    got = read_tensors(download(s3_server, "s3://merges/flaky", tmp_path / "flaky"))
+    got = read_tensors(s3_server.download("s3://merges/flaky", tmp_path / "flaky"))
     assert_same_tensors(got, read_tensors(s3_merge["local"]))
 
 
@@ -416,11 +401,11 @@ def test_cache_dir_serves_the_same_inputs_again(s3_server, s3_family, s3_merge, 
     recipe = parse_recipe(gta_recipe(METHOD, s3_base, s3_experts, fleet={"storage": storage}))
     first = merge(recipe, "s3://merges/cached-1", shards=2)
     second = merge(recipe, "s3://merges/cached-2", shards=3)  # other shards, same bytes wanted
-    plans = [load_plan(f"s3://merges/cached-{i}") for i in (1, 2)]
+    plans = [open_plan(PlanRef.locate(f"s3://merges/cached-{i}")) for i in (1, 2)]
     receipts = [[Receipt.model_validate_json(S3Output(p.output).read_file(f".mergefleet/shard-{s.index}.json")) for s in p.shards] for p in plans]
     assert 0 < sum(r.bytes_read for r in receipts[0]) <= sum(r.tensor_bytes for r in receipts[0])  # planning cached some
     assert all(r.bytes_read == 0 for r in receipts[1])
-    assert first.manifest["inputs"] == second.manifest["inputs"]
-    got = read_tensors(download(s3_server, "s3://merges/cached-2", tmp_path / "cached"))
+    assert first.manifest.inputs == second.manifest.inputs
+    got = read_tensors(s3_server.download("s3://merges/cached-2", tmp_path / "cached"))
     assert_same_tensors(got, read_tensors(s3_merge["local"]))
     assert any((tmp_path / "cache").glob("*.ranges"))

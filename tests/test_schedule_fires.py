@@ -25,8 +25,10 @@ from typing import Iterator
 import httpx
 import pytest
 
-from tests.helpers import gta_recipe, write_recipe
+from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
 from tests.prefect_services import BIN, process_worker
+
+pytestmark = pytest.mark.slow
 
 POOL = "schedule-pool"
 INTERVAL_S = 5
@@ -85,7 +87,7 @@ def test_scheduled_runs_merge_skip_merge_again_and_survive_a_failure(services, f
     out = tmp_path / "merged"
     began = datetime.now(timezone.utc)
     done = subprocess.run(
-        [str(BIN / "mergefleet"), "deploy", str(recipe), str(out), "--pool", POOL, "--interval", str(INTERVAL_S), "--json"],
+        [*MERGEFLEET, "deploy", str(recipe), str(out), "--pool", POOL, "--interval", str(INTERVAL_S), "--json"],
         env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]

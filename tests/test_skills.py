@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.evaluate import evaluate_merge
-from orchestrator.pipeline import load_plan, merge
+from mergefleet.fixtures.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer
+from orchestrator.evaluate.scores import evaluate_merge
+from orchestrator.pipeline import merge
+from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import parse_recipe
-from orchestrator.skills import SKILLS, SkillsConfig, build_skills, build_tokenizer
 
 
 def test_the_tokenizer_is_character_level_and_round_trips() -> None:
@@ -45,8 +46,8 @@ def test_a_merge_of_two_skilled_experts_keeps_both_skills(method: str, skill_mod
     data = skill_models.recipe(method, output=tmp_path / "merged", shards=2)
     data["fleet"]["eval"]["cache_dir"] = str(eval_cache)
     recipe = parse_recipe(data)
-    merge(recipe, str(tmp_path / "merged"))
-    evaluation = evaluate_merge(load_plan(str(tmp_path / "merged")), recipe.fleet.eval)
+    summary = merge(recipe, str(tmp_path / "merged"))
+    evaluation = evaluate_merge(open_plan(summary.plan_ref), recipe.fleet.eval)
 
     merged, base = evaluation.merged.scores, evaluation.base.scores
     experts = {Path(name).name: scores.scores for name, scores in evaluation.experts.items()}

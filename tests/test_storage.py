@@ -13,26 +13,22 @@ from safetensors.torch import load_file, save_file
 
 from orchestrator.errors import CheckpointError, MergeError, OutputError
 from orchestrator.storage import checkpoint as ckpt
+from orchestrator.storage.base import StorageOptions
 from orchestrator.storage.checkpoint import (
-    SafetensorsWriter,
-    check_tensor_for_write,
-    convert_pickle_checkpoint,
     fingerprints,
-    open_checkpoint,
     open_output,
     open_source,
     pickle_weight_files,
     read_config,
     read_header,
-    read_rows,
-    read_tensor,
     read_tensor_index,
     weight_files,
-    write_safetensors,
 )
-from orchestrator.storage.base import StorageOptions
+from orchestrator.storage.convert import convert_pickle_checkpoint, open_checkpoint
 from orchestrator.storage.local import LocalCheckpoint, LocalOutput
 from orchestrator.storage.safetensors_format import aligned_order, dtype_code
+from orchestrator.storage.tensors import read_rows, read_tensor
+from orchestrator.storage.writer import SafetensorsWriter, check_tensor_for_write, write_safetensors
 
 PICKLE_MESSAGE = (
     "{path} holds only a pickle checkpoint ({file}); pickle can run code when loaded. "
@@ -218,7 +214,7 @@ def test_output_remove_partials_and_bad_paths(tmp_path):
 def test_open_source_and_output(tmp_path):
     assert isinstance(open_source(str(single_checkpoint(tmp_path / "m"))), LocalCheckpoint)
     assert isinstance(open_output(tmp_path / "o"), LocalOutput)
-    from orchestrator.storage.s3 import S3Output
+    from orchestrator.storage.s3.sink import S3Output
 
     sink = open_output("s3://bucket/out/", storage=StorageOptions(endpoint_url="http://127.0.0.1:9"))
     assert isinstance(sink, S3Output) and sink.uri == "s3://bucket/out"  # opening sends no request
@@ -318,7 +314,7 @@ def test_pickle_only_checkpoint_is_refused(tmp_path):
 @pytest.mark.parametrize("sharded", [False, True])
 def test_pickle_checkpoint_converted_when_allowed(tmp_path, sharded):
     tensors = pickle_checkpoint(tmp_path / "p", sharded=sharded)
-    converted = convert_pickle_checkpoint(tmp_path / "p", tmp_path / "c")
+    converted = convert_pickle_checkpoint(LocalCheckpoint(tmp_path / "p"), tmp_path / "c")
     assert isinstance(converted, LocalCheckpoint)
     files = weight_files(converted)
     if sharded:
@@ -363,12 +359,12 @@ def test_pickle_with_arbitrary_objects_is_refused_even_when_allowed(tmp_path):
     directory.mkdir()
     torch.save({"w": torch.zeros(1), "obj": Path("x")}, directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError) as err:
-        convert_pickle_checkpoint(directory, tmp_path / "c")
+        convert_pickle_checkpoint(LocalCheckpoint(directory), tmp_path / "c")
     assert f"{directory}/pytorch_model.bin could not be loaded with torch.load(weights_only=True)" in str(err.value)
     assert not (tmp_path / "c" / "model.safetensors").exists()
     torch.save({"w": torch.zeros(1), "step": 3}, directory / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model.bin: entry 'step' is a int"):
-        convert_pickle_checkpoint(directory, tmp_path / "c")
+        convert_pickle_checkpoint(LocalCheckpoint(directory), tmp_path / "c")
 
 
 # ---------------------------------------------------------------- headers and the tensor index

@@ -17,11 +17,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import cli
-from orchestrator.evaluate import evaluate_inputs, evaluate_merge
-from orchestrator.pipeline import load_plan, merge
+from mergefleet import cli
+from orchestrator.evaluate.scores import evaluate_inputs, evaluate_merge
+from orchestrator.pipeline import merge
+from orchestrator.plan_ref import open_plan
+from orchestrator.receipt import Receipt, ShardOutcome
 from orchestrator.recipe import parse_recipe
-from orchestrator.tracking import default_tracking_uri, track_merge
+from orchestrator.tracking.record import track_merge
+from orchestrator.tracking.store import default_tracking_uri
+
+pytestmark = pytest.mark.slow
 
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 
@@ -80,10 +85,11 @@ def tracked(skill_models, eval_cache, mlflow_server, tmp_path_factory) -> dict:
         data["name"] = f"skills-{method}"
         recipe = parse_recipe(data)
         summary = merge(recipe, str(out / method))
-        plan = load_plan(str(out / method))
+        plan = open_plan(summary.plan_ref)
         evaluation = evaluate_merge(plan, recipe.fleet.eval)
-        receipts = [json.loads((out / method / f".mergefleet/shard-{i}.json").read_text()) for i in range(2)]
-        run = track_merge(plan, summary.manifest, receipts, evaluation, tracking_uri=mlflow_server["uri"], merge_seconds=summary.seconds)
+        receipts = [Receipt.model_validate_json((out / method / f".mergefleet/shard-{i}.json").read_text()) for i in range(2)]
+        outcomes = [ShardOutcome(receipt=receipt, skipped=False) for receipt in receipts]
+        run = track_merge(plan, summary.manifest, outcomes, evaluation, tracking_uri=mlflow_server["uri"], merge_seconds=summary.seconds)
         result[method] = {"plan": plan, "evaluation": evaluation, "run": run, "summary": summary}
     return result
 
@@ -203,20 +209,22 @@ def test_the_sweep_flow_merges_a_grid_and_reuses_the_inputs_evaluations(skill_mo
     from flows.sweep import sweep
     from mlflow import MlflowClient
 
+    from orchestrator.sweep import SweepGrid
+
     data = skill_models.recipe("ties", output=tmp_path / "sweep", tracking_uri=mlflow_server["uri"], experiment="sweep")
     data["fleet"]["eval"]["cache_dir"] = str(eval_cache)
     data["fleet"]["eval"]["limit"] = 50
     grid = {"methods": ["ties", "task_arithmetic"], "parameters": {"density": [0.4, 0.7]}}
-    result = sweep(data, grid, parallel=2)
-    labels = sorted(point["label"] for point in result["points"])
+    result = sweep(parse_recipe(data), SweepGrid.model_validate(grid), parallel=2)
+    labels = sorted(point.label for point in result.points)
     assert labels == ["task_arithmetic", "ties-density0.4", "ties-density0.7"]  # density means nothing to task_arithmetic
-    for point in result["points"]:
-        evaluation = point["evaluation"]
-        assert evaluation["base"]["cached"] and all(e["cached"] for e in evaluation["experts"].values())
-        assert not evaluation["merged"]["cached"]
+    for point in result.points:
+        evaluation = point.evaluation
+        assert evaluation.base.cached and all(e.cached for e in evaluation.experts.values())
+        assert not evaluation.merged.cached
     client = MlflowClient(mlflow_server["uri"])
     experiment = client.get_experiment_by_name("sweep")
-    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mergefleet.sweep` = '{result['sweep']}'")
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mergefleet.sweep` = '{result.sweep}'")
     assert sorted(r.info.run_name for r in runs) == labels
     assert {r.data.params["merge_method"] for r in runs} == {"ties", "task_arithmetic"}
 
@@ -230,10 +238,10 @@ def test_the_merge_and_eval_flow_evaluates_and_records_the_merge(skill_models, e
     data["fleet"]["eval"]["cache_dir"] = str(eval_cache)
     recipe = parse_recipe(data)
     evaluate_inputs(recipe.model_refs(), recipe.fleet.eval)  # from the cache when an earlier test evaluated them
-    result = merge_and_eval(data)
-    evaluation = result["evaluation"]
-    assert evaluation["base"]["cached"] and all(e["cached"] for e in evaluation["experts"].values())
-    assert set(evaluation["normalised"]) == {"skill_add", "skill_map"}
-    run = MlflowClient(mlflow_server["uri"]).get_run(result["tracking"]["run_id"])
-    assert run.data.metrics["score/skill_add"] == pytest.approx(evaluation["merged"]["scores"]["skill_add"])
-    assert run.data.tags["mergefleet.plan_id"] == result["plan_id"] and run.data.metrics["merge_seconds"] > 0
+    result = merge_and_eval(recipe)
+    evaluation = result.evaluation
+    assert evaluation.base.cached and all(e.cached for e in evaluation.experts.values())
+    assert set(evaluation.normalised) == {"skill_add", "skill_map"}
+    run = MlflowClient(mlflow_server["uri"]).get_run(result.tracking.run_id)
+    assert run.data.metrics["score/skill_add"] == pytest.approx(evaluation.merged.scores["skill_add"])
+    assert run.data.tags["mergefleet.plan_id"] == result.plan_id and run.data.metrics["merge_seconds"] > 0

@@ -8,7 +8,7 @@
 - ``healthcheck``: the image's HEALTHCHECK. The long-running roles answer on HTTP (the
   worker's ``--with-healthcheck`` server, the Prefect and MLflow servers); a one-shot shard
   container has nothing to probe and counts as healthy while it runs.
-- no arguments: ``mergefleet --help``.
+- no arguments: ``python -m mergefleet --help`` (the ``mergefleet`` command's help).
 
 Standard library only: it starts before anything heavy is imported.
 """
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["healthcheck"]:
         return healthcheck(_pid1_cmdline(), dict(os.environ))
     if not args:
-        args = ["mergefleet", "--help"]
+        args = ["python", "-m", "mergefleet", "--help"]
     sys.stdout.flush()
     sys.stderr.flush()
     try:

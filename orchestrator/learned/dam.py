@@ -34,6 +34,7 @@ from orchestrator.learned.memory import MemoryEstimate, ModelShape, available_me
 from orchestrator.learned.settings import DamSettings
 from orchestrator.storage import checkpoint as ckpt
 from orchestrator.storage.base import StorageOptions, TensorInfo
+from orchestrator.storage.tensors import read_tensor
 from orchestrator.vocabulary import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Experts:
         loaded = []
         for ref, infos in zip(self.refs, self.infos):
             source = ckpt.open_source(ref, storage=self.storage)
-            loaded.append({name: ckpt.read_tensor(source, infos[name]).to(device=device, dtype=dtype) for name in self.shapes})
+            loaded.append({name: read_tensor(source, infos[name]).to(device=device, dtype=dtype) for name in self.shapes})
         return loaded
 
 

@@ -1,7 +1,7 @@
 """MLflow runs of the trained merges: a DAM training, and the parent run of a search or
 of a Merge to Mix (its candidates are ordinary merge runs, nested under it).
 
-Like ``orchestrator.tracking``: ``MlflowClient`` with an explicit URI, no global state.
+Like ``orchestrator.tracking.record``: ``MlflowClient`` with an explicit URI, no global state.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from orchestrator.errors import TrackingError
-from orchestrator.tracking import TAG, client_for, experiment_id, flatten, metric_key, resolve_tracking_uri
+from orchestrator.tracking.record import TAG, flatten, metric_key
+from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri
 
 PARENT_TAG = "mlflow.parentRunId"
 

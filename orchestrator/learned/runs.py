@@ -7,20 +7,23 @@ and the lineage: a search trial and a Merge to Mix subset are ordinary merges.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
 from orchestrator.errors import RecipeError
-from orchestrator.evaluate import evaluate_inputs, evaluate_merge
-from orchestrator.pipeline import load_plan, merge
+from orchestrator.evaluate.scores import evaluate_inputs, evaluate_merge
+from orchestrator.pipeline import merge
+from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import Recipe
-from orchestrator.tracking import track_merge
+from orchestrator.tracking.record import track_merge
 
 Objective = Literal["mean", "normalised"]
 
 
-@dataclass
-class CandidateResult:
+class CandidateResult(BaseModel):
+    """One candidate merged, evaluated and (usually) recorded; a Prefect task's result."""
+
     label: str
     output: str
     plan_id: str
@@ -29,11 +32,8 @@ class CandidateResult:
     merge_seconds: float
     eval_seconds: float
     run_id: str | None = None
-    values: dict[str, Any] = field(default_factory=dict)  # what made this candidate (trial values, subset)
-    report: dict[str, Any] = field(default_factory=dict)  # the merge's report (e.g. protected drop rates)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    values: dict[str, Any] = {}  # what made this candidate (trial values, subset)
+    report: dict[str, Any] = {}  # the merge's report (e.g. protected drop rates)
 
 
 def objective_value(scores: dict[str, float], normalised: dict[str, float], objective: Objective) -> float:
@@ -57,13 +57,11 @@ def merge_evaluate_record(
     there), evaluate it with ``fleet.eval``, and record it (an MLflow run named ``label``)."""
     if recipe.fleet.eval is None:
         raise RecipeError("a search needs evaluation tasks: set 'fleet: {eval: {tasks: [...]}}' in the recipe")
-    if not recipe.fleet.output:
-        raise RecipeError(f"candidate {label} has no output location")
     started = time.perf_counter()
-    summary = merge(recipe, recipe.fleet.output, workers=1, overwrite=overwrite)
-    plan = load_plan(summary.output)
+    summary = merge(recipe, recipe.output_location(), workers=1, overwrite=overwrite)
+    plan = open_plan(summary.plan_ref)
     merged_at = time.perf_counter()
-    evaluation = evaluate_merge(plan, recipe.fleet.eval)
+    evaluation = evaluate_merge(plan, recipe.fleet.eval, storage=plan.storage)
     eval_seconds = time.perf_counter() - merged_at
     run_id = None
     if record:
@@ -79,11 +77,11 @@ def merge_evaluate_record(
         eval_seconds=round(eval_seconds, 3),
         run_id=run_id,
         values=dict(values or {}),
-        report=dict(summary.manifest.get("report") or {}),
+        report=dict(summary.manifest.report),
     )
 
 
 def evaluate_recipe_inputs(recipe: Recipe) -> None:
     """Score the inputs once (cached by fingerprint) before candidates that reuse them run in parallel."""
     if recipe.fleet.eval is not None and recipe.fleet.eval.evaluate_inputs:
-        evaluate_inputs(recipe.model_refs(), recipe.fleet.eval)
+        evaluate_inputs(recipe.model_refs(), recipe.fleet.eval, storage=recipe.fleet.storage)

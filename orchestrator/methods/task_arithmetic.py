@@ -1,4 +1,4 @@
-"""The task-arithmetic family (METHODS.md): one procedure, three switches.
+"""The task-arithmetic family (docs/methods.md): one procedure, three switches.
 
     δᵢ = sparsify(τᵢ, dᵢ)                       none | magnitude | random (DARE)
     Δ  = Σ wᵢδᵢ,  D = Σ wᵢ                       without consensus

@@ -1,78 +1,12 @@
 """Where checkpoints are read from and merges are written to.
 
-``open_source``/``open_output`` turn a reference (a local path or ``s3://bucket/prefix``)
-into a ``CheckpointSource``/``OutputSink``; the functions below work on any backend.
+- ``base``: the interface every backend implements (``CheckpointSource`` for inputs,
+  ``OutputSink`` for outputs), ``TensorInfo``, ``FileFingerprint`` and ``StorageOptions``;
+- ``local`` and ``s3/``: the two backends;
+- ``checkpoint``: opening a reference, which files hold the weights, headers, config and
+  fingerprints; ``tensors``: reading tensor data; ``writer``: the write guard and the
+  streaming safetensors writer; ``convert``: pickle checkpoints, when allowed;
+- ``safetensors_format``: the file format itself (headers, dtypes), no I/O.
+
+Adding a backend: see CONTRIBUTING.md.
 """
-
-from orchestrator.storage.base import (
-    DTYPE_SIZES,
-    CheckpointSource,
-    FileFingerprint,
-    OutputSink,
-    StorageOptions,
-    TensorInfo,
-)
-from orchestrator.storage.checkpoint import (
-    SafetensorsWriter,
-    check_tensor_for_write,
-    convert_pickle_checkpoint,
-    fingerprints,
-    open_checkpoint,
-    open_output,
-    open_source,
-    pickle_weight_files,
-    prefetch,
-    read_config,
-    read_header,
-    read_rows,
-    read_tensor,
-    read_tensor_index,
-    read_weight_map,
-    weight_files,
-    write_safetensors,
-)
-from orchestrator.storage.local import LocalCheckpoint, LocalOutput
-from orchestrator.storage.safetensors_format import (
-    aligned_order,
-    build_header,
-    dtype_code,
-    header_length,
-    parse_dtype_name,
-    parse_header,
-    torch_dtype,
-)
-
-__all__ = [
-    "DTYPE_SIZES",
-    "CheckpointSource",
-    "FileFingerprint",
-    "LocalCheckpoint",
-    "LocalOutput",
-    "OutputSink",
-    "SafetensorsWriter",
-    "StorageOptions",
-    "TensorInfo",
-    "aligned_order",
-    "build_header",
-    "check_tensor_for_write",
-    "convert_pickle_checkpoint",
-    "dtype_code",
-    "fingerprints",
-    "header_length",
-    "open_checkpoint",
-    "open_output",
-    "open_source",
-    "parse_dtype_name",
-    "parse_header",
-    "pickle_weight_files",
-    "prefetch",
-    "read_config",
-    "read_header",
-    "read_rows",
-    "read_tensor",
-    "read_tensor_index",
-    "read_weight_map",
-    "torch_dtype",
-    "weight_files",
-    "write_safetensors",
-]

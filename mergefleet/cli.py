@@ -11,19 +11,20 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
 
-from orchestrator import __version__, cli_cluster
+from mergefleet import cli_cluster, cli_learned
+from mergefleet.progress import MergeProgress
+from orchestrator import __version__
 from orchestrator.errors import MergefleetError
-from orchestrator.progress import MergeProgress
 
-from orchestrator.cli_learned import COMMANDS as LEARNED_COMMANDS
-from orchestrator.cli_learned import register as register_learned
+if TYPE_CHECKING:
+    from orchestrator.pipeline import MergeSummary
 
-COMMANDS = tuple(sorted(("assemble", "cluster", "compare", "deploy", "merge", "plan", "run", "shard") + LEARNED_COMMANDS))
+COMMANDS = tuple(sorted(("assemble", "compare", "deploy", "merge", "plan", "run", "shard") + cli_cluster.COMMANDS + cli_learned.COMMANDS))
 
 
 def _human_bytes(count: float) -> str:
@@ -34,21 +35,12 @@ def _human_bytes(count: float) -> str:
     return f"{count:.1f} TB"
 
 
-def _resolve_output(recipe: Any, output: str | None) -> str:
-    from orchestrator.errors import RecipeError
-
-    chosen = output or recipe.fleet.output
-    if not chosen:
-        raise RecipeError("no output location: give OUT on the command line or set 'fleet: {output: PATH}' in the recipe")
-    return chosen
-
-
 def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.pipeline import merge
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    output = _resolve_output(recipe, args.output)
+    output = recipe.output_location(args.output)
     with MergeProgress(console, enabled=args.show_progress) as progress:
         summary = merge(
             recipe,
@@ -61,18 +53,22 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             on_plan=progress.start_plan,
             on_tensor=progress.advance,
         )
-    result = summary.as_dict()
     if not args.json and not args.quiet:
-        rate = summary.bytes_written / summary.seconds if summary.seconds else 0.0
-        console.print(
-            f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
-            f"{_human_bytes(summary.bytes_written)} in {summary.shards} shard(s)"
-            + (f" ({summary.shards_skipped} already done)" if summary.shards_skipped else "")
-            + f", {summary.seconds:.1f} s ({_human_bytes(rate)}/s); plan {summary.plan_id}",
-            highlight=False,
-        )
-        _print_report(console, result["report"])
-    return result
+        _print_summary(console, summary)
+    return summary.model_dump(mode="json")
+
+
+def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", run: str = "") -> None:
+    """What a merge did, in one line, and its method report."""
+    rate = summary.bytes_written / summary.seconds if summary.seconds else 0.0
+    console.print(
+        f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
+        f"{_human_bytes(summary.bytes_written)} in {summary.shards} shard(s){where}"
+        + (f" ({summary.shards_skipped} already done)" if summary.shards_skipped else "")
+        + f", {summary.seconds:.1f} s ({_human_bytes(rate)}/s); plan {summary.plan_id}{run}",
+        highlight=False,
+    )
+    _print_report(console, summary.report)
 
 
 def _print_report(console: Console, report: dict[str, Any]) -> None:
@@ -83,12 +79,13 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
 
 
 def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from orchestrator.explain import explain_plan
     from orchestrator.pipeline import prepare_output
-    from orchestrator.plan import PLAN_FILE, build_plan, explain_plan
+    from orchestrator.plan import PLAN_FILE, build_plan
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    output = _resolve_output(recipe, args.output)
+    output = recipe.output_location(args.output)
     plan = build_plan(recipe, output, shards=args.shards, allow_pickle=args.allow_pickle or None)
     prepare_output(plan, overwrite=args.overwrite)
     shards = [
@@ -121,31 +118,32 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def cmd_shard(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from orchestrator.pipeline import load_plan
+    from orchestrator.plan_ref import PlanRef, open_plan
     from orchestrator.shard import run_shard
 
-    plan = load_plan(args.plan)
+    plan = open_plan(PlanRef.locate(args.plan))
     shard = plan.shard(args.index)
     with MergeProgress(console, enabled=args.show_progress) as progress:
         progress.start_shard(shard)
-        receipt, skipped = run_shard(plan, args.index, device=args.device, on_tensor=progress.advance, force=args.force)
-    result = receipt.model_dump() | {"skipped": skipped}
+        outcome = run_shard(plan, args.index, device=args.device, on_tensor=progress.advance, force=args.force)
+    receipt = outcome.receipt
+    result = receipt.model_dump() | {"skipped": outcome.skipped}
     if not args.json and not args.quiet:
-        verb = "already done" if skipped else f"written in {receipt.seconds:.1f} s"
+        verb = "already done" if outcome.skipped else f"written in {receipt.seconds:.1f} s"
         console.print(f"shard {args.index}: {plan.output}/{receipt.file} {verb} ({_human_bytes(receipt.bytes_written)})", highlight=False)
     return result
 
 
 def cmd_assemble(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.assemble import assemble
-    from orchestrator.pipeline import load_plan
+    from orchestrator.plan_ref import PlanRef, open_plan
 
-    plan = load_plan(args.plan)
+    plan = open_plan(PlanRef.locate(args.plan))
     manifest = assemble(plan)
     if not args.json and not args.quiet:
-        console.print(f"assembled {plan.output}: {len(manifest['files'])} file(s), plan {plan.plan_id}", highlight=False)
-        _print_report(console, manifest["report"])
-    return manifest
+        console.print(f"assembled {plan.output}: {len(manifest.files)} file(s), plan {plan.plan_id}", highlight=False)
+        _print_report(console, manifest.report)
+    return manifest.model_dump(mode="json")
 
 
 class _RunNameFormatter(logging.Formatter):
@@ -176,35 +174,28 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.recipe import load_recipe, parse_recipe
 
     recipe = load_recipe(args.recipe)  # a bad recipe fails here, before any flow runs
-    output = _resolve_output(recipe, args.output)
+    output = recipe.output_location(args.output)
     data = recipe.model_dump(mode="json", exclude_defaults=True)
     overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool")}
     data["fleet"] = data.get("fleet", {}) | {key: value for key, value in overrides.items() if value is not None}
-    parse_recipe(data, source=args.recipe)
-    from flows.merge_and_eval import merge_and_eval
+    recipe = parse_recipe(data, source=args.recipe)
+    from flows.merge_and_eval import SkippedMerge, merge_and_eval
 
     with embedded.connected(api, timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
-        result = merge_and_eval(data, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
+        result = merge_and_eval(recipe, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
+    if isinstance(result, SkippedMerge):
+        if not args.json and not args.quiet:
+            console.print(f"{result.output}: {result.reason}; nothing to do", highlight=False)
+        return result.model_dump(mode="json")
     if not args.json and not args.quiet:
-        if result.get("skipped"):
-            console.print(f"{result['output']}: {result['reason']}; nothing to do", highlight=False)
-            return result
-        rate = result["bytes_written"] / result["seconds"] if result["seconds"] else 0.0
-        console.print(
-            f"merged {result['tensors']} tensors with {result['method']} into {result['output']}: "
-            f"{_human_bytes(result['bytes_written'])} in {result['shards']} shard(s) ({result['target']})"
-            + (f" ({result['shards_skipped']} already done)" if result["shards_skipped"] else "")
-            + f", {result['seconds']:.1f} s ({_human_bytes(rate)}/s); plan {result['plan_id']}, flow run {result['flow_run_id']}",
-            highlight=False,
-        )
-        _print_report(console, result["report"])
-        if result.get("evaluation"):
-            scores = result["evaluation"]["merged"]["scores"]
+        _print_summary(console, result, where=f" ({result.target})", run=f", flow run {result.flow_run_id}")
+        if result.evaluation is not None:
+            scores = result.evaluation.merged.scores
             console.print("scores: " + ", ".join(f"{task} {value:.3f}" for task, value in scores.items()), highlight=False)
-        if result.get("tracking"):
-            tracked = result["tracking"]
-            console.print(f"recorded as MLflow run {tracked['run_id']} in {tracked.get('url') or tracked['tracking_uri']}", highlight=False)
-    return result
+        if result.tracking is not None:
+            tracked = result.tracking
+            console.print(f"recorded as MLflow run {tracked.run_id} in {tracked.url or tracked.tracking_uri}", highlight=False)
+    return result.model_dump(mode="json")
 
 
 def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -218,7 +209,7 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     pool = args.pool or recipe.fleet.work_pool
     if not pool:
         raise RecipeError("no work pool: give --pool NAME or set 'fleet: {work_pool: NAME}' in the recipe")
-    data = portable_recipe(recipe, root=Path.cwd(), output=_resolve_output(recipe, args.output))
+    data = portable_recipe(recipe, root=Path.cwd(), output=recipe.output_location(args.output))
     _prefect_defaults(quiet=args.json or args.quiet)
     from flows.deploy import deploy, summary
     from flows.preflight import parse_schedule
@@ -235,7 +226,9 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from orchestrator.tracking import compare_drop_rates, compare_rows, compare_series, compare_tracking_uri, find_merge_runs, score_chart
+    from orchestrator.tracking.charts import score_chart
+    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, compare_series, find_merge_runs
+    from orchestrator.tracking.store import compare_tracking_uri
 
     uri = compare_tracking_uri(args.tracking_uri)
     runs = find_merge_runs(args.refs, tracking_uri=uri)
@@ -347,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--chart", default="mergefleet-compare.png", help="where the chart goes (PNG; default: %(default)s)")
     compare.set_defaults(handler=cmd_compare)
 
-    cli_cluster.add_commands(commands, common)
-    register_learned(commands, common)
+    cli_cluster.register(commands, common)
+    cli_learned.register(commands, common)
     return parser
 
 

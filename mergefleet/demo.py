@@ -1,7 +1,7 @@
 """``make demo``: experts with real skills, merged, evaluated and recorded in MLflow.
 
 1. train (or reuse) a tiny Llama base and three experts fine-tuned from it on distinct
-   synthetic skills, with an lm-eval task per skill (``orchestrator/skills.py``);
+   synthetic skills, with an lm-eval task per skill (``mergefleet/fixtures/skills.py``);
 2. ``mergefleet run``: the merge_and_eval Prefect flow merges the experts (ties, 3 shards,
    2 at once), evaluates base, experts and merge with lm-eval, and records the merge as
    an MLflow run in ``demo-out/mlflow.db``;
@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from orchestrator import cli
-from orchestrator.skills import SkillModels, SkillsConfig, build_skills
-from orchestrator.tracking import client_for, ui_command
+from mergefleet import cli
+from mergefleet.fixtures.skills import SkillModels, SkillsConfig, build_skills
+from orchestrator.tracking.store import client_for, ui_command
 
 DEMO_SKILLS = SkillsConfig(skills=("add", "map", "next"))
 EXPERIMENT = "mergefleet-demo"

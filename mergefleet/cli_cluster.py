@@ -18,6 +18,7 @@ from rich.console import Console
 from orchestrator.errors import ClusterError
 
 CHART = "mergefleet"
+COMMANDS = ("cluster",)
 
 
 def chart_fullname(release: str) -> str:
@@ -95,7 +96,7 @@ def cmd_create_pool(args: argparse.Namespace, console: Console) -> dict[str, Any
     return result
 
 
-def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+def register(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``cluster`` command group, added to the top-level parser."""
     cluster = commands.add_parser("cluster", help="check a Kubernetes cluster, register its work pool")
     sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")

@@ -1,6 +1,6 @@
 """The command line of the trained merges: ``dam train``, ``search``, ``merge-to-mix``.
 
-``orchestrator.cli`` registers these with ``register(commands, common)``; errors and
+``mergefleet.cli`` registers these with ``register(commands, common)``; errors and
 ``--json`` are handled there like every other command's.
 """
 
@@ -43,7 +43,7 @@ def cmd_dam_train(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def _run_flow(args: argparse.Namespace, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run a flow on the embedded Prefect API (unless a server is configured), as ``mergefleet run`` does."""
     from flows import embedded
-    from orchestrator.cli import _prefect_defaults
+    from mergefleet.cli import _prefect_defaults
 
     _prefect_defaults(quiet=args.json or args.quiet)
     api = embedded.start()
@@ -55,12 +55,11 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)  # a bad recipe fails before Prefect starts
-    data = recipe.model_dump(mode="json", exclude_defaults=True)
 
     def start() -> dict[str, Any]:
         from flows.search import parameter_search
 
-        return parameter_search(data, budget=args.budget, parallel=args.parallel, output=args.output, layer_groups=args.layer_groups,
+        return parameter_search(recipe, budget=args.budget, parallel=args.parallel, output=args.output, layer_groups=args.layer_groups,
                                 parameters=args.parameters.split(","), time_budget=args.time_budget, objective=args.objective, seed=args.seed,
                                 overwrite=args.overwrite)
 
@@ -77,12 +76,11 @@ def cmd_merge_to_mix(args: argparse.Namespace, console: Console) -> dict[str, An
     from orchestrator.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    data = recipe.model_dump(mode="json", exclude_defaults=True)
 
     def start() -> dict[str, Any]:
         from flows.merge_to_mix import merge_to_mix
 
-        return merge_to_mix(data, output=args.output, parallel=args.parallel, budget=args.budget, objective=args.objective,
+        return merge_to_mix(recipe, output=args.output, parallel=args.parallel, budget=args.budget, objective=args.objective,
                             overwrite=args.overwrite)
 
     result = _run_flow(args, start)

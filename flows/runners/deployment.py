@@ -1,0 +1,104 @@
+"""``fleet.target: deployment``: each shard a run of the merge-shard deployment on a Prefect
+work pool (a ``process`` pool here, a ``kubernetes`` pool in a cluster), started with
+``run_deployment`` by a task that waits for it and reads the shard's receipt back from
+storage. The flow run receives the plan's ``PlanRef``; tensors never pass through Prefect.
+``flows.pool_runs`` follows each flow run (a Kubernetes pool's run that never starts is
+cancelled after the pool's start timeout, naming its Job)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from prefect import task
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import ObjectNotFound
+from prefect.futures import wait
+from prefect.settings import PREFECT_API_URL
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import embedded, pool_runs
+from flows.runners import common
+from orchestrator.errors import ConfigurationError
+from orchestrator.plan_ref import PlanRef, open_plan
+from orchestrator.receipt import ShardOutcome, finished_receipt
+from orchestrator.recipe import FleetSettings
+
+POLL_S = 0.5
+"""How often a shard's task asks for its flow run's state."""
+
+
+@task(name="merge-shard-on-pool", **common.SHARD_TASK)
+def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str, concurrency_limit: str | None) -> ShardOutcome:
+    """Run shard ``index`` as a flow run of ``deployment``, wait, and read its receipt."""
+    opened = open_plan(plan)
+    sink = opened.output_sink()
+    done = finished_receipt(opened, sink, index)
+    if done is not None:
+        return ShardOutcome(receipt=done, skipped=True)
+    run = run_deployment(
+        deployment,
+        parameters={"plan": plan.model_dump(mode="json"), "index": index, "device": device, "concurrency_limit": concurrency_limit},
+        flow_run_name=f"{opened.plan_id[:8]}-shard-{index}",
+        timeout=0,  # returns once created; pool_runs.wait follows it, with the pool's start timeout
+    )
+    run = pool_runs.wait(run, index=index, poll=POLL_S)
+    state = run.state
+    if state is None or not state.is_completed():
+        kind = state.type.value.lower() if state else "no state"
+        message = (state.message or "") if state else ""
+        message = message.removeprefix("Flow run encountered an exception: ")
+        raise common.ShardRunFailed(f"shard {index}: flow run '{run.name}' of {deployment} {kind}: {message}".rstrip(": "))
+    receipt = finished_receipt(opened, sink, index)
+    if receipt is None:
+        raise common.ShardRunFailed(
+            f"shard {index}: flow run '{run.name}' of {deployment} completed but left no receipt in {opened.output}; "
+            "does the worker see the same storage?"
+        )
+    common.run_log().info("shard %d done by flow run '%s'", index, run.name)
+    return ShardOutcome(receipt=receipt, skipped=False)
+
+
+def check_deployment(name: str) -> None:
+    """The deployment exists on a server that workers share (not this process's own API)."""
+    if PREFECT_API_URL.value() is None or embedded.is_embedded(PREFECT_API_URL.value()):
+        raise ConfigurationError(
+            "target 'deployment' needs a Prefect server that the workers share: set PREFECT_API_URL "
+            "(e.g. http://127.0.0.1:4200/api after 'prefect server start')"
+        )
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            raise ConfigurationError(
+                f"no deployment '{name}' on the Prefect server at {PREFECT_API_URL.value()}: register it with "
+                "'mergefleet deploy RECIPE --pool POOL', or set fleet.shard_deployment"
+            ) from None
+
+
+@dataclass(frozen=True)
+class DeploymentRuns:
+    """Implements ``ShardRunner`` with flow runs of a deployment on a work pool, all at once
+    (the pool's workers, and the concurrency limit if any, decide how many run)."""
+
+    deployment: str
+    device: str = "cpu"
+    retries: int = 2
+    concurrency_limit: str | None = None
+    concurrency_slots: int | None = None
+
+    @classmethod
+    def for_fleet(cls, fleet: FleetSettings) -> "DeploymentRuns":
+        return cls(fleet.shard_deployment_name(), fleet.device, fleet.shard_retries, fleet.concurrency_limit, fleet.concurrency_slots)
+
+    def run(self, plan: PlanRef, indices: Sequence[int]) -> list[ShardOutcome]:
+        if self.concurrency_limit:
+            common.reserve_slots(self.concurrency_limit, self.concurrency_slots)
+        check_deployment(self.deployment)
+        shard = merge_shard_on_pool.with_options(retries=self.retries, retry_delay_seconds=common.SHARD_RETRY_DELAY_S)
+        common_parameters = {"plan": plan, "deployment": self.deployment, "device": self.device, "concurrency_limit": self.concurrency_limit}
+        with ThreadPoolTaskRunner(max_workers=max(1, len(indices))) as runner:
+            futures = [runner.submit(shard, parameters={**common_parameters, "index": i}) for i in indices]
+            wait(futures)
+        return common.settle(plan, futures)

@@ -1,0 +1,12 @@
+"""Where shards run. ``base.ShardRunner`` is the interface; each runner is one module:
+
+- ``orchestrator.runners.processes.WorkerProcesses``: this process or local worker
+  processes (``mergefleet merge``);
+- ``flows.runners.inline.InlineTasks``: Prefect tasks in the flow's process
+  (``fleet.target: inline``);
+- ``flows.runners.deployment.DeploymentRuns``: runs of the merge-shard deployment on a
+  Prefect work pool, a ``process`` pool here or a ``kubernetes`` pool in a cluster
+  (``fleet.target: deployment``).
+
+The Prefect runners live in ``flows/`` because the library never imports Prefect.
+"""

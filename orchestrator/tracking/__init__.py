@@ -1,0 +1,31 @@
+"""Lineage: one MLflow run per merge, recorded the same way every time so that merges
+compare side by side in the MLflow UI.
+
+Modules: ``record`` (``track_merge``: the run of one merge), ``store`` (where runs go and
+how to open them), ``charts`` (score charts) and ``compare`` (a table of recorded merges).
+
+A merge's run holds
+- the recipe as params (flattened: ``models.1.parameters.density``) and as ``recipe.yaml``;
+- tags ``mergefleet.method``, ``mergefleet.experts``, ``mergefleet.plan_id``, ...;
+- every input checkpoint as a run input (a dataset entry whose source is the input's URI
+  and whose digest is its fingerprint; context ``base`` or ``expert``);
+- one nested run per shard (bytes written and read, seconds, bytes per second);
+- the evaluation: ``score/<task>`` (the merged checkpoint's primary metric),
+  ``normalised/<task>``, ``merged/<task>/<metric>`` (everything lm-eval reported),
+  ``base/<task>`` and ``expert/<name>/<task>`` when the inputs were evaluated;
+- ``protected_drop_rate/<model>`` for a method that protects experts' top-k entries
+  (also a second panel of ``scores.png``);
+- artifacts ``recipe.yaml``, ``mergefleet.json`` (the manifest), ``evaluation.json`` and
+  ``scores.png`` (merged vs base vs experts per task);
+- the merged checkpoint as an MLflow logged model. Its weights stay where the merge wrote
+  them: the model is an *external* one (MLflow's term) whose ``mergefleet.checkpoint_uri``
+  tag and ``checkpoint.json`` artifact give that location; optionally registered.
+
+Tracking goes to ``tracking_uri`` (argument, then ``fleet.tracking_uri``, then
+``MLFLOW_TRACKING_URI``), by default a SQLite file ``mlflow.db`` beside a local output
+(in its parent directory) with artifacts in ``mlartifacts/`` next to it; ``~/.mergefleet``
+for a remote output. The file store is deprecated in MLflow 3 and is not used.
+
+Only ``MlflowClient`` with an explicit URI is used: no global MLflow state, so merges of
+a sweep may be tracked from several threads.
+"""

@@ -1,0 +1,114 @@
+"""Merges recorded in MLflow, side by side: the runs that refs name, one row per merge
+(method, the parameters that differ, scores and normalised scores, seconds), chart series."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+from orchestrator.errors import TrackingError
+from orchestrator.tracking.record import TAG
+from orchestrator.tracking.store import client_for
+
+
+def find_merge_runs(refs: Sequence[str], *, tracking_uri: str) -> list[Any]:
+    """The merge runs named by ``refs``: run ids, or experiment names or ids (all their merges)."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(tracking_uri)
+    runs: list[Any] = []
+    for ref in refs:
+        run = None
+        if re.fullmatch(r"[0-9a-f]{32}", ref):
+            try:
+                run = client.get_run(ref)
+            except MlflowException:
+                run = None
+        if run is not None:
+            runs.append(run)
+            continue
+        experiment = None
+        try:
+            experiment = client.get_experiment_by_name(ref)
+            if experiment is None and ref.isdigit():
+                experiment = client.get_experiment(ref)
+        except MlflowException:
+            experiment = None
+        if experiment is None:
+            raise TrackingError(f"'{ref}' is neither a run id nor an experiment in MLflow at {tracking_uri}")
+        found = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`{TAG}plan_id` != ''", order_by=["attributes.start_time ASC"], max_results=5000
+        )
+        runs += [r for r in found if f"{TAG}shard" not in r.data.tags]
+    unique = {run.info.run_id: run for run in runs}
+    if not unique:
+        raise TrackingError(f"no merge runs found for {', '.join(refs)} in MLflow at {tracking_uri}")
+    return list(unique.values())
+
+
+def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
+    """One row per merge run; also the recipe params that differ between runs, and the tasks."""
+    params = [run.data.params for run in runs]
+    keys = sorted({key for p in params for key in p if not key.startswith(("models.", "base_model", "fleet.", "mergefleet."))})
+    varying = [key for key in keys if len({p.get(key) for p in params}) > 1] if len(runs) > 1 else [
+        key for key in keys if key.startswith(("parameters.",)) or key in ("merge_method",)
+    ]
+    weights = sorted({key for p in params for key in p if key.startswith("models.") and ".parameters." in key})
+    varying += [key for key in weights if len({p.get(key) for p in params}) > 1]
+    tasks = sorted({key.split("/", 1)[1] for run in runs for key in run.data.metrics if key.startswith("score/") and key != "score/mean"})
+    rows = []
+    for run in runs:
+        metrics = run.data.metrics
+        seconds = metrics.get("merge_seconds", metrics.get("shard_seconds_total"))
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "method": run.data.tags.get(f"{TAG}method", run.data.params.get("merge_method")),
+                "params": {key: run.data.params.get(key) for key in varying},
+                "scores": {task: metrics.get(f"score/{task}") for task in tasks},
+                "normalised": {task: metrics.get(f"normalised/{task}") for task in tasks},
+                "normalised_mean": metrics.get("normalised/mean"),
+                "base": {task: metrics.get(f"base/{task}") for task in tasks},
+                "experts": _expert_scores(metrics),
+                "drop_rates": {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("protected_drop_rate/")},
+                "seconds": seconds,
+                "eval_seconds": metrics.get("eval_seconds"),
+            }
+        )
+    return rows, varying, tasks
+
+
+def _expert_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    experts: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        if key.startswith("expert/"):
+            _, label, task = key.split("/", 2)
+            experts.setdefault(label, {})[task] = value
+    return experts
+
+
+def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Chart series: the first run's base and experts, then every merge."""
+    series: dict[str, dict[str, float]] = {}
+    if rows:
+        base = {t: v for t, v in rows[0]["base"].items() if v is not None}
+        if base:
+            series["base"] = base
+        for label, scores in rows[0]["experts"].items():
+            series[label] = scores
+    for row in rows:
+        label = row["name"] or row["run_id"][:8]
+        while label in series:
+            label += "'"
+        series[label] = {t: v for t, v in row["scores"].items() if v is not None}
+    return series
+
+
+def compare_drop_rates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Chart input: each merge's protected drop rates, for the merges that report one."""
+    rates = {}
+    for row in rows:
+        if row.get("drop_rates"):
+            rates[row["name"] or row["run_id"][:8]] = row["drop_rates"]
+    return rates

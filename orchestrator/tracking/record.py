@@ -1,0 +1,440 @@
+"""The MLflow run of one merge (see ``orchestrator/tracking/__init__.py`` for what it
+holds): params, tags, inputs with fingerprints, shard runs, metrics, artifacts, the logged
+model and its registered version."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from pydantic import BaseModel
+
+from orchestrator import __version__
+from orchestrator.assemble import Manifest
+from orchestrator.errors import RecipeError, TrackingError
+from orchestrator.evaluate.scores import Evaluation
+from orchestrator.plan import Plan
+from orchestrator.receipt import ShardOutcome
+from orchestrator.recipe import FleetSettings, parse_recipe
+from orchestrator.storage.checkpoint import fingerprint_digest
+from orchestrator.tracking.charts import score_chart, score_series
+from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path
+
+log = logging.getLogger(__name__)
+
+TAG = "mergefleet."
+DEFAULT_EXPERIMENT = "mergefleet"
+MODEL_TYPE = "mergefleet-checkpoint"
+PARAM_VALUE_LIMIT = 6000
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+_MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
+_sqlite_locks: dict[str, threading.Lock] = {}
+
+
+class TrackedRun(BaseModel):
+    """Where the record of one merge is."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_id: str | None
+    model_version: str | None
+    url: str | None  # the run's page when the tracking URI is a server
+
+
+@dataclass(frozen=True)
+class _ShardRow:
+    """One shard as its nested run records it."""
+
+    index: int
+    file: str
+    device: str
+    tensors: int | None
+    skipped: bool
+    sha256: str | None
+    seconds: float
+    bytes_written: int
+    bytes_read: int
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, str]:
+    """``{"models": [{"model": "a"}]}`` -> ``{"models.0.model": "a"}``; lists of scalars stay whole."""
+    if isinstance(value, dict):
+        result: dict[str, str] = {}
+        for key, item in value.items():
+            result |= flatten(item, f"{prefix}.{key}" if prefix else str(key))
+        return result
+    if isinstance(value, list) and any(isinstance(item, (dict, list)) for item in value):
+        result = {}
+        for index, item in enumerate(value):
+            result |= flatten(item, f"{prefix}.{index}" if prefix else str(index))
+        return result
+    text = json.dumps(value) if isinstance(value, list) else str(value)
+    if len(text) > PARAM_VALUE_LIMIT:
+        text = text[: PARAM_VALUE_LIMIT - 1] + "…"
+    return {prefix: text}
+
+
+def metric_key(*parts: str) -> str:
+    return "/".join(_METRIC_UNSAFE.sub("_", part) for part in parts)
+
+
+def input_labels(plan: Plan) -> dict[str, str]:
+    """Short, unique labels for the inputs: ``base`` and the experts' directory names."""
+    labels: dict[str, str] = {}
+    for index, inp in enumerate(plan.inputs):
+        if index == plan.base:
+            label = "base"
+        else:
+            label = Path(inp.name.rstrip("/")).name or f"expert{index}"
+            label = _METRIC_UNSAFE.sub("_", label)
+        candidate, n = label, 2
+        while candidate in labels.values():
+            candidate, n = f"{label}-{n}", n + 1
+        labels[inp.name] = candidate
+    return labels
+
+
+def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:
+    """The experts a merge's drop-rate report is about, in its order: those marked
+    ``protect: true``, or every expert when none is (as the engine reports them)."""
+    for shard in plan.shards:
+        for tensor in shard.tensors:
+            if tensor.model_params and "protect" in tensor.model_params[0]:
+                experts = [plan.inputs[read.input].name for read in tensor.expert_reads()]
+                marked = [name for name, params in zip(experts, tensor.model_params) if params.get("protect")]
+                return [labels.get(name, name) for name in (marked or experts)]
+    return []
+
+
+def _shard_rows(shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> list[_ShardRow]:
+    """The shards' outcomes, or (without them) the manifest's shard list."""
+    if shards is None:
+        return [
+            _ShardRow(s.index, "", s.device, None, False, None, s.seconds, s.bytes_written, s.bytes_read) for s in manifest.shards
+        ]
+    return [
+        _ShardRow(r.index, r.file, r.device, len(r.tensors), outcome.skipped, r.sha256, r.seconds, r.bytes_written, r.bytes_read)
+        for outcome in shards
+        for r in [outcome.receipt]
+    ]
+
+
+def _fleet(plan: Plan) -> FleetSettings:
+    try:
+        return parse_recipe(plan.recipe).fleet
+    except RecipeError:  # a plan from an older recipe format: tracking still works
+        return FleetSettings()
+
+
+def _evaluation_metrics(evaluation: Evaluation, labels: dict[str, str]) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    merged = evaluation.merged
+    for task, value in merged.scores.items():
+        metrics[metric_key("score", task)] = value
+        for name, number in merged.metrics.get(task, {}).items():
+            metrics[metric_key("merged", task, name)] = number
+    if merged.scores:
+        metrics["score/mean"] = sum(merged.scores.values()) / len(merged.scores)
+    for task, value in evaluation.normalised.items():
+        metrics[metric_key("normalised", task)] = value
+    if evaluation.normalised:
+        metrics["normalised/mean"] = sum(evaluation.normalised.values()) / len(evaluation.normalised)
+    if evaluation.base is not None:
+        for task, value in evaluation.base.scores.items():
+            metrics[metric_key("base", task)] = value
+    for name, scores in evaluation.experts.items():
+        for task, value in scores.scores.items():
+            metrics[metric_key("expert", labels.get(name, name), task)] = value
+    metrics["eval_seconds"] = merged.seconds
+    return metrics
+
+
+def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], *, model_id: str | None = None) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    entries = [Metric(key, float(value), now, 0, model_id=model_id) for key, value in metrics.items()]
+    for start in range(0, len(entries), 1000):
+        client.log_batch(run_id, metrics=entries[start : start + 1000])
+
+
+def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    entries = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(entries), 100):
+        client.log_batch(run_id, params=entries[start : start + 100])
+
+
+def _log_inputs(client: Any, run_id: str, plan: Plan, labels: dict[str, str]) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for index, inp in enumerate(plan.inputs):
+        fingerprint = fingerprint_digest(inp.ref, inp.fingerprints)
+        scheme = inp.ref.split("://", 1)[0] if "://" in inp.ref else "local"
+        dataset = Dataset(
+            name=labels[inp.name],
+            digest=fingerprint[:32],
+            source_type=scheme,
+            source=json.dumps({"uri": inp.ref}),
+            schema=json.dumps({"mergefleet_fingerprints": inp.fingerprints}),
+        )
+        tags = [
+            InputTag("mlflow.data.context", "base" if index == plan.base else "expert"),
+            InputTag(f"{TAG}fingerprint", fingerprint),
+            InputTag(f"{TAG}uri", inp.ref),
+            InputTag(f"{TAG}name", inp.name),
+        ]
+        inputs.append(DatasetInput(dataset=dataset, tags=tags))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def _log_shards(client: Any, experiment: str, parent: str, rows: list[_ShardRow], plan_id: str) -> list[str]:
+    ids = []
+    for row in rows:
+        tags = {"mlflow.parentRunId": parent, f"{TAG}shard": str(row.index), f"{TAG}plan_id": plan_id}
+        run = client.create_run(experiment, run_name=f"shard-{row.index}", tags=tags)
+        run_id = run.info.run_id
+        params = {
+            "index": str(row.index),
+            "file": row.file,
+            "device": row.device,
+            "tensors": "" if row.tensors is None else str(row.tensors),
+            "skipped": str(row.skipped),
+            "sha256": row.sha256 or "",
+        }
+        _log_params(client, run_id, {k: v for k, v in params.items() if v != ""})
+        metrics = {"bytes_written": float(row.bytes_written), "bytes_read": float(row.bytes_read), "seconds": row.seconds}
+        metrics["bytes_per_second"] = row.bytes_written / row.seconds if row.seconds > 0 else 0.0
+        _log_metrics(client, run_id, metrics)
+        client.set_terminated(run_id, "FINISHED")
+        ids.append(run_id)
+    return ids
+
+
+def _log_logged_model(
+    client: Any,
+    experiment: str,
+    run_id: str,
+    plan: Plan,
+    manifest: Manifest,
+    metrics: dict[str, float],
+    name: str,
+) -> Any:
+    """The merged checkpoint as an external logged model that points at its location."""
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models.utils import get_external_mlflow_model_spec
+
+    tags = {
+        f"{TAG}checkpoint_uri": plan.output,
+        f"{TAG}plan_id": plan.plan_id,
+        f"{TAG}method": plan.method,
+        "mlflow.model.isExternal": "true",
+    }
+    params = {"method": plan.method, "plan_id": plan.plan_id, "out_dtype": plan.out_dtype, "experts": str(_expert_count(plan))}
+    model = client.create_logged_model(experiment, name=name, source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE)
+    try:
+        with tempfile.TemporaryDirectory(prefix="mergefleet-model-") as scratch:
+            get_external_mlflow_model_spec(model).save(os.path.join(scratch, "MLmodel"))
+            reference = {
+                "uri": plan.output,
+                "plan_id": plan.plan_id,
+                "recipe_sha256": plan.recipe_hash,
+                "files": [entry.model_dump() for entry in manifest.files],
+            }
+            Path(scratch, "checkpoint.json").write_text(json.dumps(reference, indent=1))
+            client.log_model_artifacts(model.model_id, scratch)
+        if metrics:
+            _log_metrics(client, run_id, metrics, model_id=model.model_id)
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, 0)])
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    except Exception:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    return model
+
+
+def _register(client: Any, name: str, model: Any, run_id: str, plan: Plan) -> str:
+    """A new version of registered model ``name``; its source is the logged model's artifacts
+    (``models:/<id>`` would be resolved against MLflow's global URI by a SQLite registry)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name,
+        source=model.artifact_location,
+        run_id=run_id,
+        model_id=model.model_id,
+        tags={f"{TAG}plan_id": plan.plan_id, f"{TAG}checkpoint_uri": plan.output},
+        await_creation_for=0,
+    )
+    return str(version.version)
+
+
+def _expert_count(plan: Plan) -> int:
+    return len(plan.inputs) - (plan.base is not None)
+
+
+def _run_url(uri: str, experiment: str, run_id: str) -> str | None:
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return None
+
+
+def _note(plan: Plan, evaluation: Evaluation | None) -> str:
+    lines = [f"**{plan.method}** merge of {_expert_count(plan)} expert(s), plan `{plan.plan_id}`, output `{plan.output}`."]
+    if evaluation is not None:
+        lines += ["", "| task | merged | normalised |", "|---|---|---|"]
+        for task in evaluation.tasks:
+            normalised = evaluation.normalised.get(task)
+            lines.append(
+                f"| {task} | {evaluation.merged.scores[task]:.3f} | {'' if normalised is None else f'{normalised:.3f}'} |"
+            )
+    return "\n".join(lines)
+
+
+def track_merge(
+    plan: Plan,
+    manifest: Manifest,
+    shards: Sequence[ShardOutcome] | None = None,
+    evaluation: Evaluation | None = None,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    register_model: str | None = None,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    merge_seconds: float | None = None,
+) -> TrackedRun:
+    """Record one merge as an MLflow run (see the module's docstring); return where it is.
+
+    ``manifest``: what ``orchestrator.assemble.assemble`` returned. ``shards``: every
+    runner's outcomes (default: the manifest's shard list, without the skipped flags).
+    ``evaluation``: the merge's scores, if it was evaluated. ``tracking_uri``,
+    ``experiment`` and ``register_model`` default to the recipe's ``fleet`` settings.
+    """
+    from mlflow.exceptions import MlflowException
+
+    fleet = _fleet(plan)
+    uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
+    experiment_name = experiment or fleet.experiment or DEFAULT_EXPERIMENT
+    model_name = register_model or fleet.register_model
+    labels = input_labels(plan)
+    name = run_name or plan.recipe.get("name") or f"{plan.method}-{plan.plan_id[:8]}"
+    lock = _sqlite_locks.setdefault(uri, threading.Lock()) if sqlite_path(uri) else contextlib.nullcontext()
+    try:
+        with lock:  # SQLite takes one writer at a time; a sweep's merges record one by one
+            client = client_for(uri)
+            experiment_id_ = experiment_id(client, experiment_name, uri)
+            run_tags = {
+                f"{TAG}method": plan.method,
+                f"{TAG}experts": str(_expert_count(plan)),
+                f"{TAG}plan_id": plan.plan_id,
+                f"{TAG}recipe_sha256": plan.recipe_hash,
+                f"{TAG}output": plan.output,
+                f"{TAG}version": __version__,
+                "mlflow.note.content": _note(plan, evaluation),
+            } | dict(tags or {})
+            run = client.create_run(experiment_id_, run_name=name, tags=run_tags)
+            run_id = run.info.run_id
+            try:
+                model_id, version = _fill_run(
+                    client, experiment_id_, run_id, plan, manifest, shards, evaluation, labels, name, model_name, merge_seconds
+                )
+            except BaseException:
+                client.set_terminated(run_id, "FAILED")
+                raise
+            client.set_terminated(run_id, "FINISHED")
+    except MlflowException as error:
+        raise TrackingError(f"MLflow at {uri} refused the record of plan {plan.plan_id}: {error.message}") from None
+    except OSError as error:
+        raise TrackingError(f"cannot record plan {plan.plan_id} in MLflow at {uri}: {error}") from None
+    log.info("recorded merge %s as MLflow run %s in %s", plan.plan_id, run_id, uri)
+    return TrackedRun(
+        run_id=run_id,
+        experiment_id=experiment_id_,
+        tracking_uri=uri,
+        model_id=model_id,
+        model_version=version,
+        url=_run_url(uri, experiment_id_, run_id),
+    )
+
+
+def _fill_run(
+    client: Any,
+    experiment: str,
+    run_id: str,
+    plan: Plan,
+    manifest: Manifest,
+    shards: Sequence[ShardOutcome] | None,
+    evaluation: Evaluation | None,
+    labels: dict[str, str],
+    name: str,
+    model_name: str | None,
+    merge_seconds: float | None,
+) -> tuple[str, str | None]:
+    params = flatten(plan.recipe) | {"mergefleet.shards": str(len(plan.shards)), "mergefleet.out_dtype": plan.out_dtype}
+    _log_params(client, run_id, params)
+    _log_inputs(client, run_id, plan, labels)
+
+    rows = _shard_rows(shards, manifest)
+    _log_shards(client, experiment, run_id, rows, plan.plan_id)
+    merge_metrics = {
+        "bytes_written": float(sum(r.bytes_written for r in rows)),
+        "bytes_read": float(sum(r.bytes_read for r in rows)),
+        "shard_seconds_total": float(sum(r.seconds for r in rows)),
+        "shard_seconds_max": float(max([r.seconds for r in rows] + [0])),
+    }
+    if merge_seconds is not None:
+        merge_metrics["merge_seconds"] = float(merge_seconds)
+    for key, value in manifest.report.items():
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            merge_metrics[f"report/{key}/mean"] = float(sum(value)) / len(value)
+    rates = manifest.report.get("protected_drop_rate") or []
+    drop_rates = {label: float(rate) for label, rate in zip(protected_labels(plan, labels), rates)}
+    merge_metrics |= {metric_key("protected_drop_rate", label): rate for label, rate in drop_rates.items()}
+    _log_metrics(client, run_id, merge_metrics)
+
+    eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
+    with tempfile.TemporaryDirectory(prefix="mergefleet-track-") as scratch:
+        files = {
+            "recipe.yaml": yaml.safe_dump(plan.recipe, sort_keys=False),
+            "mergefleet.json": json.dumps(manifest.model_dump(mode="json"), indent=1),
+        }
+        if evaluation is not None:
+            files["evaluation.json"] = evaluation.model_dump_json(indent=1)
+        for file, text in files.items():
+            Path(scratch, file).write_text(text)
+            client.log_artifact(run_id, os.path.join(scratch, file))
+        if evaluation is not None:
+            owners = {task: labels.get(expert, expert) for task, expert in evaluation.owners.items()}
+            title = f"{name}: {plan.method} merge of {_expert_count(plan)} experts"
+            chart = score_chart(
+                score_series(evaluation, labels), Path(scratch, "scores.png"), title=title, owners=owners,
+                drop_rates={name: drop_rates} if drop_rates else None,
+            )
+            client.log_artifact(run_id, str(chart))
+
+    model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
+    version = _register(client, model_name, model, run_id, plan) if model_name else None
+    return model.model_id, version
+
+
+def _model_name(name: str) -> str:
+    return _MODEL_NAME_UNSAFE.sub("-", name) or "merged"
