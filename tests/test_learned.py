@@ -317,8 +317,6 @@ def test_the_protected_drop_rate_is_a_metric_per_protected_model_and_a_panel_of_
 # ---------------------------------------------------------------- the flows and commands end to end
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("prefect_harness")
 def _json_command(argv: list[str]) -> dict:
     """``mergefleet ... --json``'s object (stdout redirected here: capsys would close the stream
     Prefect's console logging holds past the test)."""
@@ -331,6 +329,8 @@ def _json_command(argv: list[str]) -> dict:
     return json.loads(out.getvalue())
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
 def test_the_dam_flow_the_search_and_merge_to_mix_commands(trained, skill_models, eval_cache: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
