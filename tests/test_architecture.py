@@ -41,6 +41,9 @@ def test_the_library_and_the_flows_keep_their_import_contracts() -> None:
         ("orchestrator/recipe.py", "import prefect", "orchestrator.recipe -> prefect"),
         ("orchestrator/storage/base.py", "import flows.tasks", "orchestrator.storage.base -> flows.tasks"),
         ("orchestrator/plan.py", "from mergefleet import cli", "orchestrator.plan -> mergefleet.cli"),
+        ("orchestrator/cluster/check.py", "import prefect", "orchestrator.cluster.check -> prefect"),
+        ("orchestrator/learned/runs.py", "import flows.candidates", "orchestrator.learned.runs -> flows.candidates"),
+        ("orchestrator/learned/search.py", "from mergefleet import cli_learned", "orchestrator.learned.search -> mergefleet.cli_learned"),
         ("flows/tasks.py", "import mergefleet.progress", "flows.tasks -> mergefleet.progress"),
     ],
 )
