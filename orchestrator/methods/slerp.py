@@ -51,6 +51,44 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return combine(deltas, [c0, c1]).view(v0.shape)
 
 
+MERGEKIT_SLERP_PIECE = 1 << 20
+"""Elements per piece in mergekit's slerp: its norms and dot are sums of per-piece results."""
+
+
+def slerp_like_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """slerp as mergekit 0.1.5 computes it for inputs cast to ``dtype``: float32 work (float64
+    for float64), the norms as the norm of per-piece norms, the dot of the normalised pieces
+    as a sum of per-piece sums, the coefficients as float32 tensors, and the result
+    c₀v₀ + c₁v₁ (two rounded products, a rounded sum) rounded to ``dtype``. The same torch
+    operations on the same pieces, so the same bits; three streaming passes."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    n = a.numel()
+    out = torch.empty(n, dtype=dtype, device=a.device)
+    if n == 0:
+        return out.view(v0.shape)
+    t_ = torch.tensor([[t]], dtype=work)  # a float parameter tensor (float32 unless float64)
+    bounds = [(start, min(start + MERGEKIT_SLERP_PIECE, n)) for start in range(0, n, MERGEKIT_SLERP_PIECE)]
+
+    def piece(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return x[start:stop].to(dtype).to(work).view(1, -1)
+
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(a, *r), dim=1, keepdim=True) for r in bounds]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(b, *r), dim=1, keepdim=True) for r in bounds]), dim=0)
+    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, 1)
+    dots = [((piece(a, *r) / norm_a) * (piece(b, *r) / norm_b)).sum(dim=1, keepdim=True) for r in bounds]
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
+    c1 = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
+    for start, stop in bounds:
+        out[start:stop] = (c0 * piece(a, start, stop) + c1 * piece(b, start, stop)).view(-1)
+    return out.view(v0.shape)
+
+
 def nuslerp_coefficients(t: float, n00: torch.Tensor, n11: torch.Tensor, n01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(c₀, c₁) of nuslerp per vector, from float64 tensors of ⟨v₀,v₀⟩, ⟨v₁,v₁⟩, ⟨v₀,v₁⟩."""
     n0 = n00.sqrt().clamp(min=NUSLERP_NORM_EPS)
@@ -124,7 +162,10 @@ def _merge_slerp(task: TensorTask) -> MergeResult:
     _same_shapes(task, "slerp")
     if "t" not in task.global_params or task.global_params["t"] is None:
         raise RecipeError("slerp: parameter 't' is required (0 gives the base model, 1 the other)")
-    return MergeResult(slerp(float(task.global_params["t"]), task.base, task.experts[0]))
+    t = float(task.global_params["t"])
+    if task.compute_dtype is not None:
+        return MergeResult(slerp_like_mergekit(t, task.base, task.experts[0], task.compute_dtype))
+    return MergeResult(slerp(t, task.base, task.experts[0]))
 
 
 def _merge_nuslerp(task: TensorTask) -> MergeResult:

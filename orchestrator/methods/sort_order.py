@@ -1,0 +1,252 @@
+"""Which of several equal magnitudes mergekit keeps: torch's CPU sort order, reproduced.
+
+mergekit 0.1.5 picks ties' top-k with ``torch.argsort(|τ|, descending=True)[:k]``, the
+breadcrumbs band with ``torch.sort(|τ|).indices[a:b]`` and sce's top-k with ``torch.topk``.
+On the CPU these run libstdc++'s ``std::sort`` (introsort) and ``std::nth_element``
+(introselect), which are not stable: among entries of equal magnitude - frequent in half
+precision, where |τ| has 8 or 11 significant bits - which ones land inside the kept range
+depends on the whole array's partitioning history. To keep the same entries we replay that
+history, but only along the path of ranges that contain a boundary of the kept range (a
+quickselect over the same partitions): expected O(n) work instead of a full O(n log n) sort.
+
+One partition step, exactly as libstdc++ does it (``__unguarded_partition_pivot``): the
+median of elements 1, mid and last−1 (``__move_median_to_first``) is swapped to the front;
+then a left cursor stops at every element that does not precede the pivot and a right
+cursor at every element the pivot does not precede, and stopped pairs are swapped until the
+cursors cross. The j-th left stop is swapped with the j-th right stop (counted from the
+right) as long as it lies left of it, so the whole step is two masks, their stop positions
+(``flatnonzero``) and one vectorised swap. Ranges of at most 16 elements (3 for a selection)
+end in an insertion sort, which is stable.
+
+The kept set is returned as value bounds plus the original indices of the kept entries equal
+to a bound, found by undoing the recorded swaps for those positions only. Keys are numpy
+integers that order like the magnitudes (the bit patterns of non-negative floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SORT_BLOCK = 16
+"""libstdc++'s ``_S_threshold``: introsort leaves ranges this small to the insertion sort."""
+
+SELECT_BLOCK = 3
+"""``__introselect`` stops partitioning at ranges this small."""
+
+_COUNT_BLOCK = 1 << 15
+
+
+class DepthLimitReached(Exception):
+    """Introsort would switch to heapsort here (its depth limit); the caller runs torch's own
+    sort instead. It never happens on realistic data: partitions split near the median."""
+
+
+@dataclass(frozen=True)
+class SortedRange:
+    """The entries at sorted positions [start, stop) of a sort: those strictly between
+    ``first`` and ``last`` (the range's extreme keys; None where the range reaches that end of
+    the array) plus ``tied``, the sorted original indices of the kept entries whose key equals
+    ``first`` or ``last``."""
+
+    first: int | None
+    last: int | None
+    tied: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Step:
+    first: int
+    last: int
+    pivot: int  # where the median came from (swapped with ``first``); -1 for a block sort
+    left: np.ndarray  # swapped positions, ascending (a block sort: the block's new order)
+    right: np.ndarray  # their partners, ascending (left[j] went with right[-1 - j])
+
+
+def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, select: bool = False) -> SortedRange:
+    """The entries ``torch.sort`` (``select``: ``torch.topk``, start 0) puts at positions
+    [start, stop) of ``keys`` (1-D; overwritten). Raises DepthLimitReached (see there)."""
+    n = keys.size
+    boundaries = [b for b in (start, stop) if 0 < b < n]
+    steps: list[_Step] = []
+    if boundaries:
+        if select:
+            _introselect(keys, stop - 1, descending, steps)
+        else:
+            _introsort(keys, boundaries, descending, steps)
+    kept = keys[start:stop]
+    if kept.size == 0:
+        return SortedRange(None, None, np.empty(0, dtype=np.int64))
+    high, low = int(kept.max()), int(kept.min())
+    first_key, last_key = (high, low) if descending else (low, high)
+    first = first_key if start > 0 else None
+    last = last_key if stop < n else None
+    tied = np.zeros(kept.size, dtype=bool)
+    for bound in (first, last):
+        if bound is not None:
+            tied |= kept == bound
+    positions = np.flatnonzero(tied) + start
+    return SortedRange(first, last, np.sort(_undo(positions, steps)))
+
+
+def members(keys: np.ndarray, kept: SortedRange, *, descending: bool) -> np.ndarray:
+    """The sorted original indices a ``SortedRange`` of ``keys`` (unmodified) stands for."""
+    inside = np.ones(keys.size, dtype=bool)
+    before, after = (np.greater, np.less) if descending else (np.less, np.greater)
+    if kept.first is not None:
+        inside &= before(kept.first, keys)
+    if kept.last is not None:
+        inside &= after(kept.last, keys)
+    inside[kept.tied] = True
+    return np.flatnonzero(inside)
+
+
+def _precedes(a: int, b: int, descending: bool) -> bool:
+    return a > b if descending else a < b
+
+
+def _median_to_first(keys: np.ndarray, first: int, last: int, descending: bool) -> int:
+    """The position ``__move_median_to_first(first, first+1, mid, last-1)`` swaps to ``first``."""
+    a, b, c = first + 1, first + (last - first) // 2, last - 1
+    ka, kb, kc = int(keys[a]), int(keys[b]), int(keys[c])
+    if _precedes(ka, kb, descending):
+        if _precedes(kb, kc, descending):
+            return b
+        return c if _precedes(ka, kc, descending) else a
+    if _precedes(ka, kc, descending):
+        return a
+    return c if _precedes(kb, kc, descending) else b
+
+
+def _partition(keys: np.ndarray, first: int, last: int, descending: bool, steps: list[_Step]) -> int:
+    """One ``__unguarded_partition_pivot`` on keys[first:last], in place; returns the cut."""
+    pivot = _median_to_first(keys, first, last, descending)
+    keys[first], keys[pivot] = keys[pivot], keys[first]
+    p = keys[first]
+    segment = keys[first + 1 : last]
+    size = segment.size
+    # left cursor stops where the pivot does not follow; right cursor where it does not precede
+    stops_left = segment <= p if descending else segment >= p
+    stops_right = segment >= p if descending else segment <= p
+    low, high = _crossing_window(stops_left, stops_right)
+    lefts = np.flatnonzero(stops_left[:high])
+    rights = np.flatnonzero(stops_right[low:])[::-1] + low
+    swaps = _pairs_before_crossing(lefts, rights)
+    if swaps < lefts.size:
+        next_left = int(lefts[swaps])
+    else:
+        more = np.flatnonzero(stops_left[high:])
+        next_left = int(more[0]) + high if more.size else size + 1
+    cut = next_left if swaps == 0 else min(next_left, int(rights[swaps - 1]))
+    left, right = lefts[:swaps], rights[:swaps]
+    moved = segment[left]
+    segment[left] = segment[right]
+    segment[right] = moved
+    steps.append(_Step(first, last, pivot, left + (first + 1), right[::-1] + (first + 1)))
+    return cut + first + 1
+
+
+def _crossing_window(stops_left: np.ndarray, stops_right: np.ndarray) -> tuple[int, int]:
+    """A window [low, high) of the segment that holds the point where the count of left stops
+    before it meets the count of right stops after it (where the cursors cross), found from
+    per-block counts so the stop positions are listed only on each cursor's side."""
+    size = stops_left.size
+    if size <= 2 * _COUNT_BLOCK:
+        return 0, size
+    edges = list(range(0, size, _COUNT_BLOCK)) + [size]
+    spans = list(zip(edges[:-1], edges[1:]))
+    left_counts = [np.count_nonzero(stops_left[a:b]) for a, b in spans]
+    right_counts = [np.count_nonzero(stops_right[a:b]) for a, b in spans]
+    before, after = 0, sum(right_counts)
+    block = 0
+    while block < len(spans) and before < after:
+        before += left_counts[block]
+        after -= right_counts[block]
+        block += 1
+    return edges[max(block - 1, 0)], edges[min(block + 1, len(edges) - 1)]
+
+
+def _pairs_before_crossing(lefts: np.ndarray, rights: np.ndarray) -> int:
+    """How many j have lefts[j] < rights[j] (a prefix: lefts rise, rights fall)."""
+    low, high = 0, min(lefts.size, rights.size)
+    while low < high:
+        middle = (low + high) // 2
+        if lefts[middle] < rights[middle]:
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _block_sort(keys: np.ndarray, first: int, last: int, descending: bool, steps: list[_Step]) -> None:
+    """The final insertion sort of a small range: a stable sort."""
+    block = keys[first:last]
+    order = np.argsort(-block.astype(np.int64) if descending else block, kind="stable")
+    keys[first:last] = block[order]
+    steps.append(_Step(first, last, -1, order, np.empty(0, dtype=np.int64)))
+
+
+def _introsort(keys: np.ndarray, boundaries: list[int], descending: bool, steps: list[_Step]) -> None:
+    """``std::sort``'s ``__introsort_loop`` + final insertion sort, on the ranges holding a boundary."""
+    depth_limit = 2 * (keys.size.bit_length() - 1)
+    pending = [(0, keys.size, depth_limit)]
+    while pending:
+        first, last, depth = pending.pop()
+        while any(first < b < last for b in boundaries):
+            if last - first <= SORT_BLOCK:
+                _block_sort(keys, first, last, descending, steps)
+                break
+            if depth == 0:
+                raise DepthLimitReached
+            depth -= 1
+            cut = _partition(keys, first, last, descending, steps)
+            pending.append((cut, last, depth))
+            last = cut
+
+
+def _introselect(keys: np.ndarray, nth: int, descending: bool, steps: list[_Step]) -> None:
+    """``std::nth_element``'s ``__introselect``."""
+    first, last = 0, keys.size
+    depth = 2 * (keys.size.bit_length() - 1)
+    while last - first > SELECT_BLOCK:
+        if depth == 0:
+            raise DepthLimitReached
+        depth -= 1
+        cut = _partition(keys, first, last, descending, steps)
+        if cut <= nth:
+            first = cut
+        else:
+            last = cut
+    _block_sort(keys, first, last, descending, steps)
+
+
+def _undo(positions: np.ndarray, steps: list[_Step]) -> np.ndarray:
+    """The original indices of the entries now at ``positions``: the steps undone in reverse."""
+    q = positions.astype(np.int64)
+    for step in reversed(steps):
+        inside = np.flatnonzero((q >= step.first) & (q < step.last))
+        if inside.size == 0:
+            continue
+        moved = q[inside]
+        if step.pivot < 0:  # block sort: sorted position first+i held first+order[i]
+            moved = step.left[moved - step.first] + step.first
+        else:
+            moved = _unswap(moved, step.left, step.right)
+            moved = np.where(moved == step.first, step.pivot, np.where(moved == step.pivot, step.first, moved))
+        q[inside] = moved
+    return q
+
+
+def _unswap(q: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    count = left.size
+    if count == 0:
+        return q
+    out = q.copy()
+    i = np.minimum(np.searchsorted(left, q), count - 1)
+    hit = left[i] == q
+    out[hit] = right[count - 1 - i[hit]]
+    j = np.minimum(np.searchsorted(right, q), count - 1)
+    hit = right[j] == q
+    out[hit] = left[count - 1 - j[hit]]
+    return out
