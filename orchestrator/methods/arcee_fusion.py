@@ -1,0 +1,101 @@
+"""arcee_fusion: take the other model's change only where it is unusually important.
+
+With a = θ₀ (the base) and b = θ₁ (the one other model), per row (the last dimension; a
+1-D tensor is one row), p = softmax(b) + 10⁻⁸ and q = softmax(a) + 10⁻⁸ over the row, and
+
+    importance = |b − a| · KL,   KL = Σ_row p·log(p/q)      (one number per row)
+
+The threshold is the upper outlier fence of the importances, median + 1.5·(Q3 − Q1), the
+quartiles read off the sorted importances at positions ⌊q·(n − 1)⌋ (q = 0.25, 0.5, 0.75,
+computed in float32). Then θ = a + (b − a)·[importance ≥ threshold].
+
+As mergekit 0.1.5 in the compute dtype D (softmax, ratio, log, product, row sum, the fence
+arithmetic all rounded to D; the mask is float32, so the result is float32 - mergekit
+writes it so unless ``out_dtype`` says otherwise, and so does mergefleet under the
+match-mergekit precision). One difference: above 10⁶ entries mergekit estimates the
+quartiles from 10⁶ entries drawn at random (with replacement, from torch's global
+generator); mergefleet takes the exact quartiles of all entries (``kthvalue``), so the
+result does not depend on a random draw. Two passes over row blocks; the importances are
+kept (n values in D).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.errors import MergeError
+from orchestrator.methods.base import MergeResult, MethodSpec, TensorTask, working_dtype
+from orchestrator.methods.sparsify import CHUNK, chunk_bounds
+from orchestrator.methods.vectors import Rows
+
+SOFTMAX_EPS = 1e-8
+QUARTILES = (0.25, 0.5, 0.75)
+FENCE = 1.5
+
+
+def importance(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """|b − a| times the row's KL(softmax(b) ‖ softmax(a)), flat, in ``dtype``."""
+    rows, cols = Rows.layout(base.shape)
+    block_rows = max(1, CHUNK // max(cols, 1))
+    out = torch.empty(rows * cols, dtype=dtype, device=base.device)  # (n,)
+    flat_a, flat_b = base.reshape(-1), other.reshape(-1)
+    for first in range(0, rows, block_rows):
+        end = min(first + block_rows, rows)
+        start, stop = first * cols, end * cols
+        a = flat_a[start:stop].to(dtype).view(end - first, cols)
+        b = flat_b[start:stop].to(dtype).view(end - first, cols)
+        p = F.softmax(b, dim=-1) + SOFTMAX_EPS
+        q = F.softmax(a, dim=-1) + SOFTMAX_EPS
+        divergence = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)  # (rows, 1)
+        torch.mul(torch.sub(b, a).abs_(), divergence, out=out[start:stop].view(end - first, cols))
+    return out
+
+
+def fence(values: torch.Tensor) -> torch.Tensor:
+    """median + 1.5·(Q3 − Q1) of the flat ``values``, a 0-d tensor of their dtype."""
+    positions = (torch.tensor(QUARTILES) * (values.numel() - 1)).long().tolist()
+    q1, median, q3 = (torch.kthvalue(values, k + 1).values for k in positions)
+    return median + FENCE * (q3 - q1)
+
+
+def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """The fusion of ``other`` into ``base`` (module doc); float32 (float64 for float64)."""
+    scores = importance(base, other, dtype=dtype)
+    threshold = fence(scores)
+    result_dtype = torch.promote_types(dtype, torch.float32)  # the float32 mask promotes
+    out = torch.empty(scores.numel(), dtype=result_dtype, device=scores.device)
+    flat_a, flat_b = base.reshape(-1), other.reshape(-1)
+    for start, stop in chunk_bounds(scores.numel()):
+        a = flat_a[start:stop].to(dtype)
+        change = torch.sub(flat_b[start:stop].to(dtype), a).to(result_dtype)  # b − a rounded to D
+        change.mul_(scores[start:stop] >= threshold)
+        torch.add(a.to(result_dtype), change, out=out[start:stop])
+    return out.view(base.shape)
+
+
+def _merge(task: TensorTask) -> MergeResult:
+    if task.base is None or len(task.experts) != 1:
+        raise MergeError(
+            f"arcee_fusion needs the base and exactly one other model for '{task.name}', got "
+            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
+        )
+    if task.experts[0].shape != task.base.shape:
+        raise MergeError(
+            f"tensor '{task.name}': the other model has shape {tuple(task.experts[0].shape)}, the base "
+            f"{tuple(task.base.shape)}; the models must share one architecture"
+        )
+    return MergeResult(arcee_fusion(task.base, task.experts[0], dtype=task.half or working_dtype(task)))
+
+
+SPECS: tuple[MethodSpec, ...] = (
+    MethodSpec(
+        name="arcee_fusion",
+        merge=_merge,
+        needs_base=True,
+        min_experts=1,
+        max_experts=1,
+        mergekit_result_float32=True,
+        doc="the other model's change where its importance |Δ|·KL passes the upper outlier fence",
+    ),
+)
