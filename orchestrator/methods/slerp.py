@@ -12,7 +12,9 @@ each row (the last dimension) is one vector, or with ``nuslerp_row_wise`` each c
 collinear only when 1 − cos² ≤ 1e-16, and then interpolate linearly.
 
 Both are Σ cᵢxᵢ with coefficients from inner products: one pass for the inner products
-(float64), one for the output (see ``vectors``).
+(float64), one for the output (see ``vectors``). Under the match-mergekit precision slerp
+computes its coefficients as mergekit does (``slerp_like_mergekit``), and nuslerp in half
+precision follows mergekit's whole-tensor arithmetic in that dtype (``nuslerp_like_mergekit``).
 """
 
 from __future__ import annotations
@@ -140,6 +142,41 @@ def nuslerp(
     return out.view(shape)
 
 
+def nuslerp_like_mergekit(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    base: torch.Tensor | None,
+    flatten: bool,
+    row_wise: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """nuslerp as mergekit 0.1.5 computes it in the half dtype ``dtype``: whole-tensor
+    operations in it, so each norm, unit vector, cosine, angle, sine and product is rounded
+    to ``dtype`` where mergekit's is."""
+    shape = v0.shape
+    a, b = v0.to(dtype), v1.to(dtype)
+    origin = base.to(dtype) if base is not None else None
+    if origin is not None:
+        a, b = a - origin, b - origin
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:  # vectors along the first dimension
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= NUSLERP_EPS**2
+    omega = torch.acos(torch.where(collinear, 0, cos))
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    result = torch.where(collinear, (1 - t) * a + t * b, spherical)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    result = result.reshape(shape)
+    return origin + result if origin is not None else result
+
+
 # ----------------------------------------------------------------------------- registration
 
 
@@ -180,15 +217,11 @@ def _merge_nuslerp(task: TensorTask) -> MergeResult:
     total = weights[0] + weights[1]
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
     g = task.global_params
-    merged = nuslerp(
-        t,
-        task.experts[0],
-        task.experts[1],
-        base=task.base,
-        flatten=bool(g.get("nuslerp_flatten", True)),
-        row_wise=bool(g.get("nuslerp_row_wise", False)),
-    )
-    return MergeResult(merged)
+    flatten, row_wise = bool(g.get("nuslerp_flatten", True)), bool(g.get("nuslerp_row_wise", False))
+    if task.half is not None:
+        merged = nuslerp_like_mergekit(t, task.experts[0], task.experts[1], base=task.base, flatten=flatten, row_wise=row_wise, dtype=task.half)
+        return MergeResult(merged)
+    return MergeResult(nuslerp(t, task.experts[0], task.experts[1], base=task.base, flatten=flatten, row_wise=row_wise))
 
 
 SPECS: tuple[MethodSpec, ...] = (
