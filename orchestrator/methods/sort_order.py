@@ -19,8 +19,9 @@ right) as long as it lies left of it, so the whole step is two masks, their stop
 end in an insertion sort, which is stable.
 
 The kept set is returned as value bounds plus the original indices of the kept entries equal
-to a bound, found by undoing the recorded swaps for those positions only. Keys are numpy
-integers that order like the magnitudes (the bit patterns of non-negative floats).
+to a bound: an index array travels with the keys through the swaps. Swaps are written only
+on the sides of a partition that overlap the kept range (the others never matter). Keys are
+numpy integers that order like the magnitudes (the bit patterns of non-negative floats).
 """
 
 from __future__ import annotations
@@ -55,26 +56,17 @@ class SortedRange:
     tied: np.ndarray
 
 
-@dataclass(frozen=True)
-class _Step:
-    first: int
-    last: int
-    pivot: int  # where the median came from (swapped with ``first``); -1 for a block sort
-    left: np.ndarray  # swapped positions, ascending (a block sort: the block's new order)
-    right: np.ndarray  # their partners, ascending (left[j] went with right[-1 - j])
-
-
 def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, select: bool = False) -> SortedRange:
     """The entries ``torch.sort`` (``select``: ``torch.topk``, start 0) puts at positions
     [start, stop) of ``keys`` (1-D; overwritten). Raises DepthLimitReached (see there)."""
     n = keys.size
+    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
+    replay = _Replay(keys, index, start, stop, descending)
     boundaries = [b for b in (start, stop) if 0 < b < n]
-    steps: list[_Step] = []
-    if boundaries:
-        if select:
-            _introselect(keys, stop - 1, descending, steps)
-        else:
-            _introsort(keys, boundaries, descending, steps)
+    if boundaries and select:
+        replay.introselect(stop - 1)
+    elif boundaries:
+        replay.introsort(boundaries)
     kept = keys[start:stop]
     if kept.size == 0:
         return SortedRange(None, None, np.empty(0, dtype=np.int64))
@@ -86,8 +78,7 @@ def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, s
     for bound in (first, last):
         if bound is not None:
             tied |= kept == bound
-    positions = np.flatnonzero(tied) + start
-    return SortedRange(first, last, np.sort(_undo(positions, steps)))
+    return SortedRange(first, last, np.sort(index[start:stop][tied]).astype(np.int64))
 
 
 def members(keys: np.ndarray, kept: SortedRange, *, descending: bool) -> np.ndarray:
@@ -102,49 +93,106 @@ def members(keys: np.ndarray, kept: SortedRange, *, descending: bool) -> np.ndar
     return np.flatnonzero(inside)
 
 
+class _Replay:
+    """libstdc++'s partitioning of ``keys`` (with ``index`` moving alongside), restricted to
+    what decides the kept range [start, stop)."""
+
+    def __init__(self, keys: np.ndarray, index: np.ndarray, start: int, stop: int, descending: bool):
+        self.keys, self.index = keys, index
+        self.start, self.stop = start, stop
+        self.descending = descending
+        self.depth_limit = 2 * (keys.size.bit_length() - 1)
+
+    def introsort(self, boundaries: list[int]) -> None:
+        """``std::sort``'s ``__introsort_loop`` + final insertion sort, on ranges holding a boundary."""
+        pending = [(0, self.keys.size, self.depth_limit)]
+        while pending:
+            first, last, depth = pending.pop()
+            while any(first < b < last for b in boundaries):
+                if last - first <= SORT_BLOCK:
+                    self._block_sort(first, last)
+                    break
+                if depth == 0:
+                    raise DepthLimitReached
+                depth -= 1
+                cut = self._partition(first, last)
+                pending.append((cut, last, depth))
+                last = cut
+
+    def introselect(self, nth: int) -> None:
+        """``std::nth_element``'s ``__introselect``."""
+        first, last, depth = 0, self.keys.size, self.depth_limit
+        while last - first > SELECT_BLOCK:
+            if depth == 0:
+                raise DepthLimitReached
+            depth -= 1
+            cut = self._partition(first, last)
+            if cut <= nth:
+                first = cut
+            else:
+                last = cut
+        self._block_sort(first, last)
+
+    def _overlaps(self, first: int, last: int) -> bool:
+        return first < self.stop and self.start < last
+
+    def _median_to_first(self, first: int, last: int) -> int:
+        """The position ``__move_median_to_first(first, first+1, mid, last-1)`` swaps to ``first``."""
+        keys, descending = self.keys, self.descending
+        a, b, c = first + 1, first + (last - first) // 2, last - 1
+        ka, kb, kc = int(keys[a]), int(keys[b]), int(keys[c])
+        if _precedes(ka, kb, descending):
+            if _precedes(kb, kc, descending):
+                return b
+            return c if _precedes(ka, kc, descending) else a
+        if _precedes(ka, kc, descending):
+            return a
+        return c if _precedes(kb, kc, descending) else b
+
+    def _partition(self, first: int, last: int) -> int:
+        """One ``__unguarded_partition_pivot`` on [first, last), in place; returns the cut."""
+        keys, index = self.keys, self.index
+        pivot = self._median_to_first(first, last)
+        keys[first], keys[pivot] = keys[pivot], keys[first]
+        index[first], index[pivot] = index[pivot], index[first]
+        p = keys[first]
+        segment = keys[first + 1 : last]
+        size = segment.size
+        # the left cursor stops where the pivot does not come after; the right, where it does not come before
+        stops_left = segment <= p if self.descending else segment >= p
+        stops_right = segment >= p if self.descending else segment <= p
+        low, high = _crossing_window(stops_left, stops_right)
+        lefts = np.flatnonzero(stops_left[:high])
+        rights = np.flatnonzero(stops_right[low:])
+        rights += low
+        rights = rights[::-1]
+        swaps = _pairs_before_crossing(lefts, rights)
+        if swaps < lefts.size:
+            next_left = int(lefts[swaps])
+        else:
+            more = np.flatnonzero(stops_left[high:])
+            next_left = int(more[0]) + high if more.size else size + 1
+        cut = (next_left if swaps == 0 else min(next_left, int(rights[swaps - 1]))) + first + 1
+        left, right = lefts[:swaps], np.ascontiguousarray(rights[:swaps])
+        write_left, write_right = self._overlaps(first, cut), self._overlaps(cut, last)
+        for values in (segment, index[first + 1 : last]):
+            moved = values[left] if write_right else None
+            if write_left:
+                values[left] = values[right]
+            if write_right:
+                values[right] = moved
+        return cut
+
+    def _block_sort(self, first: int, last: int) -> None:
+        """The final insertion sort of a small range: a stable sort."""
+        block = self.keys[first:last]
+        order = np.argsort(-block.astype(np.int64) if self.descending else block, kind="stable")
+        self.keys[first:last] = block[order]
+        self.index[first:last] = self.index[first:last][order]
+
+
 def _precedes(a: int, b: int, descending: bool) -> bool:
     return a > b if descending else a < b
-
-
-def _median_to_first(keys: np.ndarray, first: int, last: int, descending: bool) -> int:
-    """The position ``__move_median_to_first(first, first+1, mid, last-1)`` swaps to ``first``."""
-    a, b, c = first + 1, first + (last - first) // 2, last - 1
-    ka, kb, kc = int(keys[a]), int(keys[b]), int(keys[c])
-    if _precedes(ka, kb, descending):
-        if _precedes(kb, kc, descending):
-            return b
-        return c if _precedes(ka, kc, descending) else a
-    if _precedes(ka, kc, descending):
-        return a
-    return c if _precedes(kb, kc, descending) else b
-
-
-def _partition(keys: np.ndarray, first: int, last: int, descending: bool, steps: list[_Step]) -> int:
-    """One ``__unguarded_partition_pivot`` on keys[first:last], in place; returns the cut."""
-    pivot = _median_to_first(keys, first, last, descending)
-    keys[first], keys[pivot] = keys[pivot], keys[first]
-    p = keys[first]
-    segment = keys[first + 1 : last]
-    size = segment.size
-    # left cursor stops where the pivot does not follow; right cursor where it does not precede
-    stops_left = segment <= p if descending else segment >= p
-    stops_right = segment >= p if descending else segment <= p
-    low, high = _crossing_window(stops_left, stops_right)
-    lefts = np.flatnonzero(stops_left[:high])
-    rights = np.flatnonzero(stops_right[low:])[::-1] + low
-    swaps = _pairs_before_crossing(lefts, rights)
-    if swaps < lefts.size:
-        next_left = int(lefts[swaps])
-    else:
-        more = np.flatnonzero(stops_left[high:])
-        next_left = int(more[0]) + high if more.size else size + 1
-    cut = next_left if swaps == 0 else min(next_left, int(rights[swaps - 1]))
-    left, right = lefts[:swaps], rights[:swaps]
-    moved = segment[left]
-    segment[left] = segment[right]
-    segment[right] = moved
-    steps.append(_Step(first, last, pivot, left + (first + 1), right[::-1] + (first + 1)))
-    return cut + first + 1
 
 
 def _crossing_window(stops_left: np.ndarray, stops_right: np.ndarray) -> tuple[int, int]:
@@ -177,76 +225,3 @@ def _pairs_before_crossing(lefts: np.ndarray, rights: np.ndarray) -> int:
         else:
             high = middle
     return low
-
-
-def _block_sort(keys: np.ndarray, first: int, last: int, descending: bool, steps: list[_Step]) -> None:
-    """The final insertion sort of a small range: a stable sort."""
-    block = keys[first:last]
-    order = np.argsort(-block.astype(np.int64) if descending else block, kind="stable")
-    keys[first:last] = block[order]
-    steps.append(_Step(first, last, -1, order, np.empty(0, dtype=np.int64)))
-
-
-def _introsort(keys: np.ndarray, boundaries: list[int], descending: bool, steps: list[_Step]) -> None:
-    """``std::sort``'s ``__introsort_loop`` + final insertion sort, on the ranges holding a boundary."""
-    depth_limit = 2 * (keys.size.bit_length() - 1)
-    pending = [(0, keys.size, depth_limit)]
-    while pending:
-        first, last, depth = pending.pop()
-        while any(first < b < last for b in boundaries):
-            if last - first <= SORT_BLOCK:
-                _block_sort(keys, first, last, descending, steps)
-                break
-            if depth == 0:
-                raise DepthLimitReached
-            depth -= 1
-            cut = _partition(keys, first, last, descending, steps)
-            pending.append((cut, last, depth))
-            last = cut
-
-
-def _introselect(keys: np.ndarray, nth: int, descending: bool, steps: list[_Step]) -> None:
-    """``std::nth_element``'s ``__introselect``."""
-    first, last = 0, keys.size
-    depth = 2 * (keys.size.bit_length() - 1)
-    while last - first > SELECT_BLOCK:
-        if depth == 0:
-            raise DepthLimitReached
-        depth -= 1
-        cut = _partition(keys, first, last, descending, steps)
-        if cut <= nth:
-            first = cut
-        else:
-            last = cut
-    _block_sort(keys, first, last, descending, steps)
-
-
-def _undo(positions: np.ndarray, steps: list[_Step]) -> np.ndarray:
-    """The original indices of the entries now at ``positions``: the steps undone in reverse."""
-    q = positions.astype(np.int64)
-    for step in reversed(steps):
-        inside = np.flatnonzero((q >= step.first) & (q < step.last))
-        if inside.size == 0:
-            continue
-        moved = q[inside]
-        if step.pivot < 0:  # block sort: sorted position first+i held first+order[i]
-            moved = step.left[moved - step.first] + step.first
-        else:
-            moved = _unswap(moved, step.left, step.right)
-            moved = np.where(moved == step.first, step.pivot, np.where(moved == step.pivot, step.first, moved))
-        q[inside] = moved
-    return q
-
-
-def _unswap(q: np.ndarray, left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    count = left.size
-    if count == 0:
-        return q
-    out = q.copy()
-    i = np.minimum(np.searchsorted(left, q), count - 1)
-    hit = left[i] == q
-    out[hit] = right[count - 1 - i[hit]]
-    j = np.minimum(np.searchsorted(right, q), count - 1)
-    hit = right[j] == q
-    out[hit] = left[count - 1 - j[hit]]
-    return out

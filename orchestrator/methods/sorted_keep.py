@@ -14,6 +14,7 @@ in the compute dtype, so a half-precision τ keeps its 8 or 11 significant bits 
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -123,33 +124,46 @@ def _key_dtype_of(deltas: Deltas) -> torch.dtype:
     return deltas.dtype if deltas.dtype in _KEY_DTYPES else torch.float32
 
 
+def _replayed(deltas: Deltas, ranges: Sequence[tuple[int, int] | None], counts: Sequence[int], *, descending: bool) -> list[SortedKeep]:
+    """For each task vector i, the keep of sorted positions ``ranges[i]`` of |τᵢ| (None: keep
+    ``counts[i]`` of n, all or nothing). The keys are built here one vector at a time; the
+    replays run in a few threads (numpy releases the GIL), so they overlap with each other
+    and with building the next keys."""
+    n = deltas.n
+    value_dtype = _key_dtype_of(deltas)
+    results: list[SortedKeep | Future[SortedKeep]] = []
+    pending: list[Future[SortedKeep]] = []
+    with ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), len(ranges))), thread_name_prefix="replay") as pool:
+        for i, (span, count) in enumerate(zip(ranges, counts)):
+            if span is None:
+                results.append(SortedKeep(n, count, None, None, torch.empty(0, dtype=torch.int64)))
+                continue
+            if len(pending) >= pool._max_workers:
+                pending.pop(0).result()
+            future = pool.submit(range_keep, magnitude_keys(deltas, i), *span, value_dtype, descending=descending)
+            pending.append(future)
+            results.append(future)
+        return [r.result() if isinstance(r, Future) else r for r in results]
+
+
 def magnitude_keeps(deltas: Deltas, densities: Sequence[float]) -> list[SortedKeep]:
     """ties' selection: the k = max(1, int(d·n)) entries ``argsort(|τᵢ|, descending)`` puts first."""
-    keeps = []
-    for i, density in enumerate(densities):
-        k = kept_count(deltas.n, density)
-        if 0 < k < deltas.n:
-            keeps.append(range_keep(magnitude_keys(deltas, i), 0, k, _key_dtype_of(deltas), descending=True))
-        else:
-            keeps.append(SortedKeep(deltas.n, k, None, None, torch.empty(0, dtype=torch.int64)))
-    return keeps
+    counts = [kept_count(deltas.n, d) for d in densities]
+    ranges = [(0, k) if 0 < k < deltas.n else None for k in counts]
+    return _replayed(deltas, ranges, counts, descending=True)
 
 
 def outlier_keeps(deltas: Deltas, densities: Sequence[float], gammas: Sequence[float]) -> list[SortedKeep]:
     """breadcrumbs' band: ascending positions [b, b + k) with k = int(d·n), b = max(0, n − k − int(γ·n))."""
-    keeps = []
     n = deltas.n
-    for i, (density, gamma) in enumerate(zip(densities, gammas)):
-        if density >= 1:
-            keeps.append(SortedKeep(n, n, None, None, torch.empty(0, dtype=torch.int64)))
-            continue
-        k = int(density * n)
+    ranges: list[tuple[int, int] | None] = []
+    counts = []
+    for density, gamma in zip(densities, gammas):
+        k = n if density >= 1 else max(int(density * n), 0)
         bottom = max(0, n - k - int(gamma * n))
-        if k <= 0:
-            keeps.append(SortedKeep(n, 0, None, None, torch.empty(0, dtype=torch.int64)))
-            continue
-        keeps.append(range_keep(magnitude_keys(deltas, i), bottom, bottom + k, _key_dtype_of(deltas), descending=False))
-    return keeps
+        counts.append(k)
+        ranges.append((bottom, bottom + k) if 0 < k < n else None)
+    return _replayed(deltas, ranges, counts, descending=False)
 
 
 def largest_keep(values: torch.Tensor, k: int) -> SortedKeep:
