@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from orchestrator.errors import MergeError
 from orchestrator.methods.base import MergeResult, MethodSpec, TensorTask, working_dtype
-from orchestrator.methods.sparsify import CHUNK, chunk_bounds
+from orchestrator.methods import sparsify
+from orchestrator.methods.sparsify import chunk_bounds
 from orchestrator.methods.vectors import Rows
 
 SOFTMAX_EPS = 1e-8
@@ -37,7 +38,7 @@ FENCE = 1.5
 def importance(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
     """|b − a| times the row's KL(softmax(b) ‖ softmax(a)), flat, in ``dtype``."""
     rows, cols = Rows.layout(base.shape)
-    block_rows = max(1, CHUNK // max(cols, 1))
+    block_rows = max(1, sparsify.CHUNK // max(cols, 1))
     out = torch.empty(rows * cols, dtype=dtype, device=base.device)  # (n,)
     flat_a, flat_b = base.reshape(-1), other.reshape(-1)
     for first in range(0, rows, block_rows):

@@ -46,7 +46,7 @@ class DepthLimitReached(Exception):
 
 @dataclass(frozen=True)
 class SortedRange:
-    """The entries at sorted positions [start, stop) of a sort: those strictly between
+    """The ``size`` entries at sorted positions [start, stop) of a sort: those strictly between
     ``first`` and ``last`` (the range's extreme keys; None where the range reaches that end of
     the array) plus ``tied``, the sorted original indices of the kept entries whose key equals
     ``first`` or ``last``."""
@@ -54,6 +54,7 @@ class SortedRange:
     first: int | None
     last: int | None
     tied: np.ndarray
+    size: int
 
 
 def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, select: bool = False) -> SortedRange:
@@ -69,7 +70,7 @@ def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, s
         replay.introsort(boundaries)
     kept = keys[start:stop]
     if kept.size == 0:
-        return SortedRange(None, None, np.empty(0, dtype=np.int64))
+        return SortedRange(None, None, np.empty(0, dtype=np.int64), 0)
     high, low = int(kept.max()), int(kept.min())
     first_key, last_key = (high, low) if descending else (low, high)
     first = first_key if start > 0 else None
@@ -78,12 +79,12 @@ def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, s
     for bound in (first, last):
         if bound is not None:
             tied |= kept == bound
-    return SortedRange(first, last, np.sort(index[start:stop][tied]).astype(np.int64))
+    return SortedRange(first, last, np.sort(index[start:stop][tied]).astype(np.int64), kept.size)
 
 
 def members(keys: np.ndarray, kept: SortedRange, *, descending: bool) -> np.ndarray:
     """The sorted original indices a ``SortedRange`` of ``keys`` (unmodified) stands for."""
-    inside = np.ones(keys.size, dtype=bool)
+    inside = np.full(keys.size, kept.size > 0)
     before, after = (np.greater, np.less) if descending else (np.less, np.greater)
     if kept.first is not None:
         inside &= before(kept.first, keys)

@@ -117,7 +117,7 @@ def _torch_range(keys: torch.Tensor, start: int, stop: int, value_dtype: torch.d
     for bound in (first, last):
         if bound is not None:
             on_bound |= chosen_keys == bound
-    return SortedRange(first, last, np.sort(chosen[on_bound].numpy()))
+    return SortedRange(first, last, np.sort(chosen[on_bound].numpy()), chosen.numel())
 
 
 def _key_dtype_of(deltas: Deltas) -> torch.dtype:
