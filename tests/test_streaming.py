@@ -23,13 +23,25 @@ def test_the_element_wise_methods_stream() -> None:
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "ties_sv"} <= set(STREAMING)
 
 
-@pytest.mark.parametrize("method", STREAMING)
-def test_streamed_inputs_give_the_same_bytes(method: str, family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    base, experts = family
+def _recipe(method: str, base: Path, experts: list[Path]) -> dict:
     if method == "linear":
-        data = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip([base, *experts], [1, 2, 3, 4])]}
-    else:
-        data = gta_recipe(method, base, experts)
+        return {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip([base, *experts], [1, 2, 3, 4])]}
+    if method == "nearswap":
+        return {"merge_method": method, "base_model": str(base), "models": [{"model": str(base)}, {"model": str(experts[0])}], "parameters": {"t": 0.01}}
+    if method in ("ram", "ramplus_tl"):
+        return {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in [base, *experts]], "parameters": {"epsilon": 0.002}}
+    return gta_recipe(method, base, experts)
+
+
+CASES = [(m, None) for m in STREAMING] + [(m, "bfloat16") for m in ("ties", "breadcrumbs", "nearswap", "ram") if m in STREAMING]
+
+
+@pytest.mark.parametrize("method,dtype", CASES)
+def test_streamed_inputs_give_the_same_bytes(method: str, dtype: str | None, family, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, experts = family
+    data = _recipe(method, base, experts)
+    if dtype:  # the inputs (float32) are cast chunk by chunk as they stream in
+        data["dtype"] = dtype
     recipe = parse_recipe(data)
     merge(recipe, str(tmp_path / "loaded"), shards=2)
     monkeypatch.setattr(shard_module, "EAGER_INPUT_BYTES", 0)
