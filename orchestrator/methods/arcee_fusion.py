@@ -24,9 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from orchestrator.errors import MergeError
-from orchestrator.methods.base import MergeResult, MethodSpec, TensorTask, working_dtype
 from orchestrator.methods import sparsify
+from orchestrator.methods.base import MergeResult, MethodSpec, TensorTask, check_base_and_one_other, working_dtype
 from orchestrator.methods.sparsify import chunk_bounds
 from orchestrator.methods.vectors import Rows
 
@@ -76,16 +75,7 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor, *, dtype: torch.dtype)
 
 
 def _merge(task: TensorTask) -> MergeResult:
-    if task.base is None or len(task.experts) != 1:
-        raise MergeError(
-            f"arcee_fusion needs the base and exactly one other model for '{task.name}', got "
-            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
-        )
-    if task.experts[0].shape != task.base.shape:
-        raise MergeError(
-            f"tensor '{task.name}': the other model has shape {tuple(task.experts[0].shape)}, the base "
-            f"{tuple(task.base.shape)}; the models must share one architecture"
-        )
+    check_base_and_one_other(task, "arcee_fusion")
     return MergeResult(arcee_fusion(task.base, task.experts[0], dtype=task.half or working_dtype(task)))
 
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from orchestrator.errors import MergeError
+
 REQUIRED: Any = object()
 """Default of a parameter the recipe must set."""
 
@@ -110,6 +112,20 @@ class MethodSpec:
             if spec.name == name:
                 return spec
         return None
+
+
+def check_base_and_one_other(task: TensorTask, method: str) -> None:
+    """MergeError unless ``task`` has the base and exactly one other model, of one shape."""
+    if task.base is None or len(task.experts) != 1:
+        raise MergeError(
+            f"{method} needs the base and exactly one other model for '{task.name}', got "
+            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
+        )
+    if task.experts[0].shape != task.base.shape:
+        raise MergeError(
+            f"{method}: tensor '{task.name}' has shape {tuple(task.experts[0].shape)} in the other model and "
+            f"{tuple(task.base.shape)} in the base; the models must share one architecture"
+        )
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:

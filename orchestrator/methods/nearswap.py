@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.errors import MergeError, RecipeError
-from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, working_dtype
+from orchestrator.errors import RecipeError
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, check_base_and_one_other, working_dtype
 from orchestrator.methods.sparsify import chunk_bounds
 
 DISTANCE_FLOOR = 1e-6
@@ -38,16 +38,7 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float, *, dtype: torch.
 
 
 def _merge(task: TensorTask) -> MergeResult:
-    if task.base is None or len(task.experts) != 1:
-        raise MergeError(
-            f"nearswap needs the base and exactly one other model for '{task.name}', got "
-            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
-        )
-    if task.experts[0].shape != task.base.shape:
-        raise MergeError(
-            f"tensor '{task.name}': the other model has shape {tuple(task.experts[0].shape)}, the base "
-            f"{tuple(task.base.shape)}; the models must share one architecture"
-        )
+    check_base_and_one_other(task, "nearswap")
     t = task.global_params.get("t")
     if t is None:
         raise RecipeError("nearswap: parameter 't' is required (entries closer than t take the other model's value)")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from orchestrator.errors import MergeError, RecipeError
-from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, check_base_and_one_other
 from orchestrator.methods.sparsify import Deltas
 from orchestrator.methods.vectors import Rows, column_gram, combine, gram, row_gram
 
@@ -191,12 +191,7 @@ def _same_shapes(task: TensorTask, method: str) -> None:
 
 
 def _merge_slerp(task: TensorTask) -> MergeResult:
-    if task.base is None or len(task.experts) != 1:
-        raise MergeError(
-            f"slerp needs the base and exactly one other model for '{task.name}', got "
-            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
-        )
-    _same_shapes(task, "slerp")
+    check_base_and_one_other(task, "slerp")
     if "t" not in task.global_params or task.global_params["t"] is None:
         raise RecipeError("slerp: parameter 't' is required (0 gives the base model, 1 the other)")
     t = float(task.global_params["t"])

@@ -40,7 +40,7 @@ from orchestrator.methods.sparsify import (
     rescale_mode,
     topk_sets,
 )
-from orchestrator.methods.task_arithmetic_half import generalized_merge_half
+from orchestrator.methods.task_arithmetic_half import FusedPass, generalized_merge_half
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def generalized_merge(
     return MergeResult(out.view(base.shape), figures)
 
 
-class _Combine:
+class _Combine(FusedPass):
     """The fused pass: δ chunks → sparsify, scale, weigh → elect → output chunk."""
 
     def __init__(
@@ -165,18 +165,6 @@ class _Combine:
         # Without consensus the divisor is one number; mergekit replaces |D| < 1e-8 by 1.
         divisor = float(torch.tensor(self.weights, dtype=deltas.dtype).sum()) if count else 1.0
         self.divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-
-    def run(self) -> torch.Tensor:
-        deltas = self.deltas
-        out = torch.empty(deltas.n, dtype=deltas.dtype, device=deltas.device)
-        for start, stop in deltas.chunks():
-            x = [self._weighted_delta(i, start, stop) for i in range(len(self.weights))]
-            size = stop - start
-            delta = self._elect(x, size) if self.consensus else self._sum(x, size)
-            if self.lambda_ != 1.0:
-                delta.mul_(self.lambda_)
-            torch.add(deltas.base_chunk(start, stop), delta, out=out[start:stop])
-        return out
 
     def _weighted_delta(self, i: int, start: int, stop: int) -> torch.Tensor:
         x = self.deltas.delta(i, start, stop, self.x[i])  # (size,)

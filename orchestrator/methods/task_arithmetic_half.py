@@ -111,7 +111,40 @@ def half_l1_scales(deltas: Deltas, keeps: Sequence[Keep]) -> list[float]:
     return scales
 
 
-class _HalfCombine:
+class FusedPass:
+    """The fused pass over chunks both combines share: each expert's weighted δ chunk, then
+    the election (or the plain sum), λ, and θ₀ + Δ into the output. Subclasses provide
+    ``_weighted_delta``, ``_elect`` and ``_sum`` and set ``deltas``, ``weights``,
+    ``consensus`` and ``lambda_``."""
+
+    deltas: Deltas
+    weights: list[float]
+    consensus: bool
+    lambda_: float
+
+    def run(self) -> torch.Tensor:
+        deltas = self.deltas
+        out = torch.empty(deltas.n, dtype=deltas.dtype, device=deltas.device)
+        for start, stop in deltas.chunks():
+            x = [self._weighted_delta(i, start, stop) for i in range(len(self.weights))]
+            size = stop - start
+            mixed = self._elect(x, size) if self.consensus else self._sum(x, size)
+            if self.lambda_ != 1.0:
+                mixed.mul_(self.lambda_)
+            torch.add(deltas.base_chunk(start, stop), mixed, out=out[start:stop])
+        return out
+
+    def _weighted_delta(self, i: int, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _elect(self, x: list[torch.Tensor], size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sum(self, x: list[torch.Tensor], size: int) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _HalfCombine(FusedPass):
     """The fused pass of the module doc; ``report`` counts the kept entries the election drops."""
 
     def __init__(
@@ -141,18 +174,6 @@ class _HalfCombine:
         total = torch.tensor(self.weights, dtype=torch.float32).sum() if self.weights else torch.tensor(1.0)
         divisor = total.to(dtype).item()
         self.divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-
-    def run(self) -> torch.Tensor:
-        deltas = self.deltas
-        out = torch.empty(deltas.n, dtype=deltas.dtype, device=deltas.device)
-        for start, stop in deltas.chunks():
-            x = [self._weighted_delta(i, start, stop) for i in range(len(self.weights))]
-            size = stop - start
-            mixed = self._elect(x, size) if self.consensus else self._sum(x, size)
-            if self.lambda_ != 1.0:
-                mixed.mul_(self.lambda_)
-            torch.add(deltas.base_chunk(start, stop), mixed, out=out[start:stop])
-        return out
 
     def _weighted_delta(self, i: int, start: int, stop: int) -> torch.Tensor:
         x = self.deltas.delta(i, start, stop, self.x[i])  # rd(θᵢ − θ₀)
