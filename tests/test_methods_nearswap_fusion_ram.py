@@ -218,3 +218,19 @@ def test_half_precision_results_use_the_compute_dtype():
     # without a compute dtype the float path upcasts: float32 results from bfloat16 inputs
     assert run("ram", b16, e16).dtype == torch.float32
     assert not math.isnan(float(run("ramplus_tl", b16, e16).sum()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fusion_quartiles_are_the_sorted_values(dtype):
+    """The half-precision histogram (and kthvalue otherwise) read the same values a sort
+    puts at those positions: negative values, −0 and +0 included."""
+    from orchestrator.methods.arcee_fusion import order_statistics
+
+    g = torch.Generator().manual_seed(4)
+    values = (torch.randn(50_001, generator=g) * 3).to(dtype)
+    values[:40] = 0.0
+    values[40:55] = -0.0
+    ranks = [0, 7, 12_500, 25_000, 37_500, 50_000]
+    ordered = torch.sort(values).values
+    for rank, value in zip(ranks, order_statistics(values, ranks)):
+        assert value.dtype == dtype and float(value) == float(ordered[rank]), rank
