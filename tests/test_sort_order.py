@@ -110,3 +110,24 @@ def test_falls_back_to_torch_when_the_depth_limit_is_reached(monkeypatch):
     fallback = range_keep(keys, 0, k, torch.bfloat16, descending=True)
     assert (replayed.low, replayed.high) == (fallback.low, fallback.high)
     assert torch.equal(replayed.tied, fallback.tied) and replayed.tied.numel() > 0
+
+
+def test_replays_that_reach_the_depth_limit_fall_back_for_whole_keeps(monkeypatch):
+    """magnitude_keeps hands the replay its own keys (no copy); when the replay gives up, the
+    keys are rebuilt and torch's sort decides: the same keep either way."""
+    from orchestrator.methods.sorted_keep import magnitude_keeps
+    from orchestrator.methods.sparsify import Deltas
+
+    g = torch.Generator().manual_seed(8)
+    base = (torch.randn(300, 200, generator=g) * 0.02).bfloat16()
+    experts = [(base.float() + torch.randn(300, 200, generator=g) * 0.002).bfloat16() for _ in range(2)]
+    deltas = Deltas(experts, base, dtype=torch.bfloat16)
+    replayed = magnitude_keeps(deltas, [0.3, 0.6])
+
+    def refuse(*args, **kwargs):
+        raise sort_order.DepthLimitReached
+
+    monkeypatch.setattr("orchestrator.methods.sorted_keep.sorted_range", refuse)
+    fallback = magnitude_keeps(deltas, [0.3, 0.6])
+    for a, b in zip(replayed, fallback):
+        assert (a.kept, a.low, a.high) == (b.kept, b.low, b.high) and torch.equal(a.tied, b.tied) and a.tied.numel() > 0

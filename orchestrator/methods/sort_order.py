@@ -19,9 +19,10 @@ right) as long as it lies left of it, so the whole step is two masks, their stop
 end in an insertion sort, which is stable.
 
 The kept set is returned as value bounds plus the original indices of the kept entries equal
-to a bound: an index array travels with the keys through the swaps. Swaps are written only
-on the sides of a partition that overlap the kept range (the others never matter). Keys are
-numpy integers that order like the magnitudes (the bit patterns of non-negative floats).
+to a bound: an index array travels with the keys through the swaps (made at the first
+partition, over the part that matters). Swaps are written only on the sides of a partition
+that overlap the kept range (the others never matter). Keys are numpy integers that order
+like the magnitudes (the bit patterns of non-negative floats).
 """
 
 from __future__ import annotations
@@ -61,8 +62,7 @@ def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, s
     """The entries ``torch.sort`` (``select``: ``torch.topk``, start 0) puts at positions
     [start, stop) of ``keys`` (1-D; overwritten). Raises DepthLimitReached (see there)."""
     n = keys.size
-    index = np.arange(n, dtype=np.int32 if n < 2**31 else np.int64)
-    replay = _Replay(keys, index, start, stop, descending)
+    replay = _Replay(keys, start, stop, descending)
     boundaries = [b for b in (start, stop) if 0 < b < n]
     if boundaries and select:
         replay.introselect(stop - 1)
@@ -79,7 +79,7 @@ def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, s
     for bound in (first, last):
         if bound is not None:
             tied |= kept == bound
-    return SortedRange(first, last, np.sort(index[start:stop][tied]).astype(np.int64), kept.size)
+    return SortedRange(first, last, np.sort(replay.original(start, stop)[tied]).astype(np.int64), kept.size)
 
 
 def members(keys: np.ndarray, kept: SortedRange, *, descending: bool) -> np.ndarray:
@@ -95,14 +95,29 @@ def members(keys: np.ndarray, kept: SortedRange, *, descending: bool) -> np.ndar
 
 
 class _Replay:
-    """libstdc++'s partitioning of ``keys`` (with ``index`` moving alongside), restricted to
-    what decides the kept range [start, stop)."""
+    """libstdc++'s partitioning of ``keys``, restricted to what decides the kept range
+    [start, stop). ``index`` (each position's original index) moves alongside; it is made at
+    the first partition, and only over the sides that overlap the kept range."""
 
-    def __init__(self, keys: np.ndarray, index: np.ndarray, start: int, stop: int, descending: bool):
-        self.keys, self.index = keys, index
+    def __init__(self, keys: np.ndarray, start: int, stop: int, descending: bool):
+        self.keys = keys
         self.start, self.stop = start, stop
         self.descending = descending
         self.depth_limit = 2 * (keys.size.bit_length() - 1)
+        self.index: np.ndarray | None = None  # original index of positions offset.. offset + len
+        self.offset = 0
+        self._index_dtype = np.int32 if keys.size < 2**31 else np.int64
+
+    def original(self, first: int, last: int) -> np.ndarray:
+        """The original indices of the entries now at positions [first, last)."""
+        if self.index is None:
+            return np.arange(first, last, dtype=self._index_dtype)
+        return self.index[first - self.offset : last - self.offset]
+
+    def _own_index(self, first: int, last: int) -> np.ndarray:
+        if self.index is None:
+            self.index, self.offset = np.arange(first, last, dtype=self._index_dtype), first
+        return self.index[first - self.offset : last - self.offset]
 
     def introsort(self, boundaries: list[int]) -> None:
         """``std::sort``'s ``__introsort_loop`` + final insertion sort, on ranges holding a boundary."""
@@ -152,10 +167,9 @@ class _Replay:
 
     def _partition(self, first: int, last: int) -> int:
         """One ``__unguarded_partition_pivot`` on [first, last), in place; returns the cut."""
-        keys, index = self.keys, self.index
+        keys = self.keys
         pivot = self._median_to_first(first, last)
         keys[first], keys[pivot] = keys[pivot], keys[first]
-        index[first], index[pivot] = index[pivot], index[first]
         p = keys[first]
         segment = keys[first + 1 : last]
         size = segment.size
@@ -174,14 +188,29 @@ class _Replay:
             more = np.flatnonzero(stops_left[high:])
             next_left = int(more[0]) + high if more.size else size + 1
         cut = (next_left if swaps == 0 else min(next_left, int(rights[swaps - 1]))) + first + 1
-        left, right = lefts[:swaps], np.ascontiguousarray(rights[:swaps])
+        left, right = lefts[:swaps], rights[:swaps]
         write_left, write_right = self._overlaps(first, cut), self._overlaps(cut, last)
-        for values in (segment, index[first + 1 : last]):
-            moved = values[left] if write_right else None
+        _swap(segment, left, right, write_left, write_right)
+        if self.index is None:  # the first partition: index the sides that matter, from identity
+            low, high = (first if write_left else cut), (last if write_right else cut)
+            self.index, self.offset = np.arange(low, high, dtype=self._index_dtype), low
+            for position, source in ((first, pivot), (pivot, first)):  # the median's swap
+                if low <= position < high:
+                    self.index[position - low] = source
+            shift = first + 1
+
+            def holding(positions: np.ndarray) -> np.ndarray:  # what those positions hold after the median's swap
+                return np.where(positions == pivot - shift, first, positions + shift)
+
             if write_left:
-                values[left] = values[right]
+                self.index[left + (shift - low)] = holding(right)
             if write_right:
-                values[right] = moved
+                self.index[right + (shift - low)] = holding(left)
+        else:
+            index = self.index
+            a, b = first - self.offset, pivot - self.offset
+            index[a], index[b] = index[b], index[a]
+            _swap(index[first + 1 - self.offset : last - self.offset], left, right, write_left, write_right)
         return cut
 
     def _block_sort(self, first: int, last: int) -> None:
@@ -189,7 +218,17 @@ class _Replay:
         block = self.keys[first:last]
         order = np.argsort(-block.astype(np.int64) if self.descending else block, kind="stable")
         self.keys[first:last] = block[order]
-        self.index[first:last] = self.index[first:last][order]
+        index = self._own_index(first, last)
+        index[:] = index[order]
+
+
+def _swap(values: np.ndarray, left: np.ndarray, right: np.ndarray, write_left: bool, write_right: bool) -> None:
+    """Swap values[left[j]] with values[right[j]], writing only the sides asked for."""
+    moved = values[left] if write_right else None
+    if write_left:
+        values[left] = values[right]
+    if write_right:
+        values[right] = moved
 
 
 def _precedes(a: int, b: int, descending: bool) -> bool:

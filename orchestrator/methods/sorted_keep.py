@@ -84,17 +84,23 @@ def _from_key(key: int | None, key_dtype: torch.dtype, value_dtype: torch.dtype)
     return torch.tensor(key, dtype=key_dtype).view(value_dtype).item()
 
 
-def range_keep(keys: torch.Tensor, start: int, stop: int, value_dtype: torch.dtype, *, descending: bool, select: bool = False) -> SortedKeep:
+def range_keep(
+    keys: torch.Tensor, start: int, stop: int, value_dtype: torch.dtype, *, descending: bool, select: bool = False, owned: bool = False
+) -> SortedKeep:
     """The ``SortedKeep`` of the entries a sort of ``keys`` (``select``: a top-k) puts at
-    positions [start, stop); ``value_dtype`` is the float dtype the keys are bits of."""
+    positions [start, stop); ``value_dtype`` is the float dtype the keys are bits of.
+    ``owned`` keys are the caller's to lose: the replay reorders them instead of a copy."""
     n = keys.numel()
     if stop - start <= 0:
         return SortedKeep(n, 0, None, None, torch.empty(0, dtype=torch.int64))
     if stop - start >= n:
         return SortedKeep(n, n, None, None, torch.empty(0, dtype=torch.int64))
     try:
-        kept = sorted_range(keys.numpy().copy(), start, stop, descending=descending, select=select)
+        work = keys.numpy() if owned else keys.numpy().copy()
+        kept = sorted_range(work, start, stop, descending=descending, select=select)
     except DepthLimitReached:
+        if owned:
+            raise  # the keys are reordered by now: the caller rebuilds them and asks again
         kept = _torch_range(keys, start, stop, value_dtype, descending=descending, select=select)
     bounds = (kept.last, kept.first) if descending else (kept.first, kept.last)
     low, high = (_from_key(b, keys.dtype, value_dtype) for b in bounds)
@@ -133,17 +139,24 @@ def _replayed(deltas: Deltas, ranges: Sequence[tuple[int, int] | None], counts: 
     value_dtype = _key_dtype_of(deltas)
     results: list[SortedKeep | Future[SortedKeep]] = []
     pending: list[Future[SortedKeep]] = []
-    with ThreadPoolExecutor(max_workers=max(1, min(torch.get_num_threads(), len(ranges))), thread_name_prefix="replay") as pool:
+    workers = max(1, min(torch.get_num_threads(), len(ranges)))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="replay") as pool:
         for i, (span, count) in enumerate(zip(ranges, counts)):
             if span is None:
                 results.append(SortedKeep(n, count, None, None, torch.empty(0, dtype=torch.int64)))
                 continue
-            if len(pending) >= pool._max_workers:
+            if len(pending) >= workers:
                 pending.pop(0).result()
-            future = pool.submit(range_keep, magnitude_keys(deltas, i), *span, value_dtype, descending=descending)
+            future = pool.submit(range_keep, magnitude_keys(deltas, i), *span, value_dtype, descending=descending, owned=True)
             pending.append(future)
             results.append(future)
-        return [r.result() if isinstance(r, Future) else r for r in results]
+        keeps = []
+        for i, result in enumerate(results):
+            try:
+                keeps.append(result.result() if isinstance(result, Future) else result)
+            except DepthLimitReached:  # torch's own sort decides, on fresh keys
+                keeps.append(range_keep(magnitude_keys(deltas, i), *ranges[i], value_dtype, descending=descending))
+        return keeps
 
 
 def magnitude_keeps(deltas: Deltas, densities: Sequence[float]) -> list[SortedKeep]:
@@ -172,7 +185,7 @@ def largest_keep(values: torch.Tensor, k: int) -> SortedKeep:
     n = values.numel()
     key_dtype = _KEY_DTYPES.get(values.dtype, torch.int32)
     value_dtype = values.dtype if values.dtype in _KEY_DTYPES else torch.float32
-    keys = values.to(value_dtype).view(key_dtype)
+    keys = values.to(value_dtype).view(key_dtype).cpu()  # replayed on the CPU, as mergekit's CPU topk
     if 0 < k < n and k * 64 <= n:
         kept = _torch_range(keys, 0, k, value_dtype, descending=True, select=True)
         low = _from_key(kept.last, key_dtype, value_dtype)
