@@ -18,6 +18,15 @@ from orchestrator.methods.sort_order import members, sorted_range
 from orchestrator.methods.sorted_keep import largest_keep, range_keep
 
 
+@pytest.fixture(params=["one-window", "many-windows"])
+def windows(request, monkeypatch):
+    """The replay lists the cursors' stops a window at a time; small windows make the larger
+    cases here cross many window edges."""
+    if request.param == "many-windows":
+        monkeypatch.setattr(sort_order._Stops, "WINDOW", 1 << 10)
+    return request.param
+
+
 def _keys(kind: str, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if kind == "few-values":
@@ -33,7 +42,7 @@ CASES = [(kind, n) for kind in ("bf16", "f16", "few-values", "int32") for n in (
 
 
 @pytest.mark.parametrize("kind,n", CASES)
-def test_descending_top_k_is_torch_argsort(kind, n):
+def test_descending_top_k_is_torch_argsort(kind, n, windows):
     keys = _keys(kind, n, seed=n)
     values = torch.from_numpy(keys.astype(np.float32))
     for k in sorted({1, max(1, n // 5), max(1, n // 2), n}):
@@ -43,7 +52,7 @@ def test_descending_top_k_is_torch_argsort(kind, n):
 
 
 @pytest.mark.parametrize("kind,n", CASES)
-def test_ascending_band_is_torch_sort(kind, n):
+def test_ascending_band_is_torch_sort(kind, n, windows):
     keys = _keys(kind, n, seed=n + 1)
     values = torch.from_numpy(keys.astype(np.float32))
     order = torch.sort(values).indices
@@ -54,7 +63,7 @@ def test_ascending_band_is_torch_sort(kind, n):
 
 
 @pytest.mark.parametrize("kind,n", CASES)
-def test_selection_is_torch_topk(kind, n):
+def test_selection_is_torch_topk(kind, n, windows):
     keys = _keys(kind, n, seed=n + 2)
     values = torch.from_numpy(keys.astype(np.float32))
     for k in sorted({1, max(1, n // 5), max(1, n // 2), n}):
@@ -131,3 +140,17 @@ def test_replays_that_reach_the_depth_limit_fall_back_for_whole_keeps(monkeypatc
     fallback = magnitude_keeps(deltas, [0.3, 0.6])
     for a, b in zip(replayed, fallback):
         assert (a.kept, a.low, a.high) == (b.kept, b.low, b.high) and torch.equal(a.tied, b.tied) and a.tied.numel() > 0
+
+
+def test_cursors_crossing_at_window_edges(monkeypatch):
+    """Windows of 8 entries put many crossings on or next to a window's edge."""
+    monkeypatch.setattr(sort_order._Stops, "WINDOW", 8)
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        n = int(rng.integers(40, 3000))
+        keys = rng.integers(0, int(rng.integers(2, 40)), n).astype(np.int16)
+        values = torch.from_numpy(keys.astype(np.float32))
+        k = int(rng.integers(1, n))
+        expected = np.sort(torch.argsort(values, descending=True)[:k].numpy())
+        kept = sorted_range(keys.copy(), 0, k, descending=True)
+        assert np.array_equal(members(keys, kept, descending=True), expected), (trial, n, k)
