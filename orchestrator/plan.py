@@ -119,6 +119,10 @@ class Plan(BaseModel):
     inputs: list[PlanInput]
     base: int | None  # index into ``inputs`` of the recipe's base_model
     out_dtype: str
+    # The recipe's ``dtype`` (the inputs are cast to it before merging, as mergekit does), and
+    # how the arithmetic runs in it (recipe.FleetSettings.precision, docs/methods.md).
+    dtype: str | None = None
+    precision: str = "match-mergekit"
     config: dict[str, Any]
     tokenizer_source: int | None  # input whose tokenizer files are copied
     tokenizer_files: list[str]
@@ -127,6 +131,13 @@ class Plan(BaseModel):
     chat_template: str | None = None
     shards: list[PlannedShard]
     storage: StorageOptions = StorageOptions()  # how every process opens s3:// inputs and output
+
+    def compute_dtype(self, tensor: PlannedTensor) -> str | None:
+        """The dtype ``tensor`` is merged in under the match-mergekit precision (the recipe's
+        ``dtype``, else the inputs' own), or None under float32 precision."""
+        if self.precision != "match-mergekit":
+            return None
+        return self.dtype or tensor.reads[0].dtype
 
     def shard(self, index: int) -> PlannedShard:
         if not 0 <= index < len(self.shards):
@@ -307,6 +318,8 @@ def build_plan(
         if (recipe.out_dtype or recipe.dtype)
         else _reference_dtype(indexes[reference])
     )
+    dtype = dtype_code(parse_dtype_name(recipe.dtype)) if recipe.dtype else None
+    precision = recipe.fleet.precision
 
     position = {ref: i for i, ref in enumerate(refs)}
     planned: list[PlannedTensor] = []
@@ -336,7 +349,7 @@ def build_plan(
             PlannedTensor(
                 name=tensor.name,
                 shape=[vocabulary.size, *info.shape[1:]] if vocab else list(info.shape),
-                out_dtype=out_dtype,
+                out_dtype=_tensor_out_dtype(method, recipe, precision, dtype or info.dtype, out_dtype),
                 reads=reads,
                 base=base,
                 model_params=model_params,
@@ -370,6 +383,7 @@ def build_plan(
         "inputs": [inp.model_dump() for inp in inputs],
         "shards": shard_count,
         "out_dtype": out_dtype,
+        "precision": precision,
     }
     plan_id = stable_hash(identity, length=16)
     return Plan(
@@ -382,6 +396,8 @@ def build_plan(
         inputs=inputs,
         base=position.get(recipe.base_model) if recipe.base_model else None,
         out_dtype=out_dtype,
+        dtype=dtype,
+        precision=precision,
         config=config,
         tokenizer_source=position[tokenizer_ref] if tokenizer_files else None,
         tokenizer_files=tokenizer_files,
@@ -396,6 +412,15 @@ def build_plan(
         shards=planned_shards,
         storage=recipe.fleet.storage,
     )
+
+
+def _tensor_out_dtype(method: MethodSpec, recipe: Recipe, precision: str, compute: str, out_dtype: str) -> str:
+    """The dtype a tensor is written in: ``out_dtype``, except where mergekit writes float32 for
+    a method whose arithmetic promotes to it (MethodSpec.mergekit_result_float32) and the
+    recipe sets no ``out_dtype``, under the match-mergekit precision."""
+    if method.mergekit_result_float32 and precision == "match-mergekit" and not recipe.out_dtype and compute in ("BF16", "F16"):
+        return "F32"
+    return out_dtype
 
 
 @dataclass

@@ -88,12 +88,19 @@ class EvalSettings(BaseModel):
         return value
 
 
+Precision = Literal["match-mergekit", "float32"]
+
+
 class FleetSettings(BaseModel):
-    """Orchestration settings; none of them changes the merged weights."""
+    """Orchestration settings; none of them but ``precision`` changes the merged weights."""
 
     model_config = ConfigDict(extra="forbid")
 
     output: str | None = None
+    # How the arithmetic runs (docs/methods.md, "Precision"): "match-mergekit" casts the inputs
+    # to the recipe's dtype and rounds where mergekit 0.1.5 rounds, so half-precision recipes
+    # give mergekit's bytes; "float32" computes in float32 and rounds once, at the end.
+    precision: Precision = "match-mergekit"
     shards: int = Field(default=1, ge=1)
     workers: int = Field(default=1, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"

@@ -89,6 +89,7 @@ def merge_tensor(
         model_params=tensor.model_params,
         global_params=tensor.global_params,
         seed=tensor_seed(plan.random_seed, tensor.name),
+        compute_dtype=torch_dtype(compute) if (compute := plan.compute_dtype(tensor)) else None,
     )
     result = method.merge(task)
     merged = result.tensor.to(torch_dtype(tensor.out_dtype))

@@ -3,7 +3,8 @@
 Tiny random Llama checkpoints in float32 (a base and eight experts), recipes with
 gradients and filters, 2, 3 and 8 experts where the method allows it. mergekit runs once
 for all recipes, in one process (its start-up is most of its cost here), through the same
-``MergeConfiguration`` / ``run_merge`` path ``mergekit-yaml`` takes; our side runs through
+``MergeConfiguration`` / ``run_merge`` path ``mergekit-yaml`` takes (tests/mergekit_runner.py);
+our side runs through
 ``pipeline.merge`` with three shards. Tensors must agree within 1e-6 (top-k based
 methods: at most one element in 10⁴ may differ). karcher checks the difference
 docs/methods.md documents: mergekit ignores ``weight``, we honour it.
@@ -11,10 +12,6 @@ docs/methods.md documents: mergekit ignores ``weight``, we honour it.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +22,12 @@ from safetensors.torch import load_file
 from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
-from tests.helpers import TINY, write_recipe
+from tests.helpers import TINY
+from tests.mergekit_runner import load_tensors, run_mergekit
 
 pytestmark = pytest.mark.slow
 
 TOP_K_METHODS = ("breadcrumbs", "breadcrumbs_ties", "sce")
-
-_DRIVER = """
-import json, sys, yaml
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-options = MergeOptions(quiet=True, write_model_card=False, copy_tokenizer=False)
-options.apply_global_options()
-failures = {}
-for recipe, out in json.loads(sys.argv[1]):
-    try:
-        with open(recipe) as handle:
-            config = MergeConfiguration.model_validate(yaml.safe_load(handle))
-        run_merge(config, out, options=options)
-    except Exception as error:  # reported per recipe; the test that needs it fails
-        failures[recipe] = f"{type(error).__name__}: {error}"
-print(json.dumps(failures))
-"""
-
 
 @pytest.fixture(scope="session")
 def family8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
@@ -156,35 +135,16 @@ def build_recipes(base: Path, experts: list[Path]) -> dict[str, dict[str, Any]]:
     return recipes
 
 
-def _load(out: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(out.glob("*.safetensors")):
-        tensors |= load_file(file)
-    return tensors
-
-
 @pytest.fixture(scope="session")
 def mergekit_outputs(family8, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every recipe merged by mergekit 0.1.5, in one process: name → tensors (or the error)."""
     base, experts = family8
-    root = tmp_path_factory.mktemp("mergekit-methods")
-    jobs = []
-    for name, recipe in build_recipes(base, experts).items():
-        jobs.append((str(write_recipe(root / f"{name}.yaml", recipe)), str(root / f"{name}-out")))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    done = subprocess.run(
-        [sys.executable, "-c", _DRIVER, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=900, check=True
-    )
-    failures = json.loads(done.stdout.strip().splitlines()[-1])
-    outputs: dict[str, Any] = {}
-    for (recipe, out), name in zip(jobs, build_recipes(base, experts)):
-        outputs[name] = failures.get(recipe) or _load(Path(out))
-    return outputs
+    return run_mergekit(build_recipes(base, experts), tmp_path_factory.mktemp("mergekit-methods"))
 
 
 def _ours(recipe: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
     merge(parse_recipe(recipe), str(out), shards=3)
-    return _load(out)
+    return load_tensors(out)
 
 
 def _compare(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], *, top_k: bool) -> None:

@@ -56,8 +56,9 @@ def random_case(n_experts=3, n=60, seed=0, quantise=False):
 
 def test_registered_methods_are_pinned():
     assert sorted(METHODS) == [
-        "breadcrumbs", "breadcrumbs_ties", "dam_apply", "dare_linear", "dare_ties", "della", "della_linear", "karcher", "linear",
-        "model_stock", "multislerp", "nuslerp", "passthrough", "sce", "slerp", "task_arithmetic", "ties", "ties_sv",
+        "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dam_apply", "dare_linear", "dare_ties", "della", "della_linear",
+        "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
+        "sce", "slerp", "task_arithmetic", "ties", "ties_sv",
     ]
     assert all(spec.name == name for name, spec in METHODS.items())
 
@@ -67,9 +68,9 @@ def test_unknown_method_lists_available_names(name):
     with pytest.raises(RecipeError) as error:
         get_method(name)
     assert str(error.value) == (
-        f"unknown merge_method '{name}'; available: breadcrumbs, breadcrumbs_ties, dam_apply, dare_linear, dare_ties, della, "
-        "della_linear, karcher, linear, model_stock, multislerp, nuslerp, passthrough, sce, slerp, task_arithmetic, "
-        "ties, ties_sv"
+        f"unknown merge_method '{name}'; available: arcee_fusion, breadcrumbs, breadcrumbs_ties, dam_apply, "
+        "dare_linear, dare_ties, della, della_linear, karcher, linear, model_stock, multislerp, nearswap, nuslerp, passthrough, "
+        "ram, ramplus_tl, sce, slerp, task_arithmetic, ties, ties_sv"
     )
 
 

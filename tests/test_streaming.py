@@ -24,10 +24,19 @@ STREAMING = sorted(name for name, spec in METHODS.items() if spec.streams_inputs
 TINY_WINDOWS = StreamingPolicy(threshold_bytes=0, window_bytes=1000)
 
 
-def recipe_for(method: str, base: Path, experts: list[Path]):
+def recipe_for(method: str, base: Path, experts: list[Path], dtype: str | None = None):
+    """A recipe for ``method`` over the tiny family; ``dtype`` casts the float32 inputs as they stream in."""
     if method == "linear":
-        return parse_recipe({"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip([base, *experts], [1, 2, 3, 4])]})
-    return parse_recipe(gta_recipe(method, base, experts))
+        data = {"merge_method": "linear", "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip([base, *experts], [1, 2, 3, 4])]}
+    elif method == "nearswap":
+        data = {"merge_method": method, "base_model": str(base), "models": [{"model": str(base)}, {"model": str(experts[0])}], "parameters": {"t": 0.01}}
+    elif method in ("ram", "ramplus_tl"):
+        data = {"merge_method": method, "base_model": str(base), "models": [{"model": str(p)} for p in [base, *experts]], "parameters": {"epsilon": 0.002}}
+    else:
+        data = gta_recipe(method, base, experts)
+    if dtype:
+        data["dtype"] = dtype
+    return parse_recipe(data)
 
 
 def receipts(out: Path, shards: int) -> list[Receipt]:
@@ -42,6 +51,9 @@ def assert_same_bytes(got: dict[str, torch.Tensor], expected: dict[str, torch.Te
 
 def test_the_element_wise_methods_stream() -> None:
     assert {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "ties_sv"} <= set(STREAMING)
+
+
+CASES = [(m, None) for m in STREAMING] + [(m, "bfloat16") for m in ("ties", "breadcrumbs", "nearswap", "ram") if m in STREAMING]
 
 
 @pytest.fixture
@@ -64,11 +76,11 @@ def window_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[list[str], list[str]]
     return windows, wholes
 
 
-@pytest.mark.parametrize("method", STREAMING)
-def test_streamed_inputs_give_the_same_bytes(method: str, family, tmp_path: Path, window_reads) -> None:
+@pytest.mark.parametrize("method,dtype", CASES)
+def test_streamed_inputs_give_the_same_bytes(method: str, dtype: str | None, family, tmp_path: Path, window_reads) -> None:
     """Every tensor is read through windows, none loaded whole, and the bytes are the loaded merge's."""
     base, experts = family
-    recipe = recipe_for(method, base, experts)
+    recipe = recipe_for(method, base, experts, dtype)
     merge(recipe, str(tmp_path / "loaded"), shards=2)
     assert all(r.tensors_streamed == 0 for r in receipts(tmp_path / "loaded", 2))  # the default threshold: 2 GiB
     windows, wholes = window_reads

@@ -8,10 +8,23 @@ with one ``TensorTask`` per tensor.
 from __future__ import annotations
 
 from orchestrator.errors import RecipeError
-from orchestrator.methods import dam_apply, karcher, linear, model_stock, multislerp, passthrough, sce, slerp, task_arithmetic
+from orchestrator.methods import (
+    arcee_fusion,
+    dam_apply,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_arithmetic,
+)
 from orchestrator.methods.base import MethodSpec
 
-_MODULES = (linear, task_arithmetic, slerp, multislerp, karcher, model_stock, sce, passthrough, dam_apply)
+_MODULES = (linear, task_arithmetic, slerp, multislerp, karcher, model_stock, sce, passthrough, nearswap, arcee_fusion, ram, dam_apply)
 METHODS: dict[str, MethodSpec] = {spec.name: spec for module in _MODULES for spec in module.SPECS}
 
 

@@ -12,6 +12,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from orchestrator.errors import MergeError
+
 REQUIRED: Any = object()
 """Default of a parameter the recipe must set."""
 
@@ -28,13 +30,21 @@ class ParamSpec:
         return self.default is REQUIRED
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 @dataclass(frozen=True)
 class TensorTask:
-    """One tensor to merge. Input tensors keep their stored dtype; the method upcasts.
+    """One tensor to merge. Input tensors keep their stored dtype; the method casts.
 
     ``model_params[i]`` belongs to ``experts[i]``. ``seed`` is already specific to this
     tensor (see ``tensor_seed``); methods that draw random numbers build their own
     ``torch.Generator`` on the CPU from it so results do not depend on the device.
+
+    ``compute_dtype`` is the dtype mergekit 0.1.5 would cast the inputs to and compute in
+    (the recipe's ``dtype``, else the inputs' own): the method follows mergekit's order of
+    operations and roundings in it (docs/methods.md, "Precision"). None computes in float32
+    (float64 for float64 inputs) and rounds once, when the engine casts the result.
     """
 
     name: str
@@ -43,11 +53,19 @@ class TensorTask:
     model_params: Sequence[Mapping[str, Any]]
     global_params: Mapping[str, Any]
     seed: int = 0
+    compute_dtype: torch.dtype | None = None
+
+    @property
+    def half(self) -> torch.dtype | None:
+        """The half-precision dtype to follow mergekit in, or None."""
+        return self.compute_dtype if self.compute_dtype in HALF_DTYPES else None
 
 
 @dataclass
 class MergeResult:
-    """A merged tensor (float32, or float64 when the inputs are float64) and a report.
+    """A merged tensor and a report. The tensor is float32 (float64 for float64 inputs), or,
+    when the task has a ``compute_dtype``, whatever dtype mergekit's arithmetic ends in
+    (the half dtype itself for most methods), holding exactly mergekit's values.
 
     ``report`` holds per-tensor figures a method wants surfaced, e.g. ties' protected
     drop rate: ``{"protected_dropped": [..per protected model..], "protected_topk": [..]}``.
@@ -86,6 +104,10 @@ class MethodSpec:
     # Checks one tensor against what the method reads besides the models (a coefficient file)
     # when the plan is made: check_tensor(tensor name, shape, model names, global_params).
     check_tensor: Callable[[str, Sequence[int], Sequence[str], Mapping[str, Any]], None] | None = None
+    # mergekit 0.1.5's arithmetic for this method ends in float32 whatever the inputs' dtype
+    # (a float32 factor promotes the result), so without an ``out_dtype`` it writes float32
+    # tensors; under the match-mergekit precision the plan does the same.
+    mergekit_result_float32: bool = False
     doc: str = ""
 
     def param(self, name: str) -> ParamSpec | None:
@@ -93,6 +115,20 @@ class MethodSpec:
             if spec.name == name:
                 return spec
         return None
+
+
+def check_base_and_one_other(task: TensorTask, method: str) -> None:
+    """MergeError unless ``task`` has the base and exactly one other model, of one shape."""
+    if task.base is None or len(task.experts) != 1:
+        raise MergeError(
+            f"{method} needs the base and exactly one other model for '{task.name}', got "
+            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
+        )
+    if task.experts[0].shape != task.base.shape:
+        raise MergeError(
+            f"{method}: tensor '{task.name}' has shape {tuple(task.experts[0].shape)} in the other model and "
+            f"{tuple(task.base.shape)} in the base; the models must share one architecture"
+        )
 
 
 def tensor_seed(random_seed: int, tensor_name: str) -> int:
@@ -106,3 +142,11 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return torch.float64
     return torch.float32
+
+
+def working_dtype(task: TensorTask) -> torch.dtype:
+    """The dtype a method's float path computes in: the task's ``compute_dtype`` when it is
+    float32 or float64 (mergekit casts the inputs to it), else float32 (float64 inputs: float64)."""
+    if task.compute_dtype in (torch.float32, torch.float64):
+        return task.compute_dtype
+    return compute_dtype(task.base, *task.experts)

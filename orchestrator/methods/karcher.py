@@ -15,7 +15,9 @@ We differ from mergekit 0.1.5 on purpose: it takes no ``weight`` and always uses
 αᵢ = 1/N. Here ``weight`` (default 1 for every model) sets αᵢ, so equal weights, or none,
 give mergekit's result and unequal weights give the weighted mean the method is named
 for. m stays in the span of the xᵢ, so the iteration runs on their Gram matrix (float64,
-N × N) after one pass over the tensors, and one more pass writes θ.
+N × N) after one pass over the tensors, and one more pass writes θ. In half precision
+under match-mergekit, ``karcher_like_mergekit`` iterates on the tensors as mergekit does, rounding
+the running mean to that dtype at every step.
 """
 
 from __future__ import annotations
@@ -81,6 +83,46 @@ def karcher(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_it
     return combine(deltas, coefficients).view(tensors[0].shape)
 
 
+def karcher_like_mergekit(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, max_iter: int, tol: float, dtype: torch.dtype) -> torch.Tensor:
+    """The Karcher mean as mergekit 0.1.5 iterates it in the half dtype ``dtype``: the points
+    and the running mean are ``dtype`` tensors and every update is rounded to it; the norms
+    are float32. With αᵢ = wᵢ / Σ wᵢ (mergekit: 1/N, the same for equal weights)."""
+    points = [t.to(dtype) for t in tensors]
+    if len(points) == 1:
+        return points[0]
+    total = float(sum(weights))
+    alphas = [w / total for w in weights]
+    norms = [torch.linalg.vector_norm(p.float()) for p in points]  # float32 0-d
+    units = [torch.zeros_like(p) if float(n) == 0.0 else (p / n).to(dtype) for p, n in zip(points, norms)]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(points[0])
+    share = sum(alphas[i] for i in valid)
+    pairs = [(alphas[i] / share, units[i]) for i in valid]
+    mean = torch.zeros_like(units[valid[0]])
+    for alpha, unit in pairs:
+        mean += alpha * unit
+    mean_norm = torch.linalg.vector_norm(mean.float())
+    mean = units[valid[0]].clone() if float(mean_norm) < tol else (mean / mean_norm).to(dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for alpha, unit in pairs:
+            cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            angle = torch.arccos(cos)
+            if float(angle) < tol:
+                continue
+            tangent += alpha * (angle / torch.sin(angle)) * (unit - cos * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.float())
+        if float(tangent_norm) < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(dtype)
+        unit_norm = torch.linalg.vector_norm(mean.float())
+        if float(unit_norm) > tol:
+            mean = (mean / unit_norm).to(dtype)
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms))  # float32 0-d
+    return scale * mean
+
+
 def _merge(task: TensorTask) -> MergeResult:
     shapes = {tuple(t.shape) for t in task.experts}
     if len(shapes) > 1:
@@ -92,7 +134,10 @@ def _merge(task: TensorTask) -> MergeResult:
     max_iter = int(g.get("max_iter", 10))
     if max_iter < 0:
         raise RecipeError(f"karcher: parameter 'max_iter' must be ≥ 0, got {max_iter}")
-    return MergeResult(karcher(task.experts, weights, max_iter=max_iter, tol=float(g.get("tol", 1e-5))))
+    tol = float(g.get("tol", 1e-5))
+    if task.half is not None:
+        return MergeResult(karcher_like_mergekit(task.experts, weights, max_iter=max_iter, tol=tol, dtype=task.half))
+    return MergeResult(karcher(task.experts, weights, max_iter=max_iter, tol=tol))
 
 
 SPECS: tuple[MethodSpec, ...] = (

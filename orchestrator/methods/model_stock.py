@@ -8,7 +8,8 @@ With τᵢ = θᵢ − θ₀ (N ≥ 2 experts), cos θ is the mean over pairs i 
     θ = t · mean(θᵢ) + (1 − t) · θ₀ = θ₀ + (t / N) Σ τᵢ
 
 as in mergekit 0.1.5 (its guard at the singular point keeps the base). One pass collects
-the inner products of the τᵢ (float64), one writes the output.
+the inner products of the τᵢ (float64), one writes the output. In half precision under
+match-mergekit, ``model_stock_like_mergekit`` follows mergekit's own arithmetic in that dtype.
 """
 
 from __future__ import annotations
@@ -57,6 +58,36 @@ def model_stock(base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_w
     return out.view(base.shape)
 
 
+def model_stock_like_mergekit(base: torch.Tensor, experts: Sequence[torch.Tensor], *, filter_wise: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The same merge as mergekit 0.1.5 computes it in the half dtype ``dtype``: whole-tensor
+    operations in it - the norms, dots, cosines, their mean and t rounded to it, the experts'
+    mean as their running sum divided by N - then t·mean + (1 − t)·θ₀."""
+    theta0 = base.to(dtype)
+    models = [expert.to(dtype) for expert in experts]
+    count = len(models)
+    if filter_wise:  # one ratio per row (a 1-D tensor is one row)
+        rows = [m.unsqueeze(0) if m.dim() == 1 else m for m in (theta0, *models)]
+    else:
+        rows = [m.reshape(-1) for m in (theta0, *models)]
+    origin, points = rows[0], rows[1:]
+    offsets = [point - origin for point in points]
+    norms = [torch.norm(offset, dim=-1) for offset in offsets]
+    cosines = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            dot = (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    ratio = torch.where(singular, torch.zeros_like(cos), count * cos / torch.where(singular, torch.ones_like(denominator), denominator))
+    total = points[0]
+    for point in points[1:]:
+        total = total + point  # a running sum in dtype, as Python's sum() over the tensors
+    mean = total / count
+    return (ratio * mean + (1 - ratio) * origin).reshape(base.shape)
+
+
 def _merge(task: TensorTask) -> MergeResult:
     if task.base is None:
         raise MergeError(f"model_stock needs the base model's tensor for '{task.name}', and got none")
@@ -68,6 +99,8 @@ def _merge(task: TensorTask) -> MergeResult:
                 f"tensor '{task.name}': expert {i} has shape {tuple(expert.shape)}, the base {tuple(task.base.shape)}"
             )
     filter_wise = bool(task.global_params.get("filter_wise", False))
+    if task.half is not None:
+        return MergeResult(model_stock_like_mergekit(task.base, task.experts, filter_wise=filter_wise, dtype=task.half))
     return MergeResult(model_stock(task.base, task.experts, filter_wise=filter_wise))
 
 

@@ -11,7 +11,9 @@ With xᵢ the models' tensors (their task vectors when a base is named), wᵢ th
 
 If ‖Σ wᵢuᵢ‖ < ε the mean is undefined: two models fall back to w₁x₁ + w₂x₂ (+ θ₀), more
 are an error. As in mergekit. Everything above is a linear combination of the xᵢ, so it
-runs on their Gram matrix: one pass for the inner products, one for the output.
+runs on their Gram matrix: one pass for the inner products, one for the output. In half
+precision under match-mergekit, ``multislerp_like_mergekit`` follows mergekit's whole-tensor
+arithmetic in that dtype instead.
 """
 
 from __future__ import annotations
@@ -68,6 +70,49 @@ def multislerp(
     return combine(deltas, coefficients).view(tensors[0].shape)
 
 
+def multislerp_like_mergekit(
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    base: torch.Tensor | None,
+    normalize_weights: bool,
+    eps: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """multislerp as mergekit 0.1.5 computes it in the half dtype ``dtype``: whole-tensor
+    operations in it (the weights too are a ``dtype`` tensor), each step rounded where
+    mergekit's is."""
+    shape = tensors[0].shape
+    origin = base.to(dtype) if base is not None else None
+    points = torch.stack([t.to(dtype) for t in tensors])  # (N, *shape)
+    if origin is not None:
+        points -= origin
+    flat = points.view(len(tensors), -1)
+    w = torch.tensor(list(weights), dtype=dtype)
+    if normalize_weights:
+        w = w / w.sum()
+    column = w.view(-1, 1)
+    norms = torch.norm(flat, dim=-1, keepdim=True)  # (N, 1)
+    units = flat / (norms + eps)
+    mean = (units * column).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if len(tensors) != 2:
+            raise MergeError(
+                "multislerp: the weighted sum of the models' directions is zero (antipodal models whose weights "
+                "cancel); change the weights"
+            )
+        result = (points[0] * w[0] + points[1] * w[1]).view(shape)
+        return result + origin if origin is not None else result
+    mean = mean / mean_norm
+    tangents = units - (units * mean).sum(-1, keepdim=True) * mean
+    step = (tangents * column).sum(0)
+    step_norm = torch.norm(step) + eps
+    direction = mean * torch.cos(step_norm) + step * (torch.sin(step_norm) / step_norm)
+    result = (direction * (norms.squeeze(-1) * w).sum()).view(shape)
+    return result + origin if origin is not None else result
+
+
 def _merge(task: TensorTask) -> MergeResult:
     shapes = {tuple(t.shape) for t in [*task.experts, *([task.base] if task.base is not None else [])]}
     if len(shapes) > 1:
@@ -80,14 +125,11 @@ def _merge(task: TensorTask) -> MergeResult:
             raise RecipeError(f"multislerp: parameter 'weight' is required for every model (tensor '{task.name}')")
         weights.append(float(params["weight"]))
     g = task.global_params
-    merged = multislerp(
-        task.experts,
-        weights,
-        base=task.base,
-        normalize_weights=bool(g.get("normalize_weights", True)),
-        eps=float(g.get("eps", 1e-8)),
-    )
-    return MergeResult(merged)
+    normalize_weights, eps = bool(g.get("normalize_weights", True)), float(g.get("eps", 1e-8))
+    if task.half is not None:
+        merged = multislerp_like_mergekit(task.experts, weights, base=task.base, normalize_weights=normalize_weights, eps=eps, dtype=task.half)
+        return MergeResult(merged)
+    return MergeResult(multislerp(task.experts, weights, base=task.base, normalize_weights=normalize_weights, eps=eps))
 
 
 SPECS: tuple[MethodSpec, ...] = (

@@ -4,7 +4,8 @@ For recipes that copy tensors (typically ``slices:`` frankenmerges): exactly one
 tensor, base or not. Without ``scale`` the input is returned as it is, in its stored dtype
 (unlike the other methods, which return float32): an upcast would be exact and the
 engine's cast to the output dtype would only undo it. With ``scale`` the product is taken
-in float32 (float64 stays), as mergekit does for a bfloat16 input, and rounded once.
+in float32 (float64 stays) and rounded once. Under the match-mergekit precision the input
+is first cast to the recipe's dtype, and the product rounded to it, as mergekit does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,12 @@ from orchestrator.errors import MergeError
 from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, compute_dtype
 
 
-def passthrough(tensor: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def passthrough(tensor: torch.Tensor, scale: float | None = None, *, input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The tensor, times ``scale``. With ``input_dtype`` (mergekit's ``dtype``) it is cast to
+    that dtype first and the product is rounded to it, as in mergekit."""
+    if input_dtype is not None:
+        tensor = tensor.to(input_dtype)
+        return tensor if scale is None else tensor * float(scale)
     if scale is None:
         return tensor
     return tensor.to(compute_dtype(tensor), copy=True).mul_(float(scale))
@@ -28,7 +34,7 @@ def _merge(task: TensorTask) -> MergeResult:
             f"passthrough takes exactly one model per tensor, got {count} for '{task.name}'; "
             "use 'slices:' with one source per slice"
         )
-    return MergeResult(passthrough(task.experts[0], task.model_params[0].get("scale")))
+    return MergeResult(passthrough(task.experts[0], task.model_params[0].get("scale"), input_dtype=task.compute_dtype))
 
 
 SPECS: tuple[MethodSpec, ...] = (

@@ -13,7 +13,9 @@ With τᵢ = θᵢ − θ₀ for the N experts:
 
 As mergekit 0.1.5 (which breaks ties in the selection arbitrarily). The selection is the
 exact histogram top-k of ``sparsify`` over the variance; then one pass sums the ωᵢ and
-one writes the output, each chunk by chunk.
+one writes the output, each chunk by chunk. Under the match-mergekit precision,
+``sce_like_mergekit`` follows mergekit's own whole-tensor arithmetic and tie order instead
+(in float32 too: inputs stored in half precision give many equal variances).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 from orchestrator.errors import MergeError
 from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
 from orchestrator.methods.rank_sparsify import exact_topk_sets
+from orchestrator.methods.sorted_keep import largest_keep
 from orchestrator.methods.sparsify import Deltas, TopK, stable_sum
 
 WEIGHT_FLOOR = 1e-6
@@ -122,6 +125,36 @@ def sce(base: torch.Tensor, experts: Sequence[torch.Tensor], *, select_topk: flo
     return out.view(base.shape)
 
 
+def sce_like_mergekit(base: torch.Tensor, experts: Sequence[torch.Tensor], *, select_topk: float, dtype: torch.dtype) -> torch.Tensor:
+    """The same merge as mergekit 0.1.5 computes it in ``dtype``: whole-tensor
+    operations in it (the variance, the per-model mean of τ², the sums over the models each
+    rounded to it), and the top-k positions of the variance as its ``torch.topk`` picks them
+    among equal values (``sorted_keep.largest_keep``)."""
+    theta0 = base.to(dtype)
+    count = len(experts)
+    if count == 0 or select_topk <= 0:
+        return theta0.clone()
+    taus = torch.stack([expert.to(dtype) - theta0 for expert in experts])  # (N, *shape)
+    flat = taus.view(count, -1)
+    if select_topk < 1:
+        variance = torch.var(taus, dim=0, unbiased=False).reshape(-1)
+        k = int(int(torch.count_nonzero(variance)) * select_topk)
+        if k == 0:
+            flat.zero_()
+        else:
+            chosen = variance.abs()
+            largest_keep(chosen, k).apply_(chosen, 0)  # the top-k variances; all of them > 0
+            taus.mul_(chosen.sign_().view(taus.shape[1:]))
+    elected = (taus.sum(dim=0) >= 0).to(dtype) * 2 - 1  # γ, rounded sums as mergekit's
+    agrees = torch.sign(taus) == elected  # (N, *shape)
+    omega = flat.square().mean(dim=1)  # (N,) in dtype
+    omega_total = omega.sum().item()
+    omega = torch.ones_like(omega) / count if abs(omega_total) < WEIGHT_FLOOR else omega / omega_total
+    shares = omega.view(count, *([1] * (taus.dim() - 1))) * agrees  # (N, *shape): ωᵢ where τᵢ agrees
+    numerator = (taus * shares).sum(dim=0)
+    return theta0 + numerator / shares.sum(dim=0).clamp(min=WEIGHT_FLOOR)
+
+
 def _merge(task: TensorTask) -> MergeResult:
     if task.base is None:
         raise MergeError(f"sce needs the base model's tensor for '{task.name}', and got none")
@@ -131,6 +164,8 @@ def _merge(task: TensorTask) -> MergeResult:
                 f"tensor '{task.name}': expert {i} has shape {tuple(expert.shape)}, the base {tuple(task.base.shape)}"
             )
     select_topk = float(task.global_params.get("select_topk", 1.0))
+    if task.compute_dtype is not None:  # also float32: mergekit's topk order among equal variances
+        return MergeResult(sce_like_mergekit(task.base, task.experts, select_topk=select_topk, dtype=task.compute_dtype))
     return MergeResult(sce(task.base, task.experts, select_topk=select_topk))
 
 

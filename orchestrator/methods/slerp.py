@@ -12,7 +12,9 @@ each row (the last dimension) is one vector, or with ``nuslerp_row_wise`` each c
 collinear only when 1 − cos² ≤ 1e-16, and then interpolate linearly.
 
 Both are Σ cᵢxᵢ with coefficients from inner products: one pass for the inner products
-(float64), one for the output (see ``vectors``).
+(float64), one for the output (see ``vectors``). Under the match-mergekit precision slerp
+computes its coefficients as mergekit does (``slerp_like_mergekit``), and nuslerp in half
+precision follows mergekit's whole-tensor arithmetic in that dtype (``nuslerp_like_mergekit``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 from orchestrator.errors import MergeError, RecipeError
-from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
+from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask, check_base_and_one_other
 from orchestrator.methods.sparsify import Deltas
 from orchestrator.methods.vectors import Rows, column_gram, combine, gram, row_gram
 
@@ -49,6 +51,44 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     deltas = Deltas([v0, v1])
     c0, c1 = slerp_coefficients(float(t), gram(deltas))
     return combine(deltas, [c0, c1]).view(v0.shape)
+
+
+MERGEKIT_SLERP_PIECE = 1 << 20
+"""Elements per piece in mergekit's slerp: its norms and dot are sums of per-piece results."""
+
+
+def slerp_like_mergekit(t: float, v0: torch.Tensor, v1: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """slerp as mergekit 0.1.5 computes it for inputs cast to ``dtype``: float32 work (float64
+    for float64), the norms as the norm of per-piece norms, the dot of the normalised pieces
+    as a sum of per-piece sums, the coefficients as float32 tensors, and the result
+    c₀v₀ + c₁v₁ (two rounded products, a rounded sum) rounded to ``dtype``. The same torch
+    operations on the same pieces, so the same bits; three streaming passes."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    n = a.numel()
+    out = torch.empty(n, dtype=dtype, device=a.device)
+    if n == 0:
+        return out.view(v0.shape)
+    t_ = torch.tensor([[t]], dtype=work)  # a float parameter tensor (float32 unless float64)
+    bounds = [(start, min(start + MERGEKIT_SLERP_PIECE, n)) for start in range(0, n, MERGEKIT_SLERP_PIECE)]
+
+    def piece(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return x[start:stop].to(dtype).to(work).view(1, -1)
+
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(a, *r), dim=1, keepdim=True) for r in bounds]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(piece(b, *r), dim=1, keepdim=True) for r in bounds]), dim=0)
+    norm_a = torch.where(norm_a > SLERP_EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > SLERP_EPS, norm_b, 1)
+    dots = [((piece(a, *r) / norm_a) * (piece(b, *r) / norm_b)).sum(dim=1, keepdim=True) for r in bounds]
+    dot = torch.stack(dots).sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > SLERP_DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    c0 = torch.where(linear, 1 - t_, torch.sin((1 - t_) * theta) / sin_theta)
+    c1 = torch.where(linear, t_, torch.sin(t_ * theta) / sin_theta)
+    for start, stop in bounds:
+        out[start:stop] = (c0 * piece(a, start, stop) + c1 * piece(b, start, stop)).view(-1)
+    return out.view(v0.shape)
 
 
 def nuslerp_coefficients(t: float, n00: torch.Tensor, n11: torch.Tensor, n01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +142,41 @@ def nuslerp(
     return out.view(shape)
 
 
+def nuslerp_like_mergekit(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    base: torch.Tensor | None,
+    flatten: bool,
+    row_wise: bool,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """nuslerp as mergekit 0.1.5 computes it in the half dtype ``dtype``: whole-tensor
+    operations in it, so each norm, unit vector, cosine, angle, sine and product is rounded
+    to ``dtype`` where mergekit's is."""
+    shape = v0.shape
+    a, b = v0.to(dtype), v1.to(dtype)
+    origin = base.to(dtype) if base is not None else None
+    if origin is not None:
+        a, b = a - origin, b - origin
+    if flatten:
+        a, b = a.reshape(-1), b.reshape(-1)
+    elif row_wise:  # vectors along the first dimension
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    unit_a = a / torch.norm(a, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    unit_b = b / torch.norm(b, dim=-1, keepdim=True).clamp(min=NUSLERP_NORM_EPS)
+    cos = torch.sum(unit_a * unit_b, dim=-1, keepdim=True).clamp(-1, 1)
+    collinear = (1 - cos.square()) <= NUSLERP_EPS**2
+    omega = torch.acos(torch.where(collinear, 0, cos))
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+    result = torch.where(collinear, (1 - t) * a + t * b, spherical)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    result = result.reshape(shape)
+    return origin + result if origin is not None else result
+
+
 # ----------------------------------------------------------------------------- registration
 
 
@@ -116,15 +191,13 @@ def _same_shapes(task: TensorTask, method: str) -> None:
 
 
 def _merge_slerp(task: TensorTask) -> MergeResult:
-    if task.base is None or len(task.experts) != 1:
-        raise MergeError(
-            f"slerp needs the base and exactly one other model for '{task.name}', got "
-            f"{'a' if task.base is not None else 'no'} base and {len(task.experts)} other(s)"
-        )
-    _same_shapes(task, "slerp")
+    check_base_and_one_other(task, "slerp")
     if "t" not in task.global_params or task.global_params["t"] is None:
         raise RecipeError("slerp: parameter 't' is required (0 gives the base model, 1 the other)")
-    return MergeResult(slerp(float(task.global_params["t"]), task.base, task.experts[0]))
+    t = float(task.global_params["t"])
+    if task.compute_dtype is not None:
+        return MergeResult(slerp_like_mergekit(t, task.base, task.experts[0], task.compute_dtype))
+    return MergeResult(slerp(t, task.base, task.experts[0]))
 
 
 def _merge_nuslerp(task: TensorTask) -> MergeResult:
@@ -139,15 +212,11 @@ def _merge_nuslerp(task: TensorTask) -> MergeResult:
     total = weights[0] + weights[1]
     t = 0.5 if abs(total) < 1e-6 else weights[1] / total
     g = task.global_params
-    merged = nuslerp(
-        t,
-        task.experts[0],
-        task.experts[1],
-        base=task.base,
-        flatten=bool(g.get("nuslerp_flatten", True)),
-        row_wise=bool(g.get("nuslerp_row_wise", False)),
-    )
-    return MergeResult(merged)
+    flatten, row_wise = bool(g.get("nuslerp_flatten", True)), bool(g.get("nuslerp_row_wise", False))
+    if task.half is not None:
+        merged = nuslerp_like_mergekit(t, task.experts[0], task.experts[1], base=task.base, flatten=flatten, row_wise=row_wise, dtype=task.half)
+        return MergeResult(merged)
+    return MergeResult(nuslerp(t, task.experts[0], task.experts[1], base=task.base, flatten=flatten, row_wise=row_wise))
 
 
 SPECS: tuple[MethodSpec, ...] = (

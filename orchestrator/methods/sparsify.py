@@ -68,16 +68,18 @@ class Deltas:
     """Task vectors τᵢ = θᵢ − θ₀ of one tensor, computed chunk by chunk in the compute dtype.
 
     ``base`` None means the experts already are task vectors. Inputs keep their stored
-    dtype (bfloat16 views are fine); each chunk is upcast on the way.
+    dtype (bfloat16 views are fine); each chunk is cast on the way. ``dtype`` (default:
+    float32, float64 for float64 inputs) is the dtype the inputs are cast to and τ is
+    computed in: with a half dtype, τ = θᵢ − θ₀ rounded to it, as mergekit computes it.
     """
 
-    def __init__(self, experts: Sequence[torch.Tensor], base: torch.Tensor | None = None):
+    def __init__(self, experts: Sequence[torch.Tensor], base: torch.Tensor | None = None, *, dtype: torch.dtype | None = None):
         self.experts = [e.reshape(-1) for e in experts]
         self.base = base.reshape(-1) if base is not None else None
         reference = self.base if self.base is not None else self.experts[0]
         self.n = reference.numel()
         self.device = reference.device
-        self.dtype = compute_dtype(base, *experts)
+        self.dtype = dtype or compute_dtype(base, *experts)
         # The base is upcast once per chunk into a buffer, unless it is in the compute dtype.
         self._upcast_base = self.base is not None and self.base.dtype != self.dtype
         self._base_buffer = self.buffer() if self._upcast_base else None
@@ -109,7 +111,7 @@ class Deltas:
             return out.copy_(expert)
         if expert.dtype == self.dtype:
             return torch.sub(expert, self._base_chunk, out=out)
-        return out.copy_(expert).sub_(self._base_chunk)  # upcast first: faster than a mixed-dtype sub
+        return out.copy_(expert).sub_(self._base_chunk)  # cast first: faster than a mixed-dtype sub
 
 
 class Keep(Protocol):

@@ -26,7 +26,8 @@ from typing import Any, Literal, Sequence
 import torch
 
 from orchestrator.errors import MergeError, RecipeError
-from orchestrator.methods.base import MergeResult, MethodSpec, ParamSpec, TensorTask
+from orchestrator.methods import sorted_keep
+from orchestrator.methods.base import HALF_DTYPES, MergeResult, MethodSpec, ParamSpec, TensorTask
 from orchestrator.methods.rank_sparsify import check_rank_params, della_keeps, outlier_keeps, rank_params_check
 from orchestrator.methods.sparsify import (
     Deltas,
@@ -39,6 +40,7 @@ from orchestrator.methods.sparsify import (
     rescale_mode,
     topk_sets,
 )
+from orchestrator.methods.task_arithmetic_half import FusedPass, generalized_merge_half
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,7 @@ def generalized_merge(
     report: Sequence[int] = (),
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> MergeResult:
     """θ₀ + λΔ as in the module doc; float32 (float64 for float64 inputs), base's shape.
 
@@ -72,18 +75,33 @@ def generalized_merge(
     is zero after weighting is not counted). ``seed`` feeds the CPU generator of the
     random sparsifier; the experts draw from it in order. ``gammas`` (breadcrumbs'
     outlier fraction) and ``epsilons`` (DELLA's probability spread) are per expert.
+
+    ``compute_dtype`` follows mergekit 0.1.5 (``TensorTask.compute_dtype``): a half dtype
+    runs ``generalized_merge_half``; float32/float64 computes in it and selects by
+    magnitude as mergekit's sort does (``sorted_keep``) instead of lowest index first.
     """
-    deltas = Deltas(experts, base)
+    if compute_dtype in HALF_DTYPES:
+        return generalized_merge_half(
+            base, experts, weights, dtype=compute_dtype, densities=densities, sparsifier=sparsifier,
+            consensus=consensus, normalize=normalize, lambda_=lambda_, rescale=rescale, seed=seed,
+            report=report, gammas=gammas, epsilons=epsilons,
+        )  # fmt: skip
+    deltas = Deltas(experts, base, dtype=compute_dtype)
     if not experts:
         return MergeResult(base.to(deltas.dtype, copy=True))
     count = len(experts)
     densities = list(densities) if densities is not None else [1.0] * count
     report = list(report) if consensus else []
     rescue = {p: kept_count(deltas.n, slack) for p in protected} if consensus and slack > 0 else {}
+    mergekit_order = compute_dtype is not None and not rescue
 
     keeps: list[Keep] | None = None
     rescue_sets: dict[int, TopK] = {}
-    if sparsifier == "magnitude":
+    if sparsifier == "magnitude" and mergekit_order:
+        keeps = sorted_keep.magnitude_keeps(deltas, densities)
+    elif sparsifier == "magnitude_outliers" and mergekit_order:
+        keeps = sorted_keep.outlier_keeps(deltas, densities, gammas if gammas is not None else [0.01] * count)
+    elif sparsifier == "magnitude":
         kept = [kept_count(deltas.n, d) for d in densities]
         ranks = [[k] + ([min(rescue[i], k)] if rescue.get(i) else []) for i, k in enumerate(kept)]
         sets = topk_sets(deltas, ranks)
@@ -114,7 +132,7 @@ def generalized_merge(
     return MergeResult(out.view(base.shape), figures)
 
 
-class _Combine:
+class _Combine(FusedPass):
     """The fused pass: δ chunks → sparsify, scale, weigh → elect → output chunk."""
 
     def __init__(
@@ -147,18 +165,6 @@ class _Combine:
         # Without consensus the divisor is one number; mergekit replaces |D| < 1e-8 by 1.
         divisor = float(torch.tensor(self.weights, dtype=deltas.dtype).sum()) if count else 1.0
         self.divisor = 1.0 if abs(divisor) < 1e-8 else divisor
-
-    def run(self) -> torch.Tensor:
-        deltas = self.deltas
-        out = torch.empty(deltas.n, dtype=deltas.dtype, device=deltas.device)
-        for start, stop in deltas.chunks():
-            x = [self._weighted_delta(i, start, stop) for i in range(len(self.weights))]
-            size = stop - start
-            delta = self._elect(x, size) if self.consensus else self._sum(x, size)
-            if self.lambda_ != 1.0:
-                delta.mul_(self.lambda_)
-            torch.add(deltas.base_chunk(start, stop), delta, out=out[start:stop])
-        return out
 
     def _weighted_delta(self, i: int, start: int, stop: int) -> torch.Tensor:
         x = self.deltas.delta(i, start, stop, self.x[i])  # (size,)
@@ -323,6 +329,7 @@ def _merge_for(variant: _Variant):
             report=report,
             gammas=[float(p.get("gamma", 0.01)) for p in params] if variant.sparsifier == "magnitude_outliers" else None,
             epsilons=[float(p.get("epsilon", 0.15)) for p in params] if variant.sparsifier == "della" else None,
+            compute_dtype=None if variant.slack else task.compute_dtype,  # ties_sv: not in mergekit, float32
         )
 
     merge.__name__ = f"merge_{variant.name}"
