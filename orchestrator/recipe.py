@@ -97,6 +97,9 @@ class FleetSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     output: str | None = None
+    # Multi-document recipes (orchestrator/multidoc.py): where the named intermediate merges
+    # go, one directory each; default: <output>.intermediates beside the output.
+    intermediate_dir: str | None = None
     # How the arithmetic runs (docs/methods.md, "Precision"): "match-mergekit" casts the inputs
     # to the recipe's dtype and rounds where mergekit 0.1.5 rounds, so half-precision recipes
     # give mergekit's bytes; "float32" computes in float32 and rounds once, at the end.
