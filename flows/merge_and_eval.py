@@ -70,13 +70,21 @@ def merge_and_eval(
         # the run ends in this state (Completed, named Skipped); a caller gets its data
         return skipped(SkippedMerge(output=out, reason=reason), reason)  # type: ignore[return-value]
 
+    return merge_evaluate_track(parsed, out, overwrite=overwrite, started=started)
+
+
+def merge_evaluate_track(
+    parsed: Recipe, out: str, *, overwrite: bool, started: float, tags: dict[str, str] | None = None
+) -> MergeAndEvalResult:
+    """The steps of one merge inside a flow run: plan, shards, assemble, evaluate, track
+    (the run's MLflow ``tags`` added). ``started``: when the flow run began."""
     plan = tasks.plan_task(parsed, out, overwrite=overwrite)
     opened = open_plan(plan)
     shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
     manifest = tasks.assemble_task(plan)
     summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
     evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
-    tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds)
+    tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds, tags=tags)
     return MergeAndEvalResult(
         **dict(summary), target=parsed.fleet.target, flow_run_id=flow_run.id, evaluation=evaluation, tracking=tracking
     )

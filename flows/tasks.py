@@ -72,9 +72,18 @@ def evaluate_task(plan: PlanRef, settings: EvalSettings | None) -> Evaluation | 
 
 @task(name="track", task_run_name="track", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=worth_retrying)
 def track_task(
-    plan: PlanRef, manifest: Manifest, shards: list[ShardOutcome], evaluation: Evaluation | None, merge_seconds: float
+    plan: PlanRef,
+    manifest: Manifest,
+    shards: list[ShardOutcome],
+    evaluation: Evaluation | None,
+    merge_seconds: float,
+    *,
+    tags: dict[str, str] | None = None,
+    tracking_uri: str | None = None,
 ) -> TrackedRun:
-    """Record the merge as one MLflow run; returns where it is."""
-    tracked = track_merge(open_plan(plan), manifest, shards, evaluation, merge_seconds=merge_seconds)
+    """Record the merge as one MLflow run (with ``tags``, in ``tracking_uri`` when given); returns where it is."""
+    tracked = track_merge(
+        open_plan(plan), manifest, shards, evaluation, merge_seconds=merge_seconds, tags=tags, tracking_uri=tracking_uri
+    )
     run_log().info("recorded as MLflow run %s in %s", tracked.run_id, tracked.tracking_uri)
     return tracked

@@ -22,9 +22,13 @@ from orchestrator import __version__
 from orchestrator.errors import MergefleetError
 
 if TYPE_CHECKING:
+    from flows.merge_and_eval import MergeAndEvalResult
+    from orchestrator.multidoc import MergeGraph
     from orchestrator.pipeline import MergeSummary
 
 COMMANDS = tuple(sorted(("assemble", "compare", "deploy", "merge", "plan", "run", "shard") + cli_cluster.COMMANDS + cli_learned.COMMANDS))
+
+INTERMEDIATE_HELP = "multi-document recipes: where the named intermediate merges go (default: fleet.intermediate_dir, else OUT.intermediates)"
 
 
 def _human_bytes(count: float) -> str:
@@ -36,11 +40,14 @@ def _human_bytes(count: float) -> str:
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from orchestrator.multidoc import load_graph
     from orchestrator.pipeline import merge
-    from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    graph = load_graph(args.recipe)
+    recipe = graph.final.recipe
     output = recipe.output_location(args.output)
+    if not graph.is_single:
+        return _merge_documents(args, console, graph, output)
     with MergeProgress(console, enabled=args.show_progress) as progress:
         summary = merge(
             recipe,
@@ -56,6 +63,37 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if not args.json and not args.quiet:
         _print_summary(console, summary)
     return summary.model_dump(mode="json")
+
+
+def _merge_documents(args: argparse.Namespace, console: Console, graph: MergeGraph, output: str) -> dict[str, Any]:
+    """A multi-document recipe: its intermediates in dependency order, then the final merge."""
+    from orchestrator.multidoc import IntermediateResult, merge_graph
+
+    def report(result: IntermediateResult) -> None:
+        if args.json or args.quiet:
+            return
+        if result.summary is None:
+            console.print(f"intermediate {result.name}: already merged for plan {result.plan_id} in {result.output}", highlight=False)
+        else:
+            _print_summary(console, result.summary, where="", run=f" (intermediate {result.name})")
+
+    with MergeProgress(console, enabled=args.show_progress) as progress:
+        intermediates, summary = merge_graph(
+            graph,
+            output,
+            intermediates=args.intermediate_dir,
+            shards=args.shards,
+            workers=args.workers,
+            device=args.device,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle or None,
+            on_plan=progress.start_plan,
+            on_tensor=progress.advance,
+            on_intermediate=report,
+        )
+    if not args.json and not args.quiet:
+        _print_summary(console, summary)
+    return summary.model_dump(mode="json") | {"intermediates": [result.as_json() for result in intermediates]}
 
 
 def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", run: str = "") -> None:
@@ -81,11 +119,14 @@ def _print_report(console: Console, report: dict[str, Any]) -> None:
 def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.explain import explain_plan
     from orchestrator.pipeline import prepare_output
+    from orchestrator.multidoc import load_graph
     from orchestrator.plan import PLAN_FILE, build_plan
-    from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    graph = load_graph(args.recipe)
+    recipe = graph.final.recipe
     output = recipe.output_location(args.output)
+    if not graph.is_single:
+        return _plan_documents(args, console, graph, output)
     plan = build_plan(recipe, output, shards=args.shards, allow_pickle=args.allow_pickle or None)
     prepare_output(plan, overwrite=args.overwrite)
     shards = [
@@ -115,6 +156,22 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if groups:
         result["groups"] = groups
     return result
+
+
+def _plan_documents(args: argparse.Namespace, console: Console, graph: MergeGraph, output: str) -> dict[str, Any]:
+    """Each document's plan as far as it can be made before merging; claims OUT once the final's is made."""
+    from orchestrator.multidoc import plan_graph
+    from orchestrator.pipeline import prepare_output
+
+    nodes = plan_graph(graph, output, intermediates=args.intermediate_dir, shards=args.shards, allow_pickle=args.allow_pickle or None)
+    final = nodes[-1]
+    if final.plan is not None:
+        prepare_output(final.plan, overwrite=args.overwrite)
+    if not args.json and not args.quiet:
+        for node in nodes:
+            plan_id = f"plan {node.plan.plan_id}" if node.plan else "plan not known yet"
+            console.print(f"{node.name or 'final'}: {node.method}, {plan_id}, {node.state} -> {node.output}", highlight=False)
+    return {"documents": [node.as_json() for node in nodes], "plan_id": final.plan.plan_id if final.plan else None}
 
 
 def cmd_shard(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -171,31 +228,49 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     _prefect_defaults(quiet=args.json or args.quiet)
     api = embedded.start()  # without a configured server: starts while the code below imports
-    from orchestrator.recipe import load_recipe, parse_recipe
+    from orchestrator.multidoc import load_graph
+    from orchestrator.recipe import parse_recipe
 
-    recipe = load_recipe(args.recipe)  # a bad recipe fails here, before any flow runs
+    graph = load_graph(args.recipe)  # a bad recipe fails here, before any flow runs
+    recipe = graph.final.recipe
     output = recipe.output_location(args.output)
     data = recipe.model_dump(mode="json", exclude_defaults=True)
-    overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool")}
+    overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool", "intermediate_dir")}
     data["fleet"] = data.get("fleet", {}) | {key: value for key, value in overrides.items() if value is not None}
     recipe = parse_recipe(data, source=args.recipe)
     from flows.merge_and_eval import SkippedMerge, merge_and_eval
+    from flows.merge_documents import merge_documents
 
-    with embedded.connected(api, timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
+    timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    if not graph.is_single:
+        documents = [recipe if node is graph.final else node.recipe for node in graph.nodes]
+        with embedded.connected(api, timeout=timeout):
+            merged = merge_documents(documents, output, overwrite=args.overwrite, source=args.recipe)
+        if not args.json and not args.quiet:
+            for item in merged.intermediates:
+                state = "already merged" if item.cached else "merged"
+                console.print(f"intermediate {item.name}: {state}, plan {item.plan_id}, MLflow run {item.run_id}", highlight=False)
+            _print_flow_result(console, merged)
+        return merged.model_dump(mode="json")
+    with embedded.connected(api, timeout=timeout):
         result = merge_and_eval(recipe, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
     if isinstance(result, SkippedMerge):
         if not args.json and not args.quiet:
             console.print(f"{result.output}: {result.reason}; nothing to do", highlight=False)
         return result.model_dump(mode="json")
     if not args.json and not args.quiet:
-        _print_summary(console, result, where=f" ({result.target})", run=f", flow run {result.flow_run_id}")
-        if result.evaluation is not None:
-            scores = result.evaluation.merged.scores
-            console.print("scores: " + ", ".join(f"{task} {value:.3f}" for task, value in scores.items()), highlight=False)
-        if result.tracking is not None:
-            tracked = result.tracking
-            console.print(f"recorded as MLflow run {tracked.run_id} in {tracked.url or tracked.tracking_uri}", highlight=False)
+        _print_flow_result(console, result)
     return result.model_dump(mode="json")
+
+
+def _print_flow_result(console: Console, result: MergeAndEvalResult) -> None:
+    _print_summary(console, result, where=f" ({result.target})", run=f", flow run {result.flow_run_id}")
+    if result.evaluation is not None:
+        scores = result.evaluation.merged.scores
+        console.print("scores: " + ", ".join(f"{task} {value:.3f}" for task, value in scores.items()), highlight=False)
+    if result.tracking is not None:
+        tracked = result.tracking
+        console.print(f"recorded as MLflow run {tracked.run_id} in {tracked.url or tracked.tracking_uri}", highlight=False)
 
 
 def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -286,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", choices=["cpu", "cuda"], help="where tensors are merged (default: fleet.device or cpu)")
     merge.add_argument("--overwrite", action="store_true", help="replace a different merge already in OUT")
     merge.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
+    merge.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     merge.set_defaults(handler=cmd_merge)
 
     plan = commands.add_parser("plan", parents=[common], help="check the inputs and write OUT/.mergefleet/plan.json")
@@ -294,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--shards", type=int)
     plan.add_argument("--overwrite", action="store_true")
     plan.add_argument("--allow-pickle", action="store_true")
+    plan.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     plan.add_argument("--explain", action="store_true", help="per tensor group: bytes read and written, expected peak memory")
     plan.set_defaults(handler=cmd_plan)
 
@@ -317,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--target", choices=["inline", "deployment"], help="where shards run (default: fleet.target or inline)")
     run.add_argument("--work-pool", help="deployment target: the work pool of the merge-shard deployment")
     run.add_argument("--overwrite", action="store_true", help="replace a different merge already in OUT")
+    run.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     run.add_argument("--skip-unchanged", action="store_true", help="do nothing if no input changed since the last merge")
     run.set_defaults(handler=cmd_run)
 

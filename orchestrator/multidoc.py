@@ -218,8 +218,8 @@ def load_graph(path: str | Path) -> MergeGraph:
         raise RecipeError(f"recipe file {path} does not exist") from None
     try:
         documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except yaml.YAMLError:
+        documents = []  # load_recipe reports the syntax error as it does for every recipe
     if len(documents) <= 1:
         return MergeGraph(str(path), (MergeNode(None, 1, load_recipe(path), ()),))
     recipes = []
@@ -364,3 +364,48 @@ def merge_graph(
     final = node_recipe(graph, graph.final, root)
     summary = merge(final, output, overwrite=overwrite, on_plan=on_plan, on_tensor=on_tensor, runner=runner, **options)  # type: ignore[arg-type]
     return results, summary
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    """What ``mergefleet plan`` says of one document: its plan, or what it waits for."""
+
+    name: str | None
+    method: str
+    output: str
+    plan: Plan | None  # None while an intermediate it reads is not merged yet
+    state: str  # "merged" (already, for this plan), "to merge", or "waits for NAME, ..."
+
+    def as_json(self) -> dict[str, Any]:
+        plan_id = self.plan.plan_id if self.plan else None
+        return {"name": self.name, "method": self.method, "output": self.output, "plan_id": plan_id, "state": self.state}
+
+
+def plan_graph(
+    graph: MergeGraph,
+    output: str,
+    *,
+    intermediates: str | None = None,
+    shards: int | None = None,
+    allow_pickle: bool | None = None,
+) -> list[PlannedNode]:
+    """Every document's plan as far as it can be made now, in dependency order; writes nothing.
+
+    A plan id covers the inputs' fingerprints, so a document that reads an intermediate not
+    yet merged (or merged for another plan) has no plan until that intermediate is merged.
+    """
+    root = intermediate_dir(output, intermediates or graph.final.recipe.fleet.intermediate_dir)
+    ready: set[str] = set()
+    planned: list[PlannedNode] = []
+    for node in graph.nodes:
+        location = output if node is graph.final else intermediate_location(root, node.name or "")
+        waiting = [name for name in node.needs if name not in ready]
+        if waiting:
+            planned.append(PlannedNode(node.name, node.recipe.merge_method, location, None, "waits for " + ", ".join(waiting)))
+            continue
+        plan = build_plan(node_recipe(graph, node, root), location, shards=shards, allow_pickle=allow_pickle)
+        merged = finished_merge(plan) is not None
+        if merged and node.name:
+            ready.add(node.name)
+        planned.append(PlannedNode(node.name, plan.method, location, plan, "merged" if merged else "to merge"))
+    return planned

@@ -438,3 +438,27 @@ def _fill_run(
 
 def _model_name(name: str) -> str:
     return _MODEL_NAME_UNSAFE.sub("-", name) or "merged"
+
+
+def intermediate_tags(name: str, *, cached: bool) -> dict[str, str]:
+    """The tags of an intermediate merge's run (a multi-document recipe, orchestrator/multidoc.py)."""
+    return {f"{TAG}intermediate": name, f"{TAG}cached": str(cached).lower()}
+
+
+def final_tags(intermediates: dict[str, TrackedRun]) -> dict[str, str]:
+    """The tags of a multi-document recipe's final run: its intermediates' run ids by name."""
+    return {f"{TAG}intermediate_runs": json.dumps({name: run.run_id for name, run in intermediates.items()})}
+
+
+def link_intermediate_runs(final: TrackedRun, intermediates: dict[str, TrackedRun]) -> None:
+    """Nest each intermediate's run under the final run (``mlflow.parentRunId``) and name the
+    final run on it (``mergefleet.final_run_id``), so the MLflow UI shows one tree per recipe."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client = client_for(final.tracking_uri)
+        for run in intermediates.values():
+            client.set_tag(run.run_id, "mlflow.parentRunId", final.run_id)
+            client.set_tag(run.run_id, f"{TAG}final_run_id", final.run_id)
+    except MlflowException as error:
+        raise TrackingError(f"MLflow at {final.tracking_uri} refused to link run {final.run_id}'s intermediates: {error.message}") from None
