@@ -156,7 +156,10 @@ def graph_of(recipes: list[Recipe], source: str) -> MergeGraph:
     nodes: dict[int, MergeNode] = {}
     for position, recipe in enumerate(recipes, start=1):
         label = f"document {position}" + (f" ('{recipe.name}')" if recipe.name else "")
-        get_method(recipe.merge_method)  # an unknown method fails now, before any merge runs
+        try:
+            get_method(recipe.merge_method)  # an unknown method fails now, before any merge runs
+        except RecipeError as error:
+            raise RecipeError(f"{source}, {label}: {error}") from None
         if position != final_position and "fleet" in recipe.model_fields_set:
             raise RecipeError(
                 f"{source}, {label}: 'fleet:' belongs in the final merge's document (document {final_position}); "
