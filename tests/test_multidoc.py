@@ -158,6 +158,17 @@ def test_bad_multi_document_recipes_are_one_line_errors(family, tmp_path: Path, 
         assert part in message
 
 
+def test_documents_run_after_the_documents_they_read(family, tmp_path: Path) -> None:
+    smooth, sparse, final = documents(*family)
+    sparse["models"][1]["model"] = "smooth"  # sparse reads smooth, which the file defines after it
+    graph = load_graph(write_documents(tmp_path / "order.yaml", [final, sparse, smooth]))
+    assert [(node.name, node.position, node.needs) for node in graph.nodes] == [
+        ("smooth", 3, ()),
+        ("sparse", 2, ("smooth",)),
+        (None, 1, ("smooth", "sparse")),
+    ]
+
+
 def test_cli_refuses_a_bad_multi_document_recipe_before_merging(family, tmp_path: Path) -> None:
     docs = documents(*family)
     docs[2]["models"][0]["model"] = "smoth"
