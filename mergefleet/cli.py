@@ -228,6 +228,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     _prefect_defaults(quiet=args.json or args.quiet)
     api = embedded.start()  # without a configured server: starts while the code below imports
+    from orchestrator.errors import RecipeError
     from orchestrator.multidoc import load_graph
     from orchestrator.recipe import parse_recipe
 
@@ -243,6 +244,11 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
     if not graph.is_single:
+        if args.skip_unchanged:
+            raise RecipeError(
+                f"{args.recipe}: --skip-unchanged takes a single-document recipe; a multi-document recipe "
+                "merges again only the intermediates whose plan changed (leave the flag out)"
+            )
         documents = [recipe if node is graph.final else node.recipe for node in graph.nodes]
         with embedded.connected(api, timeout=timeout):
             merged = merge_documents(documents, output, overwrite=args.overwrite, source=args.recipe)
@@ -277,10 +283,16 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from pathlib import Path
 
     from orchestrator.errors import RecipeError
-    from orchestrator.recipe import load_recipe
+    from orchestrator.multidoc import load_graph
     from orchestrator.schedule import portable_recipe
 
-    recipe = load_recipe(args.recipe)
+    graph = load_graph(args.recipe)
+    if not graph.is_single:
+        raise RecipeError(
+            f"{args.recipe} holds {len(graph.nodes)} documents; deploy takes a single-document recipe "
+            "(run a multi-document recipe with 'mergefleet run' or 'mergefleet merge')"
+        )
+    recipe = graph.final.recipe
     pool = args.pool or recipe.fleet.work_pool
     if not pool:
         raise RecipeError("no work pool: give --pool NAME or set 'fleet: {work_pool: NAME}' in the recipe")

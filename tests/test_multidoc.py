@@ -23,7 +23,7 @@ import yaml
 
 from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from orchestrator.errors import RecipeError
-from orchestrator.multidoc import load_graph, merge_graph
+from orchestrator.multidoc import load_graph, merge_graph, plan_graph
 from orchestrator.recipe import load_recipe
 from tests.helpers import MERGEFLEET, TINY, read_tensors, write_recipe
 from tests.mergekit_runner import load_tensors
@@ -108,8 +108,16 @@ def test_rerun_merges_only_what_changed(family, tmp_path: Path) -> None:
     base, experts = _copy_family(family, tmp_path / "inputs")
     recipe = write_documents(tmp_path / "multi.yaml", documents(base, experts))
     out = tmp_path / "out"
+    before = plan_graph(load_graph(recipe), str(out))
+    assert [(node.name, node.state) for node in before] == [("smooth", "to merge"), ("sparse", "to merge"), (None, "waits for smooth, sparse")]
     first, final = merge_graph(load_graph(recipe), str(out))
     assert [r.cached for r in first] == [False, False] and final.shards_skipped == 0
+    after = plan_graph(load_graph(recipe), str(out))
+    assert [(node.state, node.plan and node.plan.plan_id) for node in after] == [
+        ("merged", first[0].plan_id),
+        ("merged", first[1].plan_id),
+        ("merged", final.plan_id),
+    ]
     parts = {r.name: Path(r.output) for r in first}
     times = {name: _file_times(path) for name, path in parts.items()}
 
@@ -177,6 +185,12 @@ def test_cli_refuses_a_bad_multi_document_recipe_before_merging(family, tmp_path
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and "did you mean 'smooth'" in done.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.intermediates").exists()
+
+
+def test_deploy_refuses_a_multi_document_recipe(family, tmp_path: Path) -> None:
+    recipe = write_documents(tmp_path / "multi.yaml", documents(*family))
+    done = subprocess.run([*MERGEFLEET, "deploy", str(recipe), str(tmp_path / "out"), "--pool", "p"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "holds 3 documents; deploy takes a single-document recipe" in done.stderr
 
 
 def test_a_single_document_recipe_reads_as_before(family, tmp_path: Path) -> None:
