@@ -40,34 +40,11 @@ def _human_bytes(count: float) -> str:
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from orchestrator.multidoc import load_graph
+    from orchestrator.multidoc import IntermediateResult, load_graph, merge_graph
     from orchestrator.pipeline import merge
 
     graph = load_graph(args.recipe)
-    recipe = graph.final.recipe
-    output = recipe.output_location(args.output)
-    if not graph.is_single:
-        return _merge_documents(args, console, graph, output)
-    with MergeProgress(console, enabled=args.show_progress) as progress:
-        summary = merge(
-            recipe,
-            output,
-            shards=args.shards,
-            workers=args.workers,
-            device=args.device,
-            overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle or None,
-            on_plan=progress.start_plan,
-            on_tensor=progress.advance,
-        )
-    if not args.json and not args.quiet:
-        _print_summary(console, summary)
-    return summary.model_dump(mode="json")
-
-
-def _merge_documents(args: argparse.Namespace, console: Console, graph: MergeGraph, output: str) -> dict[str, Any]:
-    """A multi-document recipe: its intermediates in dependency order, then the final merge."""
-    from orchestrator.multidoc import IntermediateResult, merge_graph
+    output = graph.final.recipe.output_location(args.output)
 
     def report(result: IntermediateResult) -> None:
         if args.json or args.quiet:
@@ -75,25 +52,29 @@ def _merge_documents(args: argparse.Namespace, console: Console, graph: MergeGra
         if result.summary is None:
             console.print(f"intermediate {result.name}: already merged for plan {result.plan_id} in {result.output}", highlight=False)
         else:
-            _print_summary(console, result.summary, where="", run=f" (intermediate {result.name})")
+            _print_summary(console, result.summary, run=f" (intermediate {result.name})")
 
+    intermediates: list[IntermediateResult] = []
     with MergeProgress(console, enabled=args.show_progress) as progress:
-        intermediates, summary = merge_graph(
-            graph,
-            output,
-            intermediates=args.intermediate_dir,
-            shards=args.shards,
-            workers=args.workers,
-            device=args.device,
-            overwrite=args.overwrite,
-            allow_pickle=args.allow_pickle or None,
-            on_plan=progress.start_plan,
-            on_tensor=progress.advance,
-            on_intermediate=report,
-        )
+        options = {
+            "shards": args.shards,
+            "workers": args.workers,
+            "device": args.device,
+            "overwrite": args.overwrite,
+            "allow_pickle": args.allow_pickle or None,
+            "on_plan": progress.start_plan,
+            "on_tensor": progress.advance,
+        }
+        if graph.is_single:
+            summary = merge(graph.final.recipe, output, **options)
+        else:  # a multi-document recipe: its intermediates in dependency order, then the final merge
+            intermediates, summary = merge_graph(graph, output, intermediates=args.intermediate_dir, on_intermediate=report, **options)
     if not args.json and not args.quiet:
         _print_summary(console, summary)
-    return summary.model_dump(mode="json") | {"intermediates": [result.as_json() for result in intermediates]}
+    result = summary.model_dump(mode="json")
+    if not graph.is_single:
+        result["intermediates"] = [item.as_json() for item in intermediates]
+    return result
 
 
 def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", run: str = "") -> None:

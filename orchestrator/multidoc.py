@@ -18,7 +18,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypedDict, Unpack
 
 import yaml
 
@@ -216,13 +216,9 @@ def load_graph(path: str | Path) -> MergeGraph:
     """The merges of a recipe file: one node for an ordinary recipe (read by ``load_recipe``)."""
     path = Path(path)
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise RecipeError(f"recipe file {path} does not exist") from None
-    try:
-        documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError:
-        documents = []  # load_recipe reports the syntax error as it does for every recipe
+        documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+    except (OSError, yaml.YAMLError):
+        documents = []  # load_recipe reports a missing file or a syntax error as it does for every recipe
     if len(documents) <= 1:
         return MergeGraph(str(path), (MergeNode(None, 1, load_recipe(path), ()),))
     recipes = []
@@ -327,45 +323,47 @@ class IntermediateResult:
         return {"name": self.name, "output": self.output, "plan_id": self.plan_id, "cached": self.cached}
 
 
+class MergeOptions(TypedDict, total=False):
+    """What ``pipeline.merge`` takes besides the recipe, the output and ``overwrite``."""
+
+    shards: int | None
+    workers: int | None
+    device: str | None
+    allow_pickle: bool | None
+    on_plan: Callable[[Plan], None] | None
+    on_tensor: OnTensor | None
+    runner: ShardRunner | None
+
+
 def merge_graph(
     graph: MergeGraph,
     output: str,
     *,
     intermediates: str | None = None,
-    shards: int | None = None,
-    workers: int | None = None,
-    device: str | None = None,
     overwrite: bool = False,
-    allow_pickle: bool | None = None,
-    on_plan: Callable[[Plan], None] | None = None,
-    on_tensor: OnTensor | None = None,
-    runner: ShardRunner | None = None,
     on_intermediate: Callable[[IntermediateResult], None] | None = None,
+    **options: Unpack[MergeOptions],
 ) -> tuple[list[IntermediateResult], MergeSummary]:
-    """Every merge of ``graph`` in dependency order (``pipeline.merge`` each), skipping the
-    intermediates already merged for their plan; returns the intermediates and the final summary.
+    """Every merge of ``graph`` in dependency order (``pipeline.merge`` each, with ``options``),
+    skipping the intermediates already merged for their plan; returns the intermediates and
+    the final summary.
 
     ``overwrite`` applies to the final output only (an intermediate's location is replaced
     when it holds an earlier merge of that intermediate).
     """
     root = intermediate_dir(output, intermediates or graph.final.recipe.fleet.intermediate_dir)
     results: list[IntermediateResult] = []
-    options = {"shards": shards, "workers": workers, "device": device, "allow_pickle": allow_pickle}
     for node in graph.intermediates:
         assert node.name is not None  # only the final document may be unnamed
         recipe = node_recipe(graph, node, root)
         location = intermediate_location(root, node.name)
-        plan = build_plan(recipe, location, shards=shards, allow_pickle=allow_pickle)
+        plan = build_plan(recipe, location, shards=options.get("shards"), allow_pickle=options.get("allow_pickle"))
         cached = claim_intermediate(plan, node.name) is not None
-        summary = None
-        if not cached:
-            summary = merge(recipe, location, on_plan=on_plan, on_tensor=on_tensor, runner=runner, **options)  # type: ignore[arg-type]
-        result = IntermediateResult(node.name, location, plan.plan_id, cached, summary)
+        result = IntermediateResult(node.name, location, plan.plan_id, cached, None if cached else merge(recipe, location, **options))
         results.append(result)
         if on_intermediate:
             on_intermediate(result)
-    final = node_recipe(graph, graph.final, root)
-    summary = merge(final, output, overwrite=overwrite, on_plan=on_plan, on_tensor=on_tensor, runner=runner, **options)  # type: ignore[arg-type]
+    summary = merge(node_recipe(graph, graph.final, root), output, overwrite=overwrite, **options)
     return results, summary
 
 
