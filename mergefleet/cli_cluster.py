@@ -99,7 +99,7 @@ def cmd_create_pool(args: argparse.Namespace, console: Console) -> dict[str, Any
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``cluster`` command group, added to the top-level parser."""
     cluster = commands.add_parser("cluster", help="check a Kubernetes cluster, register its work pool")
-    sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND", help="what to do")
 
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--namespace", "-n", default=os.environ.get("MERGEFLEET_NAMESPACE", CHART), help="the chart's namespace (default: %(default)s)")
