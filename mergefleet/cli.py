@@ -305,9 +305,13 @@ DEVICE_HELP = "where tensors are merged (default: fleet.device or cpu)"
 PLAN_HELP = "plan.json, or the output directory that holds .mergefleet/plan.json"
 
 
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    """Room for the longest command name, so that each command's help stays on its line."""
-    return argparse.HelpFormatter(prog, max_help_position=30)
+class _Formatter(argparse.HelpFormatter):
+    """Room for the longest command name (merge-to-mix), so that each command's help stays
+    on its line (argparse measures the names one indent short)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+        self._action_max_length = len("    merge-to-mix")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--log-file", metavar="PATH", help=f"where other libraries' output goes (default: {output_log.LOG_HELP})")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (implies --verbose)")
 
-    parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.", formatter_class=_formatter)
+    parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.", formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"mergefleet {__version__}", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -411,6 +415,7 @@ def _console(terminal: output_log.Terminal) -> Console:
 
 def _run_command(args: argparse.Namespace, terminal: output_log.Terminal) -> int:
     console = _console(terminal)
+    args.stdout = terminal.out  # the command's stdout, for --json (descriptor 1 may point at the log)
     args.show_progress = not (args.json or args.quiet) and console.is_terminal
     args.live_view = args.show_progress and terminal.log is not None  # with --verbose, libraries write there too
     if terminal.log is None:

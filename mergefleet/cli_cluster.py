@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -60,7 +59,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     problems = [f for f in findings if not f.ok and f.blocking]
     result = {"ok": not problems, "namespace": args.namespace, "pool": args.pool, "findings": [f.as_dict() for f in findings]}
     if args.json and problems:
-        sys.stdout.write(json.dumps(result) + "\n")  # the error below ends the command: the JSON goes out first
+        args.stdout.write(json.dumps(result) + "\n")  # the error below ends the command: the JSON goes out first
     elif not args.json and not args.quiet:
         for finding in findings:
             mark = "ok  " if finding.ok else ("FAIL" if finding.blocking else "warn")
