@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from mergefleet import cli_cluster, cli_learned, output_log
-from mergefleet.progress import FlowView, MergeProgress
+from mergefleet.progress import FlowView, MergeProgress, human_bytes
 from mergefleet.tables import print_table, score_table
 from orchestrator import __version__
 from orchestrator.errors import MergefleetError
@@ -30,14 +30,6 @@ if TYPE_CHECKING:
 
 DEFAULT_CHART = "mergefleet-compare.png"
 COMMANDS = tuple(sorted(("assemble", "compare", "deploy", "merge", "plan", "run", "shard") + cli_cluster.COMMANDS + cli_learned.COMMANDS))
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1000 or unit == "TB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -74,14 +66,14 @@ def merge_line(summary: MergeSummary, *, where: str = "") -> str:
     if summary.shards_skipped == summary.shards:
         return (
             f"all {summary.shards} shard{'s' if summary.shards != 1 else ''} already done; nothing merged into {summary.output} "
-            f"({summary.tensors} tensors with {summary.method}, {_human_bytes(summary.bytes_written)})"
+            f"({summary.tensors} tensors with {summary.method}, {human_bytes(summary.bytes_written)})"
         )
     rate = summary.bytes_merged / summary.seconds if summary.seconds else 0.0
     done = f" ({summary.shards_skipped} already done)" if summary.shards_skipped else ""
     return (
         f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
-        f"{_human_bytes(summary.bytes_written)} in {summary.shards} shard(s){where}{done}, "
-        f"{summary.seconds:.1f} s ({_human_bytes(rate)}/s)"
+        f"{human_bytes(summary.bytes_written)} in {summary.shards} shard(s){where}{done}, "
+        f"{summary.seconds:.1f} s ({human_bytes(rate)}/s)"
     )
 
 
@@ -112,18 +104,18 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for shard in shards:
             console.print(
                 f"  shard {shard['index']}: {shard['file']}  {shard['tensors']} tensors, "
-                f"reads {_human_bytes(shard['bytes_in'])}, writes {_human_bytes(shard['bytes_out'])}",
+                f"reads {human_bytes(shard['bytes_in'])}, writes {human_bytes(shard['bytes_out'])}",
                 highlight=False,
             )
         if groups:
             print_table(
                 console,
                 ["group", "shard", "tensors", "reads", "writes", "peak memory"],
-                [[row["group"], str(row["shard"]), str(row["tensors"]), _human_bytes(row["bytes_read"]),
-                  _human_bytes(row["bytes_written"]), _human_bytes(row["peak_bytes"])] for row in groups],
+                [[row["group"], str(row["shard"]), str(row["tensors"]), human_bytes(row["bytes_read"]),
+                  human_bytes(row["bytes_written"]), human_bytes(row["peak_bytes"])] for row in groups],
             )
             top = max(groups, key=lambda row: row["peak_bytes"])
-            console.print(f"  expected peak memory of a shard: {_human_bytes(top['peak_bytes'])} ({top['group']})", highlight=False)
+            console.print(f"  expected peak memory of a shard: {human_bytes(top['peak_bytes'])} ({top['group']})", highlight=False)
     result = {"plan_id": plan.plan_id, "plan": f"{output}/{PLAN_FILE}", "method": plan.method, "shards": shards}
     if groups:
         result["groups"] = groups
@@ -143,7 +135,7 @@ def cmd_shard(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     result = receipt.model_dump() | {"skipped": outcome.skipped}
     if not args.json and not args.quiet:
         verb = "already done" if outcome.skipped else f"written in {receipt.seconds:.1f} s"
-        console.print(f"shard {args.index}: {plan.output}/{receipt.file} {verb} ({_human_bytes(receipt.bytes_written)})", highlight=False)
+        console.print(f"shard {args.index}: {plan.output}/{receipt.file} {verb} ({human_bytes(receipt.bytes_written)})", highlight=False)
     return result
 
 

@@ -75,10 +75,11 @@ class MergeProgress:
         )
 
 
-def _bytes(count: float) -> str:
+def human_bytes(count: float) -> str:
+    """``422.8 KB``: decimal units, as disks and transfer rates are counted."""
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1000:
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+            return f"{int(count)} B" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1000
     return f"{count:.1f} TB"
 
@@ -161,17 +162,17 @@ class FlowView(logging.Handler):
             rate = event.bytes / max(time.monotonic() - started, 1e-3)
             total = f"/{size.tensors}" if size else ""
             key = f"shard {event.index}"
-            self._row(key, key, f"{event.tensors}{total} tensors, {_bytes(event.bytes)}, {_bytes(rate)}/s", total=max(size.out_bytes, 1) if size else None)
+            self._row(key, key, f"{event.tensors}{total} tensors, {human_bytes(event.bytes)}, {human_bytes(rate)}/s", total=max(size.out_bytes, 1) if size else None)
             self._progress.update(self._rows[key], completed=event.bytes)
         elif isinstance(event, events.ShardDone):
             key = f"shard {event.index}"
             size = self._sizes.get(event.index)
             tensors = f"{size.tensors} tensors, " if size else ""
             if event.skipped:
-                detail = f"{tensors}{_bytes(event.bytes_written)}, already done"
+                detail = f"{tensors}{human_bytes(event.bytes_written)}, already done"
             else:
                 rate = event.bytes_written / event.seconds if event.seconds else 0.0
-                detail = f"{tensors}{_bytes(event.bytes_written)} in {event.seconds:.1f} s, {_bytes(rate)}/s"
+                detail = f"{tensors}{human_bytes(event.bytes_written)} in {event.seconds:.1f} s, {human_bytes(rate)}/s"
             self._row(key, key, detail, total=max(event.bytes_written, 1), done=True)
         elif isinstance(event, events.Assembled):
             self._row("assemble", "assemble", f"{event.files} files in {event.output}", done=True)
