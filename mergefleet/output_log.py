@@ -96,6 +96,8 @@ def unless_verbose(verbose: bool, log: Path | None, *, command: str) -> Iterator
         os.close(log_fd)
         out.close()
         err.close()
+        if log is None and path.stat().st_size == 0:  # nothing went there: leave no empty log behind
+            path.unlink()
 
 
 @contextlib.contextmanager

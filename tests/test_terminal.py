@@ -145,6 +145,8 @@ def test_json_prints_only_json_and_writes_no_file_it_was_not_asked_for(family, t
         assert done.returncode == 0, (command, done.stderr[-2000:])
         assert isinstance(json.loads(done.stdout), dict) and len(done.stdout.strip().splitlines()) == 1, command
     assert list(cwd.iterdir()) == []
+    logs = tmp_path / "cache" / "mergefleet" / "logs"
+    assert logs.is_dir() and [log for log in logs.iterdir() if log.stat().st_size == 0] == []  # no empty log left behind
 
     again = subprocess.run([*MERGEFLEET, "merge", str(recipe), str(out), "--shards", "2"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
