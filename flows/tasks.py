@@ -14,6 +14,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.runners.common import run_log, worth_retrying
+from orchestrator import events
 from orchestrator.assemble import Manifest, assemble
 from orchestrator.evaluate.scores import Evaluation, evaluate_merge
 from orchestrator.pipeline import prepare_output
@@ -35,6 +36,8 @@ def plan_task(recipe: Recipe, output: str, *, shards: int | None = None, overwri
     """Build the plan, claim the output (writes plan.json), clear a killed run's temp files."""
     plan = build_plan(recipe, _absolute(output), shards=shards)
     prepare_output(plan, overwrite=overwrite).remove_partials()
+    sizes = tuple(events.ShardSize(s.index, len(s.tensors), s.out_bytes) for s in plan.shards)
+    events.emit(events.PlanReady(plan.plan_id, plan.method, plan.output, len(plan.inputs), sizes))
     run_log().info("plan %s: %s, %d inputs, %d shard(s) into %s", plan.plan_id, plan.method, len(plan.inputs), len(plan.shards), plan.output)
     return remember(plan)
 
@@ -54,6 +57,7 @@ def check_unchanged_task(recipe: Recipe, output: str) -> list[str]:
 def assemble_task(plan: PlanRef) -> Manifest:
     opened = open_plan(plan)
     manifest = assemble(opened)
+    events.emit(events.Assembled(opened.output, len(manifest.files)))
     run_log().info("assembled %s: %d file(s)", opened.output, len(manifest.files))
     return manifest
 

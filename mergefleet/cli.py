@@ -7,17 +7,21 @@ nothing else there; ``--debug`` shows the traceback of an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
 
-from mergefleet import cli_cluster, cli_learned
-from mergefleet.progress import MergeProgress
+from mergefleet import cli_cluster, cli_learned, output_log
+from mergefleet.progress import FlowView, MergeProgress, human_bytes
+from mergefleet.tables import print_table, score_table
 from orchestrator import __version__
 from orchestrator.errors import MergefleetError
 
@@ -26,17 +30,10 @@ if TYPE_CHECKING:
     from orchestrator.multidoc import MergeGraph
     from orchestrator.pipeline import MergeSummary
 
+DEFAULT_CHART = "mergefleet-compare.png"
 COMMANDS = tuple(sorted(("assemble", "compare", "deploy", "merge", "plan", "run", "shard") + cli_cluster.COMMANDS + cli_learned.COMMANDS))
 
 INTERMEDIATE_HELP = "multi-document recipes: where the named intermediate merges go (default: fleet.intermediate_dir, else OUT.intermediates)"
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if count < 1000 or unit == "TB":
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1000
-    return f"{count:.1f} TB"
 
 
 def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -78,16 +75,25 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 
 def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", run: str = "") -> None:
-    """What a merge did, in one line, and its method report."""
-    rate = summary.bytes_written / summary.seconds if summary.seconds else 0.0
-    console.print(
-        f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
-        f"{_human_bytes(summary.bytes_written)} in {summary.shards} shard(s){where}"
-        + (f" ({summary.shards_skipped} already done)" if summary.shards_skipped else "")
-        + f", {summary.seconds:.1f} s ({_human_bytes(rate)}/s); plan {summary.plan_id}{run}",
-        highlight=False,
-    )
+    """What a merge did, in one line, and its method report. A rate only counts the bytes
+    this run wrote: a re-run whose shards were all done merged nothing and says so."""
+    console.print(merge_line(summary, where=where) + f"; plan {summary.plan_id}{run}", highlight=False)
     _print_report(console, summary.report)
+
+
+def merge_line(summary: MergeSummary, *, where: str = "") -> str:
+    if summary.shards_skipped == summary.shards:
+        return (
+            f"all {summary.shards} shard{'s' if summary.shards != 1 else ''} already done; nothing merged into {summary.output} "
+            f"({summary.tensors} tensors with {summary.method}, {human_bytes(summary.bytes_written)})"
+        )
+    rate = summary.bytes_merged / summary.seconds if summary.seconds else 0.0
+    done = f" ({summary.shards_skipped} already done)" if summary.shards_skipped else ""
+    return (
+        f"merged {summary.tensors} tensors with {summary.method} into {summary.output}: "
+        f"{human_bytes(summary.bytes_written)} in {summary.shards} shard(s){where}{done}, "
+        f"{summary.seconds:.1f} s ({human_bytes(rate)}/s)"
+    )
 
 
 def _print_report(console: Console, report: dict[str, Any]) -> None:
@@ -120,19 +126,18 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         for shard in shards:
             console.print(
                 f"  shard {shard['index']}: {shard['file']}  {shard['tensors']} tensors, "
-                f"reads {_human_bytes(shard['bytes_in'])}, writes {_human_bytes(shard['bytes_out'])}",
+                f"reads {human_bytes(shard['bytes_in'])}, writes {human_bytes(shard['bytes_out'])}",
                 highlight=False,
             )
         if groups:
-            console.print(f"  {'shard':>5}  {'group':<12}{'tensors':>8}{'reads':>12}{'writes':>12}{'peak memory':>14}", highlight=False)
-            for row in groups:
-                console.print(
-                    f"  {row['shard']:>5}  {row['group']:<12}{row['tensors']:>8}{_human_bytes(row['bytes_read']):>12}"
-                    f"{_human_bytes(row['bytes_written']):>12}{_human_bytes(row['peak_bytes']):>14}",
-                    highlight=False,
-                )
+            print_table(
+                console,
+                ["group", "shard", "tensors", "reads", "writes", "peak memory"],
+                [[row["group"], str(row["shard"]), str(row["tensors"]), human_bytes(row["bytes_read"]),
+                  human_bytes(row["bytes_written"]), human_bytes(row["peak_bytes"])] for row in groups],
+            )
             top = max(groups, key=lambda row: row["peak_bytes"])
-            console.print(f"  expected peak memory of a shard: {_human_bytes(top['peak_bytes'])} ({top['group']})", highlight=False)
+            console.print(f"  expected peak memory of a shard: {human_bytes(top['peak_bytes'])} ({top['group']})", highlight=False)
     result = {"plan_id": plan.plan_id, "plan": f"{output}/{PLAN_FILE}", "method": plan.method, "shards": shards}
     if groups:
         result["groups"] = groups
@@ -168,7 +173,7 @@ def cmd_shard(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     result = receipt.model_dump() | {"skipped": outcome.skipped}
     if not args.json and not args.quiet:
         verb = "already done" if outcome.skipped else f"written in {receipt.seconds:.1f} s"
-        console.print(f"shard {args.index}: {plan.output}/{receipt.file} {verb} ({_human_bytes(receipt.bytes_written)})", highlight=False)
+        console.print(f"shard {args.index}: {plan.output}/{receipt.file} {verb} ({human_bytes(receipt.bytes_written)})", highlight=False)
     return result
 
 
@@ -187,10 +192,11 @@ def cmd_assemble(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 class _RunNameFormatter(logging.Formatter):
     """Prefixes Prefect's run logs with the run's name (``shard-2: ...``)."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         name = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
-        message = super().format(record)
-        return f"{name}: {message}" if name else message
+        if name:
+            record.message = f"{name}: {record.message}"
+        return super().formatMessage(record)
 
 
 def _prefect_defaults(*, quiet: bool) -> None:
@@ -224,6 +230,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from flows.merge_documents import merge_documents
 
     timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+    view = FlowView(console, live=args.live_view, enabled=not (args.json or args.quiet))
     if not graph.is_single:
         if args.skip_unchanged:
             raise RecipeError(
@@ -231,7 +238,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 "merges again only the intermediates whose plan changed (leave the flag out)"
             )
         documents = [recipe if node is graph.final else node.recipe for node in graph.nodes]
-        with embedded.connected(api, timeout=timeout):
+        with embedded.connected(api, timeout=timeout), view:
             merged = merge_documents(documents, output, overwrite=args.overwrite, source=args.recipe)
         if not args.json and not args.quiet:
             for item in merged.intermediates:
@@ -239,7 +246,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
                 console.print(f"intermediate {item.name}: {state}, plan {item.plan_id}, MLflow run {item.run_id}", highlight=False)
             _print_flow_result(console, merged)
         return merged.model_dump(mode="json")
-    with embedded.connected(api, timeout=timeout):
+    with embedded.connected(api, timeout=timeout), view:
         result = merge_and_eval(recipe, output, overwrite=args.overwrite, skip_unchanged=args.skip_unchanged)
     if isinstance(result, SkippedMerge):
         if not args.json and not args.quiet:
@@ -253,11 +260,25 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def _print_flow_result(console: Console, result: MergeAndEvalResult) -> None:
     _print_summary(console, result, where=f" ({result.target})", run=f", flow run {result.flow_run_id}")
     if result.evaluation is not None:
-        scores = result.evaluation.merged.scores
-        console.print("scores: " + ", ".join(f"{task} {value:.3f}" for task, value in scores.items()), highlight=False)
+        console.print("scores (primary metric per task; normalised: merged ÷ the task's expert, else ÷ base):", highlight=False)
+        print_table(console, *score_table(result.evaluation))
     if result.tracking is not None:
         tracked = result.tracking
         console.print(f"recorded as MLflow run {tracked.run_id} in {tracked.url or tracked.tracking_uri}", highlight=False)
+        console.print(f"open it: {mlflow_ui(tracked)}", highlight=False, markup=False, soft_wrap=True)
+
+
+def mlflow_ui(tracked: Any) -> str:
+    """The command that opens the MLflow UI on a merge's record (a server's run page as is);
+    with this interpreter's ``mlflow`` when none is on the PATH."""
+    from orchestrator.tracking.store import sqlite_path, ui_command
+
+    if sqlite_path(tracked.tracking_uri) is None:
+        return tracked.url or tracked.tracking_uri
+    command = ui_command(tracked.tracking_uri)
+    if shutil.which("mlflow") is None:
+        command = f"{Path(sys.executable).parent}/{command}"
+    return command
 
 
 def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
@@ -302,31 +323,30 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     runs = find_merge_runs(args.refs, tracking_uri=uri)
     rows, params, tasks = compare_rows(runs)
     drop_rates = compare_drop_rates(rows)
-    chart = str(score_chart(compare_series(rows), args.chart, title=f"{len(rows)} merge(s)", drop_rates=drop_rates)) if tasks else None
+    chart_path = args.chart or (None if args.json else DEFAULT_CHART)  # --json writes no file it was not asked for
+    chart = None
+    if tasks and chart_path:
+        chart = str(score_chart(compare_series(rows), chart_path, title=f"{len(rows)} merge(s)", drop_rates=drop_rates))
     if not args.json and not args.quiet:
-        from rich.table import Table
-
-        table = Table(show_edge=False, pad_edge=False)
-        for column in ["run", "method", *params, *tasks, "normalised", "seconds"]:
-            table.add_column(column.removeprefix("parameters."), justify="left" if column in ("run", "method") else "right")
-
         def number(value: Any, digits: int = 3) -> str:
             return "" if value is None else f"{value:.{digits}f}"
 
+        columns = ["run", "method", *(p.removeprefix("parameters.") for p in params), *tasks, "normalised", "seconds"]
+        table_rows = []
         for row in rows:
             scores = [
                 number(row["scores"][t]) + (f" ({row['normalised'][t]:.2f})" if row["normalised"].get(t) is not None else "")
                 for t in tasks
             ]
-            table.add_row(
+            table_rows.append([
                 row["name"] or row["run_id"][:8],
                 row["method"] or "",
                 *[str(row["params"].get(p) or "") for p in params],
                 *scores,
                 number(row["normalised_mean"], 2),
                 number(row["seconds"], 1),
-            )
-        console.print(table)
+            ])
+        print_table(console, columns, table_rows, left=2)
         console.print(f"scores: primary metric per task (normalised in brackets); runs in {uri}", highlight=False)
         for name, rates in drop_rates.items():
             shown = ", ".join(f"{model} {rate:.1%}" for model, rate in rates.items())
@@ -336,64 +356,84 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart}
 
 
+RECIPE_HELP = "mergekit YAML recipe (with an optional fleet: section)"
+OUTPUT_HELP = "output directory or s3:// prefix (default: fleet.output)"
+SHARDS_HELP = "number of layer-group shards (default: fleet.shards or 1)"
+OVERWRITE_HELP = "replace a different merge already in the output"
+PICKLE_HELP = "read .bin/.pt checkpoints with torch.load(weights_only=True)"
+DEVICE_HELP = "where tensors are merged (default: fleet.device or cpu)"
+PLAN_HELP = "plan.json, or the output directory that holds .mergefleet/plan.json"
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Room for the longest command name (merge-to-mix), so that each command's help stays
+    on its line (argparse measures the names one indent short)."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+        self._action_max_length = len("    merge-to-mix")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON object to stdout, no progress")
+    common.add_argument("--json", action="store_true", help="print one JSON object to stdout and nothing else")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("--verbose", "-v", action="store_true", help="show other libraries' logs and progress bars instead of logging them")
+    common.add_argument("--log-file", metavar="PATH", help=f"where other libraries' output goes (default: {output_log.LOG_HELP})")
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (implies --verbose)")
 
-    parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.")
-    parser.add_argument("--version", action="version", version=f"mergefleet {__version__}")
+    parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.", formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"mergefleet {__version__}", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = commands.add_parser("merge", parents=[common], help="plan, run every shard and assemble")
-    merge.add_argument("recipe", help="mergekit YAML recipe (with an optional fleet: section)")
-    merge.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
-    merge.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards or 1)")
+    merge = commands.add_parser("merge", parents=[common], help="plan, run every shard and assemble, here")
+    merge.add_argument("recipe", help=RECIPE_HELP)
+    merge.add_argument("output", nargs="?", help=OUTPUT_HELP)
+    merge.add_argument("--shards", type=int, help=SHARDS_HELP)
     merge.add_argument("--workers", type=int, help="shards run at once, each in its own process (default: fleet.workers or 1)")
-    merge.add_argument("--device", choices=["cpu", "cuda"], help="where tensors are merged (default: fleet.device or cpu)")
-    merge.add_argument("--overwrite", action="store_true", help="replace a different merge already in OUT")
-    merge.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
+    merge.add_argument("--device", choices=["cpu", "cuda"], help=DEVICE_HELP)
+    merge.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    merge.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     merge.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     merge.set_defaults(handler=cmd_merge)
 
-    plan = commands.add_parser("plan", parents=[common], help="check the inputs and write OUT/.mergefleet/plan.json")
-    plan.add_argument("recipe")
-    plan.add_argument("output", nargs="?")
-    plan.add_argument("--shards", type=int)
-    plan.add_argument("--overwrite", action="store_true")
-    plan.add_argument("--allow-pickle", action="store_true")
+    plan = commands.add_parser("plan", parents=[common], help="check the inputs, write OUT/.mergefleet/plan.json")
+    plan.add_argument("recipe", help=RECIPE_HELP)
+    plan.add_argument("output", nargs="?", help=OUTPUT_HELP)
+    plan.add_argument("--shards", type=int, help=SHARDS_HELP)
+    plan.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    plan.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     plan.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     plan.add_argument("--explain", action="store_true", help="per tensor group: bytes read and written, expected peak memory")
     plan.set_defaults(handler=cmd_plan)
 
     shard = commands.add_parser("shard", parents=[common], help="run one shard of a plan")
-    shard.add_argument("plan", help="plan.json, or the output directory that holds .mergefleet/plan.json")
-    shard.add_argument("--index", type=int, required=True)
-    shard.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    shard.add_argument("plan", help=PLAN_HELP)
+    shard.add_argument("--index", type=int, required=True, help="which shard, from 0 (see mergefleet plan)")
+    shard.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where tensors are merged (default: %(default)s)")
     shard.add_argument("--force", action="store_true", help="run even if the shard's receipt says it is done")
     shard.set_defaults(handler=cmd_shard)
 
     assemble = commands.add_parser("assemble", parents=[common], help="write index, config, tokenizer and manifest")
-    assemble.add_argument("plan")
+    assemble.add_argument("plan", help=PLAN_HELP)
     assemble.set_defaults(handler=cmd_assemble)
 
-    run = commands.add_parser("run", parents=[common], help="run the merge_and_eval Prefect flow (ephemeral Prefect by default)")
-    run.add_argument("recipe", help="mergekit YAML recipe (with an optional fleet: section)")
-    run.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
-    run.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards or 1)")
+    run = commands.add_parser("run", parents=[common], help="merge, evaluate and record: the Prefect flow")
+    run.add_argument("recipe", help=RECIPE_HELP)
+    run.add_argument("output", nargs="?", help=OUTPUT_HELP)
+    run.add_argument("--shards", type=int, help=SHARDS_HELP)
     run.add_argument("--workers", type=int, help="inline target: shards run at once (default: fleet.workers or 1)")
-    run.add_argument("--device", choices=["cpu", "cuda"], help="where tensors are merged (default: fleet.device or cpu)")
+    run.add_argument("--device", choices=["cpu", "cuda"], help=DEVICE_HELP)
     run.add_argument("--target", choices=["inline", "deployment"], help="where shards run (default: fleet.target or inline)")
     run.add_argument("--work-pool", help="deployment target: the work pool of the merge-shard deployment")
-    run.add_argument("--overwrite", action="store_true", help="replace a different merge already in OUT")
+    run.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     run.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     run.add_argument("--skip-unchanged", action="store_true", help="do nothing if no input changed since the last merge")
     run.set_defaults(handler=cmd_run)
 
-    deploy = commands.add_parser("deploy", parents=[common], help="register merge-shard and a scheduled merge-and-eval with Prefect")
-    deploy.add_argument("recipe")
-    deploy.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
+    deploy = commands.add_parser("deploy", parents=[common], help="register the flows with Prefect, on a schedule")
+    deploy.add_argument("recipe", help=RECIPE_HELP)
+    deploy.add_argument("output", nargs="?", help=OUTPUT_HELP)
     deploy.add_argument("--pool", help="work pool of the merge-shard deployment (default: fleet.work_pool)")
     deploy.add_argument("--flow-pool", help="work pool of the merge-and-eval deployment (default: --pool)")
     when = deploy.add_mutually_exclusive_group()
@@ -408,7 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", parents=[common], help="a table and a chart of merges recorded in MLflow")
     compare.add_argument("refs", nargs="+", metavar="RUN_OR_EXPERIMENT", help="MLflow run ids, or experiment names or ids (all their merges)")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
-    compare.add_argument("--chart", default="mergefleet-compare.png", help="where the chart goes (PNG; default: %(default)s)")
+    compare.add_argument(
+        "--chart", help=f"where the chart goes, a PNG (default: {DEFAULT_CHART} here; none with --json unless given)"
+    )
     compare.set_defaults(handler=cmd_compare)
 
     cli_cluster.register(commands, common)
@@ -418,13 +460,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=True, soft_wrap=True)
+    verbose = args.verbose or args.debug
+    log_file = Path(args.log_file).expanduser() if args.log_file else None
+    with output_log.unless_verbose(verbose, log_file, command=args.command) as terminal:
+        return _run_command(args, terminal)
+
+
+def _console(terminal: output_log.Terminal) -> Console:
+    """The terminal's console, as wide as the terminal it writes to (its descriptor 2 may
+    point at the log now, so rich cannot ask it)."""
+    console = Console(file=terminal.err, soft_wrap=True)
+    if console.is_terminal and "COLUMNS" not in os.environ:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            console.width = os.get_terminal_size(terminal.err.fileno()).columns
+    return console
+
+
+def _run_command(args: argparse.Namespace, terminal: output_log.Terminal) -> int:
+    console = _console(terminal)
+    args.stdout = terminal.out  # the command's stdout, for --json (descriptor 1 may point at the log)
     args.show_progress = not (args.json or args.quiet) and console.is_terminal
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
-    )
+    args.live_view = args.show_progress and terminal.log is not None  # with --verbose, libraries write there too
+    if terminal.log is None:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)  # descriptor 2: the log
+        handler.setFormatter(_RunNameFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", handlers=[handler])
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # their debug logs show request headers
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
     for name in ("shards", "workers"):
@@ -432,20 +494,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             console.print(f"error: --{name} must be at least 1, got {value}", highlight=False, markup=False)
             return 2
-    handler: Callable[[argparse.Namespace, Console], dict[str, Any]] = args.handler
+    command: Callable[[argparse.Namespace, Console], dict[str, Any]] = args.handler
+    own = output_log.own_warnings_on(console) if terminal.log is not None else contextlib.nullcontext()
     try:
-        result = handler(args, console)
+        with own:
+            result = command(args, console)
     except MergefleetError as error:
         if args.debug:
             console.print_exception()
         console.print(f"error: {error}", highlight=False, markup=False)
+        _name_the_log(console, terminal, args)
         return error.exit_code
     except KeyboardInterrupt:
         console.print("interrupted; finished shards are kept and a re-run resumes", highlight=False)
         return 130
     if args.json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+        terminal.out.write(json.dumps(result, default=str) + "\n")
+    _name_the_log(console, terminal, args)
     return 0
+
+
+def _name_the_log(console: Console, terminal: output_log.Terminal, args: argparse.Namespace) -> None:
+    """Where other libraries' output went, when anything went there."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if terminal.log is not None and not args.quiet and terminal.log.is_file() and terminal.log.stat().st_size:
+        console.print(f"other libraries' output (progress bars, warnings, logs): {terminal.log}", highlight=False, markup=False)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -60,7 +59,7 @@ def cmd_check(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     problems = [f for f in findings if not f.ok and f.blocking]
     result = {"ok": not problems, "namespace": args.namespace, "pool": args.pool, "findings": [f.as_dict() for f in findings]}
     if args.json and problems:
-        sys.stdout.write(json.dumps(result) + "\n")  # the error below ends the command: the JSON goes out first
+        args.stdout.write(json.dumps(result) + "\n")  # the error below ends the command: the JSON goes out first
     elif not args.json and not args.quiet:
         for finding in findings:
             mark = "ok  " if finding.ok else ("FAIL" if finding.blocking else "warn")
@@ -99,7 +98,7 @@ def cmd_create_pool(args: argparse.Namespace, console: Console) -> dict[str, Any
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
     """The ``cluster`` command group, added to the top-level parser."""
     cluster = commands.add_parser("cluster", help="check a Kubernetes cluster, register its work pool")
-    sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    sub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND", help="what to do")
 
     where = argparse.ArgumentParser(add_help=False)
     where.add_argument("--namespace", "-n", default=os.environ.get("MERGEFLEET_NAMESPACE", CHART), help="the chart's namespace (default: %(default)s)")

@@ -92,8 +92,8 @@ def cmd_merge_to_mix(args: argparse.Namespace, console: Console) -> dict[str, An
 
 
 def register(commands: Any, common: argparse.ArgumentParser) -> None:
-    dam = commands.add_parser("dam", help="Differentiable Adaptive Merging: learn merging coefficients")
-    steps = dam.add_subparsers(dest="dam_command", required=True, metavar="STEP")
+    dam = commands.add_parser("dam", help="Differentiable Adaptive Merging: learn coefficients")
+    steps = dam.add_subparsers(dest="dam_command", required=True, metavar="STEP", help="what to do")
     train = steps.add_parser("train", parents=[common], help="learn the coefficients a dam_apply recipe reads (fleet.dam: data and settings)")
     train.add_argument("recipe", help="a dam_apply recipe with fleet.dam")
     train.add_argument("--coefficients", help="where the coefficient file goes (default: the recipe's parameters.coefficients)")
@@ -106,8 +106,9 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--memory-limit", help="fail early above this much memory, e.g. 24GB (default: what the device has free)")
     train.set_defaults(handler=cmd_dam_train)
 
-    search = commands.add_parser("search", parents=[common], help="search a method's weights and densities with CMA-ES (fleet.eval scores)")
-    search.add_argument("recipe")
+    search = commands.add_parser("search", parents=[common], help="search weights and densities with CMA-ES",
+                                 description="search a method's weights and densities with CMA-ES, scored with fleet.eval")
+    search.add_argument("recipe", help="the recipe to tune; its fleet.eval scores each trial")
     search.add_argument("--budget", type=int, default=16, help="trials (merge + evaluation) at most (default: %(default)s)")
     search.add_argument("--parallel", type=int, default=2, help="trials at once (default: %(default)s)")
     search.add_argument("--output", help="where trials and best-recipe.yaml go (default: fleet.output)")
@@ -115,15 +116,16 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     search.add_argument("--parameters", default="weight,density", help="what to search, of weight,density (default: %(default)s)")
     search.add_argument("--time-budget", type=float, help="stop starting trials after this many seconds")
     search.add_argument("--objective", choices=["mean", "normalised"], default="mean", help="mean score over the tasks, or mean normalised score")
-    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--seed", type=int, default=0, help="seed of the search (default: %(default)s)")
     search.add_argument("--overwrite", action="store_true", help="replace the trial merges of an earlier search in the output")
     search.set_defaults(handler=cmd_search)
 
-    mix = commands.add_parser("merge-to-mix", parents=[common], help="rank data mixtures by merging the models fine-tuned on each dataset")
+    mix = commands.add_parser("merge-to-mix", parents=[common], help="rank data mixtures by merging fine-tuned models",
+                              description="rank data mixtures by merging the models fine-tuned on each dataset")
     mix.add_argument("recipe", help="one fine-tuned model per candidate dataset under models; the target task in fleet.eval")
     mix.add_argument("--output", help="where each subset's merge goes (default: fleet.output)")
     mix.add_argument("--parallel", type=int, default=2, help="subsets merged and evaluated at once (default: %(default)s)")
     mix.add_argument("--budget", type=int, help="merges at most; below 2^N - 1 (or above 8 candidates) the search is greedy")
-    mix.add_argument("--objective", choices=["mean", "normalised"], default="mean")
+    mix.add_argument("--objective", choices=["mean", "normalised"], default="mean", help="mean score over the tasks, or mean normalised score")
     mix.add_argument("--overwrite", action="store_true", help="replace the subset merges of an earlier run in the output")
     mix.set_defaults(handler=cmd_merge_to_mix)

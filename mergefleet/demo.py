@@ -5,7 +5,7 @@
 2. ``mergefleet run``: the merge_and_eval Prefect flow merges the experts (ties, 3 shards,
    2 at once), evaluates base, experts and merge with lm-eval, and records the merge as
    an MLflow run in ``demo-out/mlflow.db``;
-3. print the scores and where the run is.
+3. the run prints the scores and the command that opens it in the MLflow UI.
 
 Everything is local and built here; nothing is downloaded.
 """
@@ -17,18 +17,14 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' progress bars; before anything imports tqdm
 
 import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from mergefleet import cli
 from mergefleet.fixtures.skills import SkillModels, SkillsConfig, build_skills
-from orchestrator.tracking.store import client_for, ui_command
 
 DEMO_SKILLS = SkillsConfig(skills=("add", "map", "next"))
 EXPERIMENT = "mergefleet-demo"
@@ -52,22 +48,6 @@ def write_demo_recipe(workdir: Path, models: SkillModels) -> tuple[Path, str]:
     return path, tracking_uri
 
 
-def scores_table(evaluation: dict[str, Any]) -> list[str]:
-    """Rows: tasks; columns: base, each expert, the merge, merge ÷ reference."""
-    experts = {Path(name).name: scores["scores"] for name, scores in evaluation["experts"].items()}
-    base = (evaluation.get("base") or {}).get("scores", {})
-    header = ["task", "base", *experts, "merged", "normalised"]
-    rows = [header]
-    for task in evaluation["tasks"]:
-        normalised = evaluation["normalised"].get(task)
-        rows.append(
-            [task, f"{base.get(task, float('nan')):.3f}", *(f"{s[task]:.3f}" for s in experts.values()),
-             f"{evaluation['merged']['scores'][task]:.3f}", "" if normalised is None else f"{normalised:.2f}"]
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workdir", default="demo-out")
@@ -86,28 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     status = cli.main(["run", str(recipe), "--overwrite"])
     if status != 0:
         return status
-    run_id, evaluation = latest_run(tracking_uri)
-
-    print("3/3 scores (accuracy on 4-way multiple choice; chance 0.25; normalised: merged ÷ the expert for its skill)")
-    for line in scores_table(evaluation):
-        print(f"    {line}")
-    print(f"MLflow run {run_id} in experiment '{EXPERIMENT}' (params, inputs, shard runs, metrics, chart, logged model)")
-    print("open it in the MLflow UI:")
-    print(f"    {Path(sys.executable).parent}/{ui_command(tracking_uri)}")
+    print("3/3 the scores above: accuracy on 4-way multiple choice (chance 0.25); normalised: merged ÷ the expert for its skill")
     print(f"compare merges: mergefleet compare {EXPERIMENT} --tracking-uri {tracking_uri}")
     print(f"demo finished in {time.perf_counter() - started:.1f} s; recipe at {recipe}")
     return 0
-
-
-def latest_run(tracking_uri: str) -> tuple[str, dict[str, Any]]:
-    """The newest merge run of the demo's experiment and its evaluation, read back from MLflow."""
-    client = client_for(tracking_uri)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    run = client.search_runs([experiment.experiment_id], "tags.`mergefleet.plan_id` != ''", order_by=["attributes.start_time DESC"], max_results=20)
-    run = next(r for r in run if "mergefleet.shard" not in r.data.tags)
-    with tempfile.TemporaryDirectory() as scratch:
-        path = client.download_artifacts(run.info.run_id, "evaluation.json", scratch)
-        return run.info.run_id, json.loads(Path(path).read_text())
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ class MergeSummary(BaseModel):
     shards_skipped: int
     tensors: int
     bytes_written: int
+    bytes_merged: int  # written by this run (bytes_written less the shards already done)
     seconds: float
     report: dict[str, Any]
     manifest: Manifest = Field(exclude=True)
@@ -58,6 +59,7 @@ class MergeSummary(BaseModel):
             shards_skipped=sum(1 for outcome in outcomes if outcome.skipped),
             tensors=sum(len(s.tensors) for s in plan.shards),
             bytes_written=sum(outcome.receipt.bytes_written for outcome in outcomes),
+            bytes_merged=sum(outcome.receipt.bytes_written for outcome in outcomes if not outcome.skipped),
             seconds=seconds,
             report=manifest.report,
             manifest=manifest,

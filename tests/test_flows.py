@@ -285,7 +285,7 @@ def test_cli_run_prints_the_summary_and_resumes(family, reference, tmp_path: Pat
     assert result["shards"] == 3 and result["method"] == "ties"
     assert checkpoint_bytes(out) == reference
     assert cli.main(["run", str(path), str(out)]) == 0
-    assert "(3 already done)" in capsys.readouterr().err
+    assert "all 3 shards already done; nothing merged into" in capsys.readouterr().err
 
 
 def test_cli_run_without_a_server_uses_an_embedded_api_and_stops_it(family, reference, tmp_path: Path) -> None:

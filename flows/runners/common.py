@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError, ObjectNotFound
 
+from orchestrator import events
 from orchestrator.errors import ConfigurationError, MergeError, MergefleetError
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome, finished_receipt
@@ -87,8 +88,9 @@ def run_one_shard(plan: PlanRef, index: int, *, device: str = "cpu", concurrency
         outcome = ShardOutcome(receipt=done, skipped=True)
     else:
         with shard_slot(concurrency_limit):
-            outcome = run_shard(opened, index, device=device)
+            outcome = run_shard(opened, index, device=device, on_tensor=events.shard_progress(index))
     receipt = outcome.receipt
+    events.emit(events.ShardDone(index, receipt.bytes_written, receipt.seconds, outcome.skipped))
     verb = "already done" if outcome.skipped else f"{receipt.bytes_written / 1e6:.1f} MB in {receipt.seconds:.1f} s"
     run_log().info("%s (shard %d, %d tensors): %s", receipt.file, index, len(receipt.tensors), verb)
     return outcome

@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import embedded, pool_runs
 from flows.runners import common
+from orchestrator import events
 from orchestrator.errors import ConfigurationError
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome, finished_receipt
@@ -36,6 +37,7 @@ def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str,
     sink = opened.output_sink()
     done = finished_receipt(opened, sink, index)
     if done is not None:
+        events.emit(events.ShardDone(index, done.bytes_written, done.seconds, skipped=True))
         return ShardOutcome(receipt=done, skipped=True)
     run = run_deployment(
         deployment,
@@ -57,6 +59,7 @@ def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str,
             "does the worker see the same storage?"
         )
     common.run_log().info("shard %d done by flow run '%s'", index, run.name)
+    events.emit(events.ShardDone(index, receipt.bytes_written, receipt.seconds, skipped=False))
     return ShardOutcome(receipt=receipt, skipped=False)
 
 

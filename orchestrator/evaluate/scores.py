@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from orchestrator import events
 from orchestrator.errors import EvaluationError
 from orchestrator.evaluate.runner import CheckpointScores, evaluate_checkpoint, settings_cache_dir
 from orchestrator.evaluate.tasks import resolve_tasks
@@ -82,14 +83,19 @@ def evaluate_merge(
     expert_refs = {inp.name: inp.ref for i, inp in enumerate(plan.inputs) if i != plan.base}
     owners = resolve_owners(settings.owners, list(expert_refs), tasks.names)
 
-    merged = evaluate_checkpoint(output or plan.output, settings, tasks=tasks, storage=storage)
-    base = None
-    experts: dict[str, CheckpointScores] = {}
+    checkpoints = [("merged", output or plan.output)]
     if settings.evaluate_inputs:
-        if plan.base is not None:
-            base = evaluate_checkpoint(plan.inputs[plan.base].ref, settings, tasks=tasks, storage=storage)
-        for name, ref in expert_refs.items():
-            experts[name] = evaluate_checkpoint(ref, settings, tasks=tasks, storage=storage)
+        checkpoints += [("base", plan.inputs[plan.base].ref)] if plan.base is not None else []
+        checkpoints += list(expert_refs.items())
+    results = []
+    for position, (label, ref) in enumerate(checkpoints):
+        events.emit(events.EvaluationStarted(label, ref, position, len(checkpoints)))
+        result = evaluate_checkpoint(ref, settings, tasks=tasks, storage=storage)
+        events.emit(events.EvaluationDone(label, ref, result.scores, result.seconds, result.cached))
+        results.append(result)
+    merged, inputs = results[0], results[1:]
+    base = inputs.pop(0) if settings.evaluate_inputs and plan.base is not None else None
+    experts = dict(zip(expert_refs, inputs))
     normalised = normalise(
         merged.scores,
         base.scores if base else None,
