@@ -39,7 +39,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.pipeline import merge
     from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict)
     output = recipe.output_location(args.output)
     with MergeProgress(console, enabled=args.show_progress) as progress:
         summary = merge(
@@ -84,7 +84,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.plan import PLAN_FILE, build_plan
     from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict)
     output = recipe.output_location(args.output)
     plan = build_plan(recipe, output, shards=args.shards, allow_pickle=args.allow_pickle or None)
     prepare_output(plan, overwrite=args.overwrite)
@@ -171,14 +171,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
     _prefect_defaults(quiet=args.json or args.quiet)
     api = embedded.start()  # without a configured server: starts while the code below imports
-    from orchestrator.recipe import load_recipe, parse_recipe
+    from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # a bad recipe fails here, before any flow runs
+    recipe = load_recipe(args.recipe, strict=args.strict)  # a bad recipe fails here, before any flow runs
     output = recipe.output_location(args.output)
-    data = recipe.model_dump(mode="json", exclude_defaults=True)
     overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool")}
-    data["fleet"] = data.get("fleet", {}) | {key: value for key, value in overrides.items() if value is not None}
-    recipe = parse_recipe(data, source=args.recipe)
+    recipe = recipe.with_fleet(**{key: value for key, value in overrides.items() if value is not None})
     from flows.merge_and_eval import SkippedMerge, merge_and_eval
 
     with embedded.connected(api, timeout=float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])):
@@ -205,7 +203,7 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.recipe import load_recipe
     from orchestrator.schedule import portable_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict)
     pool = args.pool or recipe.fleet.work_pool
     if not pool:
         raise RecipeError("no work pool: give --pool NAME or set 'fleet: {work_pool: NAME}' in the recipe")
@@ -273,12 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object to stdout, no progress")
     common.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    reads_recipe = argparse.ArgumentParser(add_help=False)
+    reads_recipe.add_argument(
+        "--strict", action="store_true", help="refuse unknown keys and unused parameters in the recipe (default: warn and ignore them, as mergekit does)"
+    )
 
     parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.")
     parser.add_argument("--version", action="version", version=f"mergefleet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = commands.add_parser("merge", parents=[common], help="plan, run every shard and assemble")
+    merge = commands.add_parser("merge", parents=[common, reads_recipe], help="plan, run every shard and assemble")
     merge.add_argument("recipe", help="mergekit YAML recipe (with an optional fleet: section)")
     merge.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
     merge.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards or 1)")
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
     merge.set_defaults(handler=cmd_merge)
 
-    plan = commands.add_parser("plan", parents=[common], help="check the inputs and write OUT/.mergefleet/plan.json")
+    plan = commands.add_parser("plan", parents=[common, reads_recipe], help="check the inputs and write OUT/.mergefleet/plan.json")
     plan.add_argument("recipe")
     plan.add_argument("output", nargs="?")
     plan.add_argument("--shards", type=int)
@@ -308,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("plan")
     assemble.set_defaults(handler=cmd_assemble)
 
-    run = commands.add_parser("run", parents=[common], help="run the merge_and_eval Prefect flow (ephemeral Prefect by default)")
+    run = commands.add_parser("run", parents=[common, reads_recipe], help="run the merge_and_eval Prefect flow (ephemeral Prefect by default)")
     run.add_argument("recipe", help="mergekit YAML recipe (with an optional fleet: section)")
     run.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
     run.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards or 1)")
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-unchanged", action="store_true", help="do nothing if no input changed since the last merge")
     run.set_defaults(handler=cmd_run)
 
-    deploy = commands.add_parser("deploy", parents=[common], help="register merge-shard and a scheduled merge-and-eval with Prefect")
+    deploy = commands.add_parser("deploy", parents=[common, reads_recipe], help="register merge-shard and a scheduled merge-and-eval with Prefect")
     deploy.add_argument("recipe")
     deploy.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
     deploy.add_argument("--pool", help="work pool of the merge-shard deployment (default: fleet.work_pool)")
@@ -341,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=cmd_compare)
 
     cli_cluster.register(commands, common)
-    cli_learned.register(commands, common)
+    cli_learned.register(commands, common, reads_recipe)
     return parser
 
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from orchestrator import __version__
 from orchestrator.errors import PlanError
+from orchestrator.model_card import write_card_files
 from orchestrator.plan import Plan, PlanInput, shard_metadata
 from orchestrator.receipt import Receipt, add_report, load_receipt
 from orchestrator.storage.base import OutputSink
@@ -56,6 +57,7 @@ class Manifest(BaseModel):
     shards: list[ManifestShard]
     tokenizer_files: list[str]
     report: dict[str, Any]
+    card_files: list[str] = []  # README.md and mergekit_config.yml, when this merge wrote them
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
@@ -116,7 +118,7 @@ def write_tokenizer(plan: Plan, sink: OutputSink) -> list[str]:
 
 
 def assemble(plan: Plan) -> Manifest:
-    """Write index, config, tokenizer files and the manifest; return the manifest."""
+    """Write index, config, tokenizer files, model card and the manifest; return the manifest."""
     receipts = collect_receipts(plan)
     sink = plan.output_sink()
 
@@ -127,6 +129,7 @@ def assemble(plan: Plan) -> Manifest:
     sink.write_file("config.json", json.dumps(plan.config, indent=2).encode())
 
     copied = write_tokenizer(plan, sink)
+    card_files = write_card_files(plan, sink)
 
     report: dict[str, Any] = {}
     for receipt in receipts:
@@ -152,6 +155,7 @@ def assemble(plan: Plan) -> Manifest:
         ],
         tokenizer_files=copied,
         report=report,
+        card_files=card_files,
     )
     sink.write_file(MANIFEST_FILE, manifest.to_json().encode())
     return manifest

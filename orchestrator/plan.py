@@ -21,7 +21,7 @@ from orchestrator.errors import CheckpointError, PlanError, RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec
-from orchestrator.parameters import check_parameter_names, layer_index, recipe_parameter_scopes, resolve_tensor_parameters
+from orchestrator.parameters import layer_index, resolve_tensor_parameters
 from orchestrator.recipe import Recipe
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
@@ -293,7 +293,6 @@ def build_plan(
 ) -> Plan:
     """Read the inputs' headers and configs, validate, resolve parameters, cut into shards."""
     method = get_method(recipe.merge_method)
-    check_parameter_names(method, recipe_parameter_scopes(recipe))
     if method.needs_base and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
         raise RecipeError(
             f"merge_method '{method.name}' needs a base_model: add 'base_model: PATH' (the model the experts were fine-tuned from)"
