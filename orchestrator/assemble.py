@@ -94,14 +94,16 @@ def _expected_size(plan: Plan, index: int) -> int:
 
 
 def write_tokenizer(plan: Plan, sink: OutputSink) -> list[str]:
-    """Copy the tokenizer source's files, or save the union tokenizer; apply the chat template."""
+    """Copy the tokenizer source's files, or save the tokenizer built from them (a union, or with
+    tokens added); apply the chat template."""
     files: dict[str, bytes] = {}
-    if plan.tokenizer_mode == "union":
-        sources = {inp.name: open_source(inp.ref, storage=plan.storage) for inp in plan.inputs}
-        tokenizers = {name: load_tokenizer(source) for name, source in sources.items()}
+    if plan.tokenizer_mode == "union" or (plan.tokenizer_added and plan.tokenizer_source is not None):
+        chosen = plan.inputs if plan.tokenizer_mode == "union" else [plan.inputs[plan.tokenizer_source]]  # type: ignore[index]
+        tokenizers = {inp.name: load_tokenizer(open_source(inp.ref, storage=plan.storage)) for inp in chosen}
         base = plan.inputs[plan.base if plan.base is not None else 0].name
+        mode = "union" if plan.tokenizer_mode == "union" else chosen[0].name
         with tempfile.TemporaryDirectory(prefix="mergefleet-tokenizer-") as scratch:
-            build_output_tokenizer("union", tokenizers, base).save_pretrained(scratch)
+            build_output_tokenizer(mode, tokenizers, base, plan.tokenizer_added).save_pretrained(scratch)
             files = {path.name: path.read_bytes() for path in Path(scratch).iterdir() if path.is_file()}
     elif plan.tokenizer_source is not None:
         source = open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
