@@ -7,6 +7,7 @@ take precedence over the recipe's top-level ``parameters``.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -91,7 +92,8 @@ def unused_parameters(recipe: Recipe) -> str | None:
     for where, settings, per_model in recipe_parameter_scopes(recipe):
         for name in settings:
             if name not in known:
-                unused.append(f"{where}.{name}")
+                close = difflib.get_close_matches(name, known, n=1)
+                unused.append(f"{where}.{name}" + (f" (did you mean '{close[0]}'?)" if close else ""))
             elif per_model and name not in model_level:
                 misplaced.append(f"{where}.{name}")
     if not unused and not misplaced:

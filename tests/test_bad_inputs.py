@@ -61,7 +61,7 @@ def test_unknown_parameter(capsys, family, tmp_path: Path) -> None:
     base, experts = family
     recipe = gta_recipe("ties", base, experts)
     recipe["models"][1]["parameters"]["densty"] = 0.5
-    expect_failure(capsys, tmp_path, recipe, "densty", "density", extra=("--strict",))  # without it: a warning
+    expect_failure(capsys, tmp_path, recipe, "parameters.densty (did you mean 'density'?)", extra=("--strict",))  # without it: a warning
 
 
 def test_unknown_recipe_key(capsys, family, tmp_path: Path) -> None:
