@@ -17,6 +17,7 @@ from flows.runners.common import run_log, worth_retrying
 from orchestrator import events
 from orchestrator.assemble import Manifest, assemble
 from orchestrator.evaluate.scores import Evaluation, evaluate_merge
+from orchestrator.model_card import write_card_files
 from orchestrator.pipeline import prepare_output
 from orchestrator.plan import build_plan
 from orchestrator.plan_ref import PlanRef, open_plan, remember
@@ -71,6 +72,7 @@ def evaluate_task(plan: PlanRef, settings: EvalSettings | None) -> Evaluation | 
     opened = open_plan(plan)
     evaluation = evaluate_merge(opened, settings, storage=plan.storage)
     run_log().info("scores of %s: %s", opened.output, evaluation.merged.scores)
+    write_card_files(opened, opened.output_sink(), evaluation)  # the model card gains the scores
     return evaluation
 
 

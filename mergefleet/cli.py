@@ -40,7 +40,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.multidoc import IntermediateResult, load_graph, merge_graph
     from orchestrator.pipeline import merge
 
-    graph = load_graph(args.recipe)
+    graph = load_graph(args.recipe, strict=args.strict)
     output = graph.final.recipe.output_location(args.output)
 
     def report(result: IntermediateResult) -> None:
@@ -109,7 +109,7 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.multidoc import load_graph
     from orchestrator.plan import PLAN_FILE, build_plan
 
-    graph = load_graph(args.recipe)
+    graph = load_graph(args.recipe, strict=args.strict)
     recipe = graph.final.recipe
     output = recipe.output_location(args.output)
     if not graph.is_single:
@@ -217,15 +217,12 @@ def cmd_run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     api = embedded.start()  # without a configured server: starts while the code below imports
     from orchestrator.errors import RecipeError
     from orchestrator.multidoc import load_graph
-    from orchestrator.recipe import parse_recipe
 
-    graph = load_graph(args.recipe)  # a bad recipe fails here, before any flow runs
+    graph = load_graph(args.recipe, strict=args.strict)  # a bad recipe fails here, before any flow runs
     recipe = graph.final.recipe
     output = recipe.output_location(args.output)
-    data = recipe.model_dump(mode="json", exclude_defaults=True)
     overrides = {key: getattr(args, key) for key in ("shards", "workers", "device", "target", "work_pool", "intermediate_dir")}
-    data["fleet"] = data.get("fleet", {}) | {key: value for key, value in overrides.items() if value is not None}
-    recipe = parse_recipe(data, source=args.recipe)
+    recipe = recipe.with_fleet(**{key: value for key, value in overrides.items() if value is not None})
     from flows.merge_and_eval import SkippedMerge, merge_and_eval
     from flows.merge_documents import merge_documents
 
@@ -288,7 +285,7 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.multidoc import load_graph
     from orchestrator.schedule import portable_recipe
 
-    graph = load_graph(args.recipe)
+    graph = load_graph(args.recipe, strict=args.strict)
     if not graph.is_single:
         raise RecipeError(
             f"{args.recipe} holds {len(graph.nodes)} documents; deploy takes a single-document recipe "
@@ -381,12 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", "-v", action="store_true", help="show other libraries' logs and progress bars instead of logging them")
     common.add_argument("--log-file", metavar="PATH", help=f"where other libraries' output goes (default: {output_log.LOG_HELP})")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs (implies --verbose)")
+    reads_recipe = argparse.ArgumentParser(add_help=False)
+    reads_recipe.add_argument(
+        "--strict", action="store_true", help="refuse unknown keys and unused parameters in the recipe (default: warn and ignore them, as mergekit does)"
+    )
 
     parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.", formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"mergefleet {__version__}", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = commands.add_parser("merge", parents=[common], help="plan, run every shard and assemble, here")
+    merge = commands.add_parser("merge", parents=[common, reads_recipe], help="plan, run every shard and assemble, here")
     merge.add_argument("recipe", help=RECIPE_HELP)
     merge.add_argument("output", nargs="?", help=OUTPUT_HELP)
     merge.add_argument("--shards", type=int, help=SHARDS_HELP)
@@ -397,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--intermediate-dir", help=INTERMEDIATE_HELP)
     merge.set_defaults(handler=cmd_merge)
 
-    plan = commands.add_parser("plan", parents=[common], help="check the inputs, write OUT/.mergefleet/plan.json")
+    plan = commands.add_parser("plan", parents=[common, reads_recipe], help="check the inputs, write OUT/.mergefleet/plan.json")
     plan.add_argument("recipe", help=RECIPE_HELP)
     plan.add_argument("output", nargs="?", help=OUTPUT_HELP)
     plan.add_argument("--shards", type=int, help=SHARDS_HELP)
@@ -418,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("plan", help=PLAN_HELP)
     assemble.set_defaults(handler=cmd_assemble)
 
-    run = commands.add_parser("run", parents=[common], help="merge, evaluate and record: the Prefect flow")
+    run = commands.add_parser("run", parents=[common, reads_recipe], help="merge, evaluate and record: the Prefect flow")
     run.add_argument("recipe", help=RECIPE_HELP)
     run.add_argument("output", nargs="?", help=OUTPUT_HELP)
     run.add_argument("--shards", type=int, help=SHARDS_HELP)
@@ -431,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-unchanged", action="store_true", help="do nothing if no input changed since the last merge")
     run.set_defaults(handler=cmd_run)
 
-    deploy = commands.add_parser("deploy", parents=[common], help="register the flows with Prefect, on a schedule")
+    deploy = commands.add_parser("deploy", parents=[common, reads_recipe], help="register the flows with Prefect, on a schedule")
     deploy.add_argument("recipe", help=RECIPE_HELP)
     deploy.add_argument("output", nargs="?", help=OUTPUT_HELP)
     deploy.add_argument("--pool", help="work pool of the merge-shard deployment (default: fleet.work_pool)")
@@ -454,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(handler=cmd_compare)
 
     cli_cluster.register(commands, common)
-    cli_learned.register(commands, common)
+    cli_learned.register(commands, common, reads_recipe)
     return parser
 
 

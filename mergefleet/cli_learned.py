@@ -19,7 +19,7 @@ def cmd_dam_train(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.learned.dam_run import run_dam_training
     from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict)
     overrides = {"dtype": args.dtype, "batch_size": args.batch_size, "max_length": args.max_length,
                  "device": args.device, "memory_limit": args.memory_limit}
 
@@ -54,7 +54,7 @@ def _run_flow(args: argparse.Namespace, start: Callable[[], dict[str, Any]]) -> 
 def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)  # a bad recipe fails before Prefect starts
+    recipe = load_recipe(args.recipe, strict=args.strict)  # a bad recipe fails before Prefect starts
 
     def start() -> dict[str, Any]:
         from flows.search import parameter_search
@@ -75,7 +75,7 @@ def cmd_search(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 def cmd_merge_to_mix(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.recipe import load_recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, strict=args.strict)
 
     def start() -> dict[str, Any]:
         from flows.merge_to_mix import merge_to_mix
@@ -91,10 +91,10 @@ def cmd_merge_to_mix(args: argparse.Namespace, console: Console) -> dict[str, An
     return result
 
 
-def register(commands: Any, common: argparse.ArgumentParser) -> None:
+def register(commands: Any, common: argparse.ArgumentParser, reads_recipe: argparse.ArgumentParser) -> None:
     dam = commands.add_parser("dam", help="Differentiable Adaptive Merging: learn coefficients")
     steps = dam.add_subparsers(dest="dam_command", required=True, metavar="STEP", help="what to do")
-    train = steps.add_parser("train", parents=[common], help="learn the coefficients a dam_apply recipe reads (fleet.dam: data and settings)")
+    train = steps.add_parser("train", parents=[common, reads_recipe], help="learn the coefficients a dam_apply recipe reads (fleet.dam: data and settings)")
     train.add_argument("recipe", help="a dam_apply recipe with fleet.dam")
     train.add_argument("--coefficients", help="where the coefficient file goes (default: the recipe's parameters.coefficients)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing coefficient file")
@@ -106,7 +106,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     train.add_argument("--memory-limit", help="fail early above this much memory, e.g. 24GB (default: what the device has free)")
     train.set_defaults(handler=cmd_dam_train)
 
-    search = commands.add_parser("search", parents=[common], help="search weights and densities with CMA-ES",
+    search = commands.add_parser("search", parents=[common, reads_recipe], help="search weights and densities with CMA-ES",
                                  description="search a method's weights and densities with CMA-ES, scored with fleet.eval")
     search.add_argument("recipe", help="the recipe to tune; its fleet.eval scores each trial")
     search.add_argument("--budget", type=int, default=16, help="trials (merge + evaluation) at most (default: %(default)s)")
@@ -120,7 +120,7 @@ def register(commands: Any, common: argparse.ArgumentParser) -> None:
     search.add_argument("--overwrite", action="store_true", help="replace the trial merges of an earlier search in the output")
     search.set_defaults(handler=cmd_search)
 
-    mix = commands.add_parser("merge-to-mix", parents=[common], help="rank data mixtures by merging fine-tuned models",
+    mix = commands.add_parser("merge-to-mix", parents=[common, reads_recipe], help="rank data mixtures by merging fine-tuned models",
                               description="rank data mixtures by merging the models fine-tuned on each dataset")
     mix.add_argument("recipe", help="one fine-tuned model per candidate dataset under models; the target task in fleet.eval")
     mix.add_argument("--output", help="where each subset's merge goes (default: fleet.output)")

@@ -16,6 +16,7 @@ from pydantic import BaseModel
 
 from orchestrator import __version__
 from orchestrator.errors import PlanError
+from orchestrator.model_card import write_card_files
 from orchestrator.plan import Plan, PlanInput, shard_metadata
 from orchestrator.receipt import Receipt, add_report, load_receipt
 from orchestrator.storage.base import OutputSink
@@ -56,6 +57,7 @@ class Manifest(BaseModel):
     shards: list[ManifestShard]
     tokenizer_files: list[str]
     report: dict[str, Any]
+    card_files: list[str] = []  # README.md and mergekit_config.yml, when this merge wrote them
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
@@ -92,14 +94,16 @@ def _expected_size(plan: Plan, index: int) -> int:
 
 
 def write_tokenizer(plan: Plan, sink: OutputSink) -> list[str]:
-    """Copy the tokenizer source's files, or save the union tokenizer; apply the chat template."""
+    """Copy the tokenizer source's files, or save the tokenizer built from them (a union, or with
+    tokens added); apply the chat template."""
     files: dict[str, bytes] = {}
-    if plan.tokenizer_mode == "union":
-        sources = {inp.name: open_source(inp.ref, storage=plan.storage) for inp in plan.inputs}
-        tokenizers = {name: load_tokenizer(source) for name, source in sources.items()}
+    if plan.tokenizer_mode == "union" or (plan.tokenizer_added and plan.tokenizer_source is not None):
+        chosen = plan.inputs if plan.tokenizer_mode == "union" else [plan.inputs[plan.tokenizer_source]]  # type: ignore[index]
+        tokenizers = {inp.name: load_tokenizer(open_source(inp.ref, storage=plan.storage)) for inp in chosen}
         base = plan.inputs[plan.base if plan.base is not None else 0].name
+        mode = "union" if plan.tokenizer_mode == "union" else chosen[0].name
         with tempfile.TemporaryDirectory(prefix="mergefleet-tokenizer-") as scratch:
-            build_output_tokenizer("union", tokenizers, base).save_pretrained(scratch)
+            build_output_tokenizer(mode, tokenizers, base, plan.tokenizer_added).save_pretrained(scratch)
             files = {path.name: path.read_bytes() for path in Path(scratch).iterdir() if path.is_file()}
     elif plan.tokenizer_source is not None:
         source = open_source(plan.inputs[plan.tokenizer_source].ref, storage=plan.storage)
@@ -116,7 +120,7 @@ def write_tokenizer(plan: Plan, sink: OutputSink) -> list[str]:
 
 
 def assemble(plan: Plan) -> Manifest:
-    """Write index, config, tokenizer files and the manifest; return the manifest."""
+    """Write index, config, tokenizer files, model card and the manifest; return the manifest."""
     receipts = collect_receipts(plan)
     sink = plan.output_sink()
 
@@ -127,6 +131,7 @@ def assemble(plan: Plan) -> Manifest:
     sink.write_file("config.json", json.dumps(plan.config, indent=2).encode())
 
     copied = write_tokenizer(plan, sink)
+    card_files = write_card_files(plan, sink)
 
     report: dict[str, Any] = {}
     for receipt in receipts:
@@ -152,6 +157,7 @@ def assemble(plan: Plan) -> Manifest:
         ],
         tokenizer_files=copied,
         report=report,
+        card_files=card_files,
     )
     sink.write_file(MANIFEST_FILE, manifest.to_json().encode())
     return manifest

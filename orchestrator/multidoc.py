@@ -212,21 +212,22 @@ def _dependency_order(nodes: dict[int, MergeNode], named: dict[str, int], source
     return ordered
 
 
-def load_graph(path: str | Path) -> MergeGraph:
-    """The merges of a recipe file: one node for an ordinary recipe (read by ``load_recipe``)."""
+def load_graph(path: str | Path, *, strict: bool = False) -> MergeGraph:
+    """The merges of a recipe file: one node for an ordinary recipe (read by ``load_recipe``);
+    ``strict`` refuses unknown keys and unused parameters, as ``parse_recipe`` does."""
     path = Path(path)
     try:
         documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     except (OSError, yaml.YAMLError):
         documents = []  # load_recipe reports a missing file or a syntax error as it does for every recipe
     if len(documents) <= 1:
-        return MergeGraph(str(path), (MergeNode(None, 1, load_recipe(path), ()),))
+        return MergeGraph(str(path), (MergeNode(None, 1, load_recipe(path, strict=strict), ()),))
     recipes = []
     for position, data in enumerate(documents, start=1):
         where = f"{path}, document {position}"
         if isinstance(data, dict) and "name" in data:
             where += f" ('{_check_name(data['name'], where)}')"
-        recipes.append(parse_recipe(data, source=where))
+        recipes.append(parse_recipe(data, source=where, strict=strict))
     return graph_of(recipes, str(path))
 
 
@@ -259,7 +260,7 @@ def node_recipe(graph: MergeGraph, node: MergeNode, root: str) -> Recipe:
     if node is not graph.final:
         fleet = {key: value for key, value in fleet.items() if key not in ("output", "eval", "register_model", "dam")}
     data["fleet"] = fleet
-    return parse_recipe({key: value for key, value in data.items() if value is not None}, source=f"{graph.source}, {node.label}")
+    return parse_recipe({key: value for key, value in data.items() if value is not None}, source=f"{graph.source}, {node.label}", warn=False)
 
 
 def finished_merge(plan: Plan) -> Manifest | None:

@@ -7,6 +7,7 @@ take precedence over the recipe's top-level ``parameters``.
 
 from __future__ import annotations
 
+import difflib
 import re
 from typing import Any, Mapping, Sequence
 
@@ -71,23 +72,39 @@ def coerce(spec: ParamSpec, value: Any, *, where: str) -> Any:
     return value
 
 
-def check_parameter_names(method: MethodSpec, scopes: Sequence[tuple[str, Mapping[str, Any], bool]]) -> None:
-    """Refuse parameters the method does not take: a typo would otherwise be ignored.
+def unused_parameters(recipe: Recipe) -> str | None:
+    """One line naming every parameter the recipe sets and its method does not read, or None.
 
-    ``scopes`` are (where, settings, belongs to one model); a model's own settings may not
-    hold parameters that apply to the whole merge.
+    mergekit ignores them (``weight`` on ``model_stock`` or ``sce``, a merge-wide setting
+    under one model), so they are accepted; the line says where each one is and that it is
+    ignored, because a typo in a parameter name changes nothing either. An unknown method
+    gives None: planning refuses it with the list of methods.
     """
+    from orchestrator.methods import METHODS
+
+    method = METHODS.get(recipe.merge_method)
+    if method is None:
+        return None
     known = {spec.name for spec in (*method.model_params, *method.global_params)}
     model_level = {spec.name for spec in method.model_params}
-    allowed = ", ".join(sorted(known)) or "(none)"
-    for where, settings, per_model in scopes:
+    unused: list[str] = []
+    misplaced: list[str] = []
+    for where, settings, per_model in recipe_parameter_scopes(recipe):
         for name in settings:
             if name not in known:
-                raise RecipeError(f"{where}.{name}: '{method.name}' takes no parameter '{name}'; it takes: {allowed}")
-            if per_model and name not in model_level:
-                raise RecipeError(
-                    f"{where}.{name}: '{name}' applies to the whole merge; move it to the top-level 'parameters:'"
-                )
+                close = difflib.get_close_matches(name, known, n=1)
+                unused.append(f"{where}.{name}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+            elif per_model and name not in model_level:
+                misplaced.append(f"{where}.{name}")
+    if not unused and not misplaced:
+        return None
+    parts = []
+    if unused:
+        allowed = ", ".join(sorted(known)) or "none"
+        parts.append(f"'{method.name}' does not use {', '.join(unused)} (it takes: {allowed})")
+    if misplaced:
+        parts.append(f"{', '.join(misplaced)} apply to the whole merge and are read only from the top-level 'parameters:'")
+    return "; ".join(parts) + "; ignored, as mergekit ignores them"
 
 
 def recipe_parameter_scopes(recipe: Recipe) -> list[tuple[str, Mapping[str, Any], bool]]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, field_serializer
 
 from orchestrator.assemble import INDEX_FILE, MANIFEST_FILE, Manifest, assemble
 from orchestrator.errors import OutputError
+from orchestrator.model_card import recorded_card_files
 from orchestrator.plan import PLAN_FILE, Plan, build_plan
 from orchestrator.plan_ref import PlanRef, remember
 from orchestrator.receipt import ShardOutcome, receipt_file
@@ -109,7 +110,7 @@ def prepare_output(plan: Plan, *, overwrite: bool = False) -> OutputSink:
             for name in foreign:
                 sink.delete(name)
     if overwrite:
-        for name in _owned_files(previous):
+        for name in _owned_files(previous) + recorded_card_files(sink):
             if sink.exists(name):
                 sink.delete(name)
     sink.write_file(PLAN_FILE, plan.to_json().encode())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from pydantic import BaseModel
@@ -21,8 +21,8 @@ from orchestrator.errors import CheckpointError, PlanError, RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec
-from orchestrator.parameters import check_parameter_names, layer_index, recipe_parameter_scopes, resolve_tensor_parameters
-from orchestrator.recipe import Recipe
+from orchestrator.parameters import layer_index, resolve_tensor_parameters
+from orchestrator.recipe import ModelTokenSource, Recipe, TokenSettings, ZeroTokenSource
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
 from orchestrator.storage.checkpoint import fingerprints, open_output, read_config, read_tensor_index, shard_file_name
@@ -30,6 +30,7 @@ from orchestrator.storage.convert import open_checkpoint
 from orchestrator.storage.safetensors_format import dtype_code, parse_dtype_name
 from orchestrator.vocabulary import (
     TOKENIZER_FILES,
+    FixedRow,
     build_output_tokenizer,
     check_tokenizer_source,
     is_vocabulary_tensor,
@@ -90,8 +91,9 @@ class PlannedTensor(BaseModel):
 class VocabularyPlan(BaseModel):
     """The output vocabulary's size and, per input, its row for each output token (-1: lacks it)."""
 
-    size: int
+    size: int  # output rows: the tokens, then any padding (tokenizer.pad_to_multiple_of)
     rows: dict[int, list[int]]  # input index -> row map
+    fixed: list[FixedRow] = []  # tokenizer.tokens rows; input indexes ``Plan.inputs``
 
 
 class PlannedShard(BaseModel):
@@ -127,6 +129,7 @@ class Plan(BaseModel):
     tokenizer_source: int | None  # input whose tokenizer files are copied
     tokenizer_files: list[str]
     tokenizer_mode: str | None = None  # "union" when assembly builds a tokenizer
+    tokenizer_added: list[str] = []  # tokens (tokenizer.tokens) the output tokenizer gains
     vocabulary: "VocabularyPlan | None" = None
     chat_template: str | None = None
     shards: list[PlannedShard]
@@ -293,7 +296,6 @@ def build_plan(
 ) -> Plan:
     """Read the inputs' headers and configs, validate, resolve parameters, cut into shards."""
     method = get_method(recipe.merge_method)
-    check_parameter_names(method, recipe_parameter_scopes(recipe))
     if method.needs_base and not recipe.base_model and not any(s.base_model for s in recipe.slices or []):
         raise RecipeError(
             f"merge_method '{method.name}' needs a base_model: add 'base_model: PATH' (the model the experts were fine-tuned from)"
@@ -309,8 +311,9 @@ def build_plan(
     reference = recipe.base_model or refs[0]
     _check_architectures(refs, configs, reference)
 
-    check_tokenizer_source(recipe.tokenizer_source, refs)
-    vocabulary, tokenizer_mode = _plan_vocabulary(recipe, refs, sources, configs, reference)
+    tokenizer = recipe.tokenizer_settings()
+    check_tokenizer_source(tokenizer.source if tokenizer else None, refs, key="tokenizer.source" if recipe.tokenizer else "tokenizer_source")
+    vocabulary, tokenizer_mode, tokenizer_added = _plan_vocabulary(recipe, refs, sources, configs, reference)
     slices = output_slices(recipe, {ref: _num_layers(configs[ref], indexes[ref]) for ref in refs})
     tensors = output_tensors(slices, {ref: list(index) for ref, index in indexes.items()}, recipe.parameters)
     out_dtype = (
@@ -371,7 +374,7 @@ def build_plan(
         PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in fingerprints(sources[ref])])
         for ref in refs
     ]
-    tokenizer_ref = recipe.tokenizer_source if recipe.tokenizer_source in refs else reference
+    tokenizer_ref = tokenizer.source if tokenizer and tokenizer.source in refs else reference
     tokenizer_files = [name for name in TOKENIZER_FILES if sources[tokenizer_ref].exists(name)]
     layer_sources = [s.sources[0].start + offset for s in slices for offset in range(s.layers)]
     config = _output_config(configs[reference], out_dtype, layer_sources if recipe.slices else None)
@@ -402,7 +405,12 @@ def build_plan(
         tokenizer_source=position[tokenizer_ref] if tokenizer_files else None,
         tokenizer_files=tokenizer_files,
         tokenizer_mode=tokenizer_mode,
-        vocabulary=VocabularyPlan(size=vocabulary.size, rows={position[r]: m for r, m in vocabulary.rows.items()})
+        tokenizer_added=tokenizer_added,
+        vocabulary=VocabularyPlan(
+            size=vocabulary.size,
+            rows={position[r]: m for r, m in vocabulary.rows.items()},
+            fixed=[replace(row, input=None if row.input is None else position[refs[row.input]]) for row in vocabulary.fixed],
+        )
         if vocabulary is not None
         else None,
         chat_template=resolve_chat_template(
@@ -425,8 +433,10 @@ def _tensor_out_dtype(method: MethodSpec, recipe: Recipe, precision: str, comput
 
 @dataclass
 class _Vocabulary:
-    size: int
+    size: int  # output rows: the tokens, then the padding rows
     rows: dict[str, list[int]]
+    fixed: list[FixedRow]  # input positions are refs' indexes here
+    added: list[str]  # tokens of tokenizer.tokens the output tokenizer gains
 
 
 def _plan_vocabulary(
@@ -435,20 +445,66 @@ def _plan_vocabulary(
     sources: dict[str, CheckpointSource],
     configs: dict[str, dict[str, Any]],
     reference: str,
-) -> tuple[_Vocabulary | None, str | None]:
-    """Row maps into the output vocabulary, or None when every model already uses it."""
-    if recipe.tokenizer_source is None:
-        return None, None
+) -> tuple[_Vocabulary | None, str | None, list[str]]:
+    """Row maps into the output vocabulary (None when every model already uses it as it is),
+    "union" when assembly builds a union tokenizer, and the tokens the output tokenizer gains."""
+    settings = recipe.tokenizer_settings()
+    if settings is None:
+        return None, None, []
     tokenizers = {ref: load_tokenizer(sources[ref]) for ref in refs}
-    mode = reference if recipe.tokenizer_source == "base" else recipe.tokenizer_source
-    output = build_output_tokenizer(mode, tokenizers, reference)
+    mode = reference if settings.source == "base" else settings.source
+    tokens = settings.tokens or {}
+    output = build_output_tokenizer(mode, tokenizers, reference, list(tokens))
+    base_vocab = (build_output_tokenizer(mode, tokenizers, reference) if tokens else output).get_vocab()
+    added = [token for token in tokens if token not in base_vocab]
     sizes = {ref: int(configs[ref].get("vocab_size") or len(tokenizers[ref])) for ref in refs}
     rows = vocabulary_maps(output, tokenizers, sizes)
-    size = len(next(iter(rows.values())))
-    identity = list(range(size))
-    if all(r == identity and sizes[ref] == size for ref, r in rows.items()):
-        return None, "union" if mode == "union" else None
-    return _Vocabulary(size, rows), "union" if mode == "union" else None
+    count = len(next(iter(rows.values())))
+    size = count
+    if settings.pad_to_multiple_of and count % settings.pad_to_multiple_of:
+        size = count + settings.pad_to_multiple_of - count % settings.pad_to_multiple_of
+    vocab = output.get_vocab()
+    fixed = [_fixed_row(token, vocab[token], config, refs, rows, tokenizers, sizes) for token, config in tokens.items()]
+    union = "union" if mode == "union" else None
+    identity = list(range(count))
+    if size == count and not any(row.force for row in fixed) and all(r == identity and sizes[ref] == count for ref, r in rows.items()):
+        return None, union, added
+    return _Vocabulary(size, rows, fixed, added), union, added
+
+
+def _fixed_row(
+    token: str,
+    row: int,
+    config: TokenSettings,
+    refs: list[str],
+    rows: dict[str, list[int]],
+    tokenizers: dict[str, Any],
+    sizes: dict[str, int],
+) -> FixedRow:
+    """Where ``tokenizer.tokens.<token>`` takes its row, checked against the models."""
+    where = f"tokenizer.tokens.{token}.source"
+    source = config.source
+    if source is None:
+        raise RecipeError(f"{where} is not set: name one of the recipe's models, or a 'model_token' or 'zero' source")
+    if isinstance(source, ZeroTokenSource):
+        return FixedRow(row=row, input=None, source_row=0, force=config.force)
+    model = source.model if isinstance(source, ModelTokenSource) else source
+    if model not in refs:
+        raise RecipeError(f"{where}: '{model}' is not one of the recipe's models ({', '.join(refs)})")
+    if isinstance(source, ModelTokenSource):
+        if source.token is not None:
+            source_row = tokenizers[model].get_vocab().get(source.token, -1)
+            if source_row < 0:
+                raise RecipeError(f"{where}: {model}'s tokenizer has no token {source.token!r}")
+        else:
+            source_row = int(source.token_id or 0)
+        if source_row >= sizes[model]:
+            raise RecipeError(f"{where}: token id {source_row} is outside {model}'s {sizes[model]} rows")
+    else:
+        source_row = rows[model][row]
+        if source_row < 0:
+            raise RecipeError(f"{where}: {model}'s tokenizer has no token {token!r}; use a 'model_token' source to take another token's row")
+    return FixedRow(row=row, input=refs.index(model), source_row=source_row, force=config.force)
 
 
 def cut_into_shards(tensors: list[PlannedTensor], count: int) -> list[PlannedShard]:

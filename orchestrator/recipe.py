@@ -1,21 +1,29 @@
 """The recipe: a mergekit YAML file, unchanged, plus an optional ``fleet:`` section.
 
-Parsing is strict (unknown keys are errors, as silently ignored keys are a known source
-of wrong merges) and every error names the key at fault and what is allowed.
+mergekit reads what it knows and ignores the rest; so does mergefleet, but loudly: an
+unknown key (a typo, usually) is dropped with a warning naming the closest known key,
+and ``strict=True`` (``--strict`` on the command line) makes it an error. Every error
+names the key at fault and what is allowed.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.learned.settings import DamSettings
-from orchestrator.storage.base import StorageOptions
+from orchestrator.storage.base import _CREDENTIAL_WORDS, StorageOptions
+
+log = logging.getLogger(__name__)
 
 Scalar = Union[bool, int, float, str]
 
@@ -62,6 +70,54 @@ class SliceEntry(BaseModel):
     sources: list[SliceSource]
     base_model: str | None = None
     parameters: dict[str, ParameterValue] = Field(default_factory=dict)
+
+
+class ModelTokenSource(BaseModel):
+    """A token's row taken from another token of one model (``kind: model_token``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self) -> "ModelTokenSource":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source names exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroTokenSource(BaseModel):
+    """A row of zeros (``kind: zero``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["zero"]
+
+
+class TokenSettings(BaseModel):
+    """``tokenizer.tokens.<token>``: where that token's embedding and head rows come from.
+
+    ``source`` is a model of the recipe (its row for the token), a ``model_token`` or
+    ``zero`` source; ``force`` gives every model that row, not only those lacking the token.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: ModelTokenSource | ZeroTokenSource | str | None = None
+    force: bool = False
+
+
+class TokenizerSettings(BaseModel):
+    """mergekit's ``tokenizer:`` section: the output vocabulary and how its rows are filled."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "union"  # union, base, or one of the recipe's models
+    tokens: dict[str, TokenSettings] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class EvalSettings(BaseModel):
@@ -145,6 +201,9 @@ class FleetSettings(BaseModel):
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, hide_input_in_errors=True)
 
+    # What parsing found and let pass (unknown keys, unused parameters): one line each.
+    _warnings: list[str] = PrivateAttr(default_factory=list)
+
     merge_method: str
     models: list[ModelEntry] = Field(default_factory=list)
     slices: list[SliceEntry] | None = None
@@ -154,6 +213,7 @@ class Recipe(BaseModel):
     out_dtype: str | None = None
     random_seed: int = 0
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
     name: str | None = None
     fleet: FleetSettings = Field(default_factory=FleetSettings)
@@ -171,7 +231,42 @@ class Recipe(BaseModel):
             raise ValueError("the recipe names no models: add a 'models:' list")
         if self.models and self.slices:
             raise ValueError("give either 'models:' or 'slices:', not both")
+        if self.tokenizer_source and self.tokenizer:
+            raise ValueError("give either 'tokenizer_source:' or 'tokenizer:', not both (mergekit refuses both too)")
         return self
+
+    @model_validator(mode="after")
+    def _no_model_twice(self) -> "Recipe":
+        """mergekit refuses a merge whose inputs repeat a model ("Duplicate merge inputs")."""
+        groups = [("models", [entry.model for entry in self.models])]
+        groups += [(f"slices[{i}].sources", [s.model for s in slice_.sources]) for i, slice_ in enumerate(self.slices or [])]
+        for where, names in groups:
+            for index, name in enumerate(names):
+                if name in names[:index]:
+                    raise ValueError(
+                        f"{where}[{index}] ({name}) repeats {where}[{names.index(name)}]; a model may be listed once "
+                        "(mergekit refuses it too): merge the two entries' parameters into one"
+                    )
+        return self
+
+    @property
+    def warnings(self) -> list[str]:
+        """What parsing let pass (unknown keys, parameters the method does not use)."""
+        return list(self._warnings)
+
+    def with_fleet(self, **overrides: Any) -> "Recipe":
+        """This recipe with some ``fleet:`` settings replaced (command-line flags), validated."""
+        try:
+            fleet = FleetSettings.model_validate(self.fleet.model_dump(exclude_defaults=True) | overrides)
+        except ValidationError as error:
+            raise RecipeError(_describe(error, "fleet")) from None
+        return self.model_copy(update={"fleet": fleet})
+
+    def tokenizer_settings(self) -> TokenizerSettings | None:
+        """The ``tokenizer:`` section, or the older ``tokenizer_source`` as one; None for neither."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return TokenizerSettings(source=self.tokenizer_source) if self.tokenizer_source else None
 
     def model_refs(self) -> list[str]:
         """Every model the merge reads, base first when there is one, without repeats."""
@@ -204,34 +299,100 @@ def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"]) or "(top level)"
     kind = first["type"]
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(first["loc"])
-        return f"{source}: unknown key '{location}'" + (f"; allowed here: {allowed}" if allowed else "")
     if kind == "missing":
         return f"{source}: missing required key '{location}'"
     message = first["msg"].removeprefix("Value error, ")
-    return f"{source}: {location}: {message}"
+    return f"{source}: {location}: {message}" if first["loc"] else f"{source}: {message}"
 
 
-def _allowed_keys(location: tuple[Any, ...]) -> str:
-    model: type[BaseModel] = Recipe
-    nested = {"fleet": FleetSettings, "eval": EvalSettings, "dam": DamSettings, "storage": StorageOptions, "models": ModelEntry, "slices": SliceEntry, "sources": SliceSource}
-    for part in location[:-1]:
-        if isinstance(part, str) and part in nested:
-            model = nested[part]
-    return ", ".join(sorted(model.model_fields))
+_LEAVE_TO_VALIDATION = {StorageOptions: _CREDENTIAL_WORDS}  # refused there with its own message, never dropped
 
 
-def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+def _nested_model(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """('one', M), ('list', M) or ('dict', M) when a field holds M in that way (Optional or not)."""
+    args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "one", annotation
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType) and len(args) == 1:
+        return _nested_model(args[0])
+    if origin is list and len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+        return "list", args[0]
+    if origin is dict and len(args) == 2 and isinstance(args[1], type) and issubclass(args[1], BaseModel):
+        return "dict", args[1]
+    return None
+
+
+def _unknown_key_message(path: str, key: str, known: list[str]) -> str:
+    where = f"{path}.{key}" if path else key
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"unknown key '{where}'; did you mean '{f'{path}.' if path else ''}{close[0]}'?"
+    return f"unknown key '{where}'; allowed here: {', '.join(sorted(known))}"
+
+
+def _drop_unknown_keys(model: type[BaseModel], data: Any, path: str, found: list[str]) -> Any:
+    """``data`` without the keys ``model`` does not know (recursively); one message per key in ``found``."""
+    if not isinstance(data, dict):
+        return data
+    known = list(model.model_fields)
+    kept: dict[Any, Any] = {}
+    for key, value in data.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        if field is None:
+            words = _LEAVE_TO_VALIDATION.get(model, ())
+            if any(word in str(key).lower() for word in words):
+                kept[key] = value
+            else:
+                found.append(_unknown_key_message(path, str(key), known))
+            continue
+        nested = _nested_model(field.annotation)
+        where = f"{path}.{key}" if path else key
+        if nested is None:
+            kept[key] = value
+        elif nested[0] == "one":
+            kept[key] = _drop_unknown_keys(nested[1], value, where, found)
+        elif nested[0] == "list" and isinstance(value, list):
+            kept[key] = [_drop_unknown_keys(nested[1], item, f"{where}[{i}]", found) for i, item in enumerate(value)]
+        elif nested[0] == "dict" and isinstance(value, dict):
+            kept[key] = {name: _drop_unknown_keys(nested[1], item, f"{where}.{name}", found) for name, item in value.items()}
+        else:
+            kept[key] = value
+    return kept
+
+
+def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, warn: bool = True) -> Recipe:
+    """The recipe in ``data`` (one YAML document).
+
+    Unknown keys are dropped and parameters the method does not use kept, as mergekit does,
+    each with a line in ``Recipe.warnings`` (logged unless ``warn`` is false: a recipe parsed
+    again from one already parsed); ``strict`` refuses them instead.
+    """
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'merge_method' and 'models'")
+    unknown: list[str] = []
+    cleaned = _drop_unknown_keys(Recipe, data, "", unknown)
+    if unknown and strict:
+        raise RecipeError(f"{source}: {unknown[0]} (--strict refuses keys mergekit would ignore)")
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(cleaned)
     except ValidationError as error:
         raise RecipeError(_describe(error, source)) from None
+    from orchestrator.parameters import unused_parameters  # parameters reads this module's types
+
+    unused = unused_parameters(recipe)
+    if unused and strict:
+        raise RecipeError(f"{source}: {unused} (--strict refuses parameters mergekit would ignore)")
+    for message in unknown:
+        recipe._warnings.append(f"{source}: {message} (ignored; --strict refuses it)")
+    if unused:
+        recipe._warnings.append(f"{source}: {unused}")
+    for message in recipe._warnings if warn else ():
+        log.warning("%s", message)
+    return recipe
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
     path = Path(path)
     try:
         text = path.read_text()
@@ -239,6 +400,17 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"recipe file {path} does not exist") from None
     try:
         data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as error:
+        raise RecipeError(_yaml_error(path, error)) from None
     except yaml.YAMLError as error:
-        raise RecipeError(f"{path} is not valid YAML: {error}") from None
-    return parse_recipe(data, source=str(path))
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    return parse_recipe(data, source=str(path), strict=strict)
+
+
+def _yaml_error(path: Path, error: yaml.MarkedYAMLError) -> str:
+    """``file:line:column: not valid YAML: problem`` - one line, where editors jump to."""
+    mark = error.problem_mark or error.context_mark
+    problem = " ".join(str(error.problem or error.context or "syntax error").split())
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    return f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"

@@ -47,7 +47,7 @@ def portable_recipe(recipe: Recipe, *, root: Path, output: str | None = None) ->
     if tracking is not None:
         fleet["tracking_uri"] = tracking
     data = {key: value for key, value in data.items() if value is not None}
-    parse_recipe(data, source="portable recipe")  # still a valid recipe
+    parse_recipe(data, source="portable recipe", warn=False)  # still a valid recipe
     return data
 
 

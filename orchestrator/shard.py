@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from orchestrator.storage.safetensors_format import torch_dtype
 from orchestrator.storage.tensors import prefetch, read_tensor
 from orchestrator.storage.writer import SafetensorsWriter
 from orchestrator.streaming import StoredTensor, StreamingPolicy
-from orchestrator.vocabulary import permute_rows
+from orchestrator.vocabulary import FixedRow, permute_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,20 @@ def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream:
     return inputs
 
 
+def _fixed_rows(fixed: list[FixedRow], tensor: PlannedTensor) -> list[FixedRow]:
+    """The configured tokens' rows with inputs renumbered to this tensor's reads."""
+    position = {read.input: i for i, read in enumerate(tensor.reads)}
+    renumbered = []
+    for row in fixed:
+        if row.input is not None and row.input not in position:
+            raise PlanError(
+                f"{tensor.name}: a tokenizer.tokens source is a model this tensor does not read; "
+                "name a model of the slice that provides it"
+            )
+        renumbered.append(replace(row, input=None if row.input is None else position[row.input]))
+    return renumbered
+
+
 def merge_tensor(
     plan: Plan, method: MethodSpec, tensor: PlannedTensor, inputs: list[torch.Tensor], device: str
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -77,7 +92,9 @@ def merge_tensor(
     """
     if tensor.vocab and plan.vocabulary is not None:
         maps = [torch.tensor(plan.vocabulary.rows[read.input]) for read in tensor.reads]
-        inputs = permute_rows(inputs, maps, tensor.base)
+        # mergekit prefers the base model's row as a stand-in whether or not the method reads the base
+        base = tensor.base if tensor.base is not None else next((i for i, r in enumerate(tensor.reads) if r.input == plan.base), None)
+        inputs = permute_rows(inputs, maps, base, fixed=_fixed_rows(plan.vocabulary.fixed, tensor), size=plan.vocabulary.size)
     if device != "cpu":
         inputs = [t.to(device, non_blocking=True) for t in inputs]
     base = inputs[tensor.base] if tensor.base is not None else None

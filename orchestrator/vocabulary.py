@@ -1,17 +1,21 @@
 """Tokenizers and vocabulary-indexed tensors when the models' vocabularies differ.
 
-``tokenizer_source`` picks the output's tokenizer: ``base`` (the base's, or the first
-model's), a model reference (that model's), or ``union`` (the base's, plus every token
-another model has and it lacks, appended in model order). Embedding and head rows are
+``tokenizer_source`` (or ``tokenizer.source``) picks the output's tokenizer: ``base`` (the
+base's, or the first model's), a model reference (that model's), or ``union`` (the base's,
+plus every token another model has and it lacks, appended in model order); the tokens
+named under ``tokenizer.tokens`` are added when it lacks them. Embedding and head rows are
 then permuted into the output vocabulary before merging. A model that lacks a token is
 given a stand-in row, as mergekit does: the only owner's row when one model has it, else
 the base's row when the base has it, else the mean of the owners' rows (zero if no model
-has it), so the merge of that row reproduces the owner's embedding.
+has it), so the merge of that row reproduces the owner's embedding. A token configured
+under ``tokenizer.tokens`` takes its stand-in from its ``source`` instead (every model's
+row, with ``force``), and ``pad_to_multiple_of`` appends rows that are each model's mean row.
 """
 
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +34,17 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+
+@dataclass(frozen=True)
+class FixedRow:
+    """A configured token's row: from ``input``'s row ``source_row`` (zeros when ``input`` is
+    None), for the inputs that lack the token, or for all of them with ``force``."""
+
+    row: int
+    input: int | None
+    source_row: int
+    force: bool
+
 
 VOCAB_TENSOR_HINTS = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_out", "output.weight")
 
@@ -58,10 +73,21 @@ def load_tokenizer(source: CheckpointSource) -> Any:
             raise CheckpointError(f"the tokenizer of {source.uri} does not load: {error}") from None
 
 
-def build_output_tokenizer(mode: str, tokenizers: dict[str, Any], base: str) -> Any:
-    """The output tokenizer: ``union`` extends the base's; otherwise the named model's is used."""
-    if mode != "union":
-        return tokenizers[mode]
+def build_output_tokenizer(mode: str, tokenizers: dict[str, Any], base: str, add_tokens: Sequence[str] = ()) -> Any:
+    """The output tokenizer: ``union`` extends the base's, otherwise the named model's is used;
+    then each of ``add_tokens`` it lacks is appended."""
+    import copy
+
+    result = _union(tokenizers, base) if mode == "union" else tokenizers[mode]
+    missing = [token for token in dict.fromkeys(add_tokens) if token not in result.get_vocab()]
+    if missing:
+        result = copy.deepcopy(result)
+        for token in missing:
+            result.add_tokens(token)
+    return result
+
+
+def _union(tokenizers: dict[str, Any], base: str) -> Any:
     import copy
 
     result = copy.deepcopy(tokenizers[base])
@@ -97,11 +123,18 @@ def vocabulary_maps(output: Any, tokenizers: dict[str, Any], vocab_sizes: dict[s
 
 
 def permute_rows(
-    tensors: Sequence[torch.Tensor], maps: Sequence[torch.Tensor], base: int | None
+    tensors: Sequence[torch.Tensor],
+    maps: Sequence[torch.Tensor],
+    base: int | None,
+    *,
+    fixed: Sequence[FixedRow] = (),
+    size: int | None = None,
 ) -> list[torch.Tensor]:
     """Each input's rows in output-vocabulary order, stand-ins filled where a model lacks a token.
 
-    ``maps[i][r]`` is input i's row for output row r, or -1. Pure: tensors in, tensors out.
+    ``maps[i][r]`` is input i's row for output row r, or -1. ``fixed`` are the configured
+    tokens' rows (``input`` indexes ``tensors``); ``size`` (at least the maps' length) pads
+    with each input's mean row. Pure: tensors in, tensors out.
     """
     present = torch.stack([m >= 0 for m in maps])  # (inputs, out_rows)
     count = present.sum(0)
@@ -125,12 +158,17 @@ def permute_rows(
         for out, have in zip(gathered, present):
             lacking = ~have[partial]
             out[partial[lacking]] = stand_in[lacking].to(out.dtype)
+    for row in fixed:
+        value = None if row.input is None else tensors[row.input][row.source_row]
+        for out, have in zip(gathered, present):
+            if row.force or not have[row.row]:
+                out[row.row] = 0 if value is None else value.to(out.dtype)
+    if size is not None and size > rows:
+        gathered = [torch.cat([out, out.mean(0, keepdim=True).expand(size - rows, *out.shape[1:])]) for out in gathered]
     return gathered
 
 
-def check_tokenizer_source(value: str | None, refs: Sequence[str]) -> None:
+def check_tokenizer_source(value: str | None, refs: Sequence[str], *, key: str = "tokenizer_source") -> None:
     if value in (None, "base", "union") or value in refs:
         return
-    raise RecipeError(
-        f"tokenizer_source '{value}' is neither 'base', 'union' nor one of the recipe's models ({', '.join(refs)})"
-    )
+    raise RecipeError(f"{key} '{value}' is neither 'base', 'union' nor one of the recipe's models ({', '.join(refs)})")

@@ -61,14 +61,14 @@ def test_unknown_parameter(capsys, family, tmp_path: Path) -> None:
     base, experts = family
     recipe = gta_recipe("ties", base, experts)
     recipe["models"][1]["parameters"]["densty"] = 0.5
-    expect_failure(capsys, tmp_path, recipe, "densty", "density")
+    expect_failure(capsys, tmp_path, recipe, "parameters.densty (did you mean 'density'?)", extra=("--strict",))  # without it: a warning
 
 
 def test_unknown_recipe_key(capsys, family, tmp_path: Path) -> None:
     base, experts = family
     recipe = gta_recipe("ties", base, experts)
     recipe["fleet"] = {"shard": 3}
-    expect_failure(capsys, tmp_path, recipe, "fleet.shard", "shards")
+    expect_failure(capsys, tmp_path, recipe, "unknown key 'fleet.shard'; did you mean 'fleet.shards'?", extra=("--strict",))
 
 
 def test_missing_base_model(capsys, family, tmp_path: Path) -> None:

@@ -123,8 +123,8 @@ def test_eval_settings_are_strict() -> None:
     from orchestrator.errors import RecipeError
 
     base = {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}
-    with pytest.raises(RecipeError, match=r"unknown key 'fleet\.eval\.task'; allowed here: batch_size, cache_dir, device"):
-        parse_recipe(base | {"fleet": {"eval": {"tasks": ["x"], "task": ["x"]}}})
+    with pytest.raises(RecipeError, match=r"unknown key 'fleet\.eval\.task'; did you mean 'fleet\.eval\.tasks'\?"):
+        parse_recipe(base | {"fleet": {"eval": {"tasks": ["x"], "task": ["x"]}}}, strict=True)
     with pytest.raises(RecipeError, match=r"fleet\.eval\.tasks"):
         parse_recipe(base | {"fleet": {"eval": {"tasks": []}}})
     recipe = parse_recipe(base | {"fleet": {"eval": {"tasks": ["x"], "limit": 0.5}, "tracking_uri": "http://h:5000"}})

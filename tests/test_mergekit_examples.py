@@ -5,8 +5,8 @@ recipes of its docs, each with a line saying where it came from; only the model 
 placeholders below, resolved to tiny local checkpoints in the recipe's own dtype) and the
 layer ranges changed. Deterministic ones must give mergekit's bytes (identical, or one unit
 in the last place for at most 1 element in 10⁴); random ones must run and keep what their
-density asks. Recipes that use a form mergefleet does not read yet are strict xfails, so
-they turn green - and must be un-marked - when that form lands.
+density asks. The multi-document example runs its named intermediates first, as
+mergekit-multi does.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from orchestrator.errors import RecipeError
+from orchestrator.multidoc import load_graph, merge_graph
 from orchestrator.pipeline import merge
-from orchestrator.recipe import load_recipe, parse_recipe
+from orchestrator.recipe import parse_recipe
 from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_checkpoint
 from tests.helpers import TINY
 from tests.mergekit_runner import assert_same_bytes, load_tensors, run_mergekit
@@ -31,13 +31,11 @@ PLACEHOLDERS = ("base", "expert-a", "expert-b", "expert-c")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 DETERMINISTIC = ["arcee_fusion", "bio-merge", "gradient-slerp", "linear", "orcamini-platy-44layer", "ties"]
-NOT_YET = {
-    "multimerge": "multi-document recipes (mergekit-multi: named intermediate merges) are not read yet",
-}
+MULTI_DOCUMENT = ["multimerge"]  # named intermediate merges feeding a random final merge
 
 
 def test_every_example_is_classified() -> None:
-    assert sorted(p.stem for p in EXAMPLES.glob("*.yaml")) == sorted([*DETERMINISTIC, *NOT_YET])
+    assert sorted(p.stem for p in EXAMPLES.glob("*.yaml")) == sorted([*DETERMINISTIC, *MULTI_DOCUMENT])
     for path in EXAMPLES.glob("*.yaml"):
         assert re.match(r"# from arcee-ai/mergekit \S+ ", path.read_text()), f"{path.name}: say where it came from"
 
@@ -90,7 +88,6 @@ def test_example_gives_mergekits_bytes(name: str, checkpoints, mergekit_outputs,
     assert changed > sum(t.numel() for t in expected.values()) / 200, f"{name}: the merge changed nothing"
 
 
-@pytest.mark.xfail(strict=True, raises=RecipeError, reason=NOT_YET["multimerge"])
 def test_multi_document_example_runs(checkpoints, tmp_path: Path) -> None:
     """The intermediate merges feed the final dare_ties (random): it must run, be finite, and
     change about as many entries as its densities keep (0.6 and 0.8: 1 − 0.4·0.2 = 0.92 at
@@ -99,7 +96,7 @@ def test_multi_document_example_runs(checkpoints, tmp_path: Path) -> None:
     documents = [_resolve(doc, checkpoints["float32"]) for doc in yaml.safe_load_all(text)]
     path = tmp_path / "multimerge.yaml"
     path.write_text(yaml.safe_dump_all(documents, sort_keys=False))
-    merge(load_recipe(path), str(tmp_path / "out"))
+    merge_graph(load_graph(path), str(tmp_path / "out"))
     got = load_tensors(tmp_path / "out")
     base = load_tensors(checkpoints["float32"]["base"])
     changed = total = 0

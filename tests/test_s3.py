@@ -142,7 +142,7 @@ def test_credentials_never_reach_written_files_or_messages(s3_server, s3_merge, 
     assert "credentials never go in a recipe" in message and "AWS_ACCESS_KEY_ID" in message
     assert SECRET_KEY not in message and SECRET_KEY not in repr(caught.value.__cause__)
     with pytest.raises(RecipeError, match="unknown key 'fleet.storage.bucket'; allowed here: .*endpoint_url"):
-        parse_recipe({"merge_method": "linear", "models": ["a", "b"], "fleet": {"storage": {"bucket": "x"}}})
+        parse_recipe({"merge_method": "linear", "models": ["a", "b"], "fleet": {"storage": {"bucket": "x"}}}, strict=True)
     with pytest.raises(ValueError, match="must not carry a user name or password"):
         StorageOptions(endpoint_url="http://user:pw@127.0.0.1:9000")
     caplog.set_level("DEBUG")

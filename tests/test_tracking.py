@@ -245,3 +245,5 @@ def test_the_merge_and_eval_flow_evaluates_and_records_the_merge(skill_models, e
     run = MlflowClient(mlflow_server["uri"]).get_run(result.tracking.run_id)
     assert run.data.metrics["score/skill_add"] == pytest.approx(evaluation.merged.scores["skill_add"])
     assert run.data.tags["mergefleet.plan_id"] == result.plan_id and run.data.metrics["merge_seconds"] > 0
+    card = (tmp_path / "flow" / "README.md").read_text()  # the model card, rewritten with the scores
+    assert "## Evaluation" in card and f"| skill_add | {evaluation.merged.scores['skill_add']:.4f} |" in card

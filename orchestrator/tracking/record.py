@@ -132,7 +132,7 @@ def _shard_rows(shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> li
 
 def _fleet(plan: Plan) -> FleetSettings:
     try:
-        return parse_recipe(plan.recipe).fleet
+        return parse_recipe(plan.recipe, warn=False).fleet
     except RecipeError:  # a plan from an older recipe format: tracking still works
         return FleetSettings()
 
