@@ -17,9 +17,12 @@ from flows.outcomes import skipped
 from flows.runners import shard_runner
 from orchestrator.errors import RecipeError
 from orchestrator.evaluate.scores import Evaluation
+from orchestrator.output_guard import refuse_output_over_inputs
 from orchestrator.pipeline import MergeSummary
 from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import Recipe, load_recipe
+from orchestrator.storage.checkpoint import open_output
+from orchestrator.storage.output_lock import hold_output_lock
 from orchestrator.tracking.record import TrackedRun
 
 
@@ -70,10 +73,12 @@ def merge_and_eval(
         # the run ends in this state (Completed, named Skipped); a caller gets its data
         return skipped(SkippedMerge(output=out, reason=reason), reason)  # type: ignore[return-value]
 
-    plan = tasks.plan_task(parsed, out, overwrite=overwrite)
-    opened = open_plan(plan)
-    shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
-    manifest = tasks.assemble_task(plan)
+    refuse_output_over_inputs(out, parsed.model_refs())  # before the lock writes anything there
+    with hold_output_lock(open_output(tasks.absolute(out), storage=parsed.fleet.storage)):  # one merge per output
+        plan = tasks.plan_task(parsed, out, overwrite=overwrite)
+        opened = open_plan(plan)
+        shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
+        manifest = tasks.assemble_task(plan)
     summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
     evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
     tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds)
