@@ -1,8 +1,9 @@
 """What a finished shard leaves behind: its receipt (``.mergefleet/shard-{i}.json``), and
 the outcome every shard runner returns (the receipt, and whether the shard was already done).
 
-A receipt is written after its shard file is complete, so a receipt that matches the plan
-and whose file exists means the shard need not run again.
+A receipt is written after its shard file is complete and records its size and hashes, so
+a receipt that matches the plan and whose file still has that size and content hash (on
+S3: size, ETag and stored checksum) means the shard need not run again.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Reads are positioned reads (``os.preadv``) on one cached file descriptor per file, straight
 into the caller's buffer: no mmap of whole files, so resident memory stays at what the
-caller holds. Writes go to ``<name>.partial-<random>`` beside the final name and are
+caller holds. Writes go to ``<name>.partial-<pid>-<host>-<random>`` beside the final name
+(the name says which process writes it, so only a dead writer's are ever removed) and are
 fsynced and renamed into place only when complete.
 """
 
