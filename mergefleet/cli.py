@@ -68,6 +68,8 @@ def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", 
         + f", {summary.seconds:.1f} s ({_human_bytes(rate)}/s); plan {summary.plan_id}{run}",
         highlight=False,
     )
+    for why in summary.shards_redone:
+        console.print(f"redone (did not match its receipt): {why}", highlight=False)
     _print_report(console, summary.report)
 
 

@@ -7,14 +7,11 @@ merge, and (the ``family`` fixture's check in conftest) no input changed."""
 from __future__ import annotations
 
 import contextlib
-import http.client
-import http.server
 import os
 import random
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +23,7 @@ from orchestrator.recipe import parse_recipe
 from orchestrator.storage.local import LocalOutput
 from orchestrator.storage.writer import SafetensorsWriter
 from tests.helpers import MERGEFLEET, checkpoint_bytes, gta_recipe, write_recipe
-from tests.s3_server import s3_server  # noqa: F401 -- fixture
+from tests.s3_server import FlakyProxy, s3_server  # noqa: F401 -- fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARDS = 4
@@ -211,64 +208,10 @@ def test_flipped_byte_and_truncation_in_finished_shards_are_redone(family, clean
     assert checkpoint_bytes(out) == clean[0]
 
 
-class DroppingProxy:
-    """An HTTP proxy to the S3 server that, while ``dropping``, reads half the body of each
-    upload of a shard file and closes the connection without an answer."""
-
-    def __init__(self, target: str) -> None:
-        self.target, self.dropping, self.dropped = target.removeprefix("http://"), True, 0
-        proxy = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _forward(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if proxy.dropping and self.command == "PUT" and ".safetensors" in self.path and length > 1:
-                    self.rfile.read(length // 2)
-                    proxy.dropped += 1
-                    self.close_connection = True
-                    self.connection.shutdown(2)
-                    return
-                body = self.rfile.read(length) if length else None
-                upstream = http.client.HTTPConnection(proxy.target, timeout=30)
-                upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
-                response = upstream.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("connection", "transfer-encoding", "content-length", "server", "date"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", response.getheader("Content-Length") or "0" if self.command == "HEAD" else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                upstream.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> DroppingProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join()
-
-
 def test_s3_link_dropping_uploads_then_rerun_is_identical_and_a_replaced_object_is_redone(s3_server, family, clean, tmp_path: Path, monkeypatch) -> None:
     s3_server.bucket("faults")
     output = "s3://faults/dropped"
-    with DroppingProxy(s3_server.endpoint) as proxy:
+    with FlakyProxy(s3_server.endpoint, throttle_every=10**9, cut_every=10**9, drop_uploads=".safetensors") as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
         with pytest.raises(OutputError, match="model-0000"):
             merge(parse_recipe(recipe_of(family, storage={"max_attempts": 2})), output, shards=SHARDS, workers=1)

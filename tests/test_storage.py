@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
