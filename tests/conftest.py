@@ -51,7 +51,7 @@ def input_guard() -> InputGuard:
 def inputs_unchanged(request: pytest.FixtureRequest):
     """After each test that used a shared input family: its files' bytes are unchanged."""
     yield
-    if "family" in request.fixturenames:
+    if {"family", "skill_models"} & set(request.fixturenames):
         changed = request.getfixturevalue("input_guard").changed()
         assert not changed, f"{request.node.nodeid} changed input checkpoint files: {changed}"
 
@@ -104,12 +104,14 @@ def real_prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def skill_models(tmp_path_factory: pytest.TempPathFactory):
+def skill_models(tmp_path_factory: pytest.TempPathFactory, input_guard: InputGuard):
     """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
     trained here on CPU (about 20 s)."""
     from mergefleet.fixtures.skills import SkillsConfig, build_skills
 
-    return build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
+    models = build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
+    input_guard.add(models.base, *models.experts.values())
+    return models
 
 
 @pytest.fixture(scope="session")
