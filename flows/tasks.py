@@ -34,7 +34,7 @@ def absolute(output: str) -> str:
 def plan_task(recipe: Recipe, output: str, *, shards: int | None = None, overwrite: bool = False) -> PlanRef:
     """Build the plan, claim the output (writes plan.json), clear a killed run's temp files."""
     plan = build_plan(recipe, absolute(output), shards=shards)
-    prepare_output(plan, overwrite=overwrite).remove_partials()
+    prepare_output(plan, overwrite=overwrite)  # also deletes dead writers' temp files
     run_log().info("plan %s: %s, %d inputs, %d shard(s) into %s", plan.plan_id, plan.method, len(plan.inputs), len(plan.shards), plan.output)
     return remember(plan)
 
