@@ -17,9 +17,12 @@ from flows.outcomes import skipped
 from flows.runners import shard_runner
 from orchestrator.errors import RecipeError
 from orchestrator.evaluate.scores import Evaluation
+from orchestrator.output_guard import refuse_output_over_inputs
 from orchestrator.pipeline import MergeSummary
 from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import Recipe, load_recipe
+from orchestrator.storage.checkpoint import open_output
+from orchestrator.storage.output_lock import hold_output_lock
 from orchestrator.tracking.record import TrackedRun
 
 
@@ -77,13 +80,16 @@ def merge_evaluate_track(
     parsed: Recipe, out: str, *, overwrite: bool, started: float, tags: dict[str, str] | None = None
 ) -> MergeAndEvalResult:
     """The steps of one merge inside a flow run: plan, shards, assemble, evaluate, track
-    (the run's MLflow ``tags`` added). ``started``: when the flow run began."""
-    plan = tasks.plan_task(parsed, out, overwrite=overwrite)
-    opened = open_plan(plan)
-    shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
-    manifest = tasks.assemble_task(plan)
-    summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
-    evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
+    (the run's MLflow ``tags`` added). ``started``: when the flow run began. The output's
+    lock is held until the evaluation has rewritten the model card: one merge per output."""
+    refuse_output_over_inputs(out, parsed.model_refs())  # before the lock writes anything there
+    with hold_output_lock(open_output(tasks.absolute(out), storage=parsed.fleet.storage)):
+        plan = tasks.plan_task(parsed, out, overwrite=overwrite)
+        opened = open_plan(plan)
+        shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
+        manifest = tasks.assemble_task(plan)
+        summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
+        evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
     tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds, tags=tags)
     return MergeAndEvalResult(
         **dict(summary), target=parsed.fleet.target, flow_run_id=flow_run.id, evaluation=evaluation, tracking=tracking

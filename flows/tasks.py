@@ -27,7 +27,7 @@ from orchestrator.schedule import changes_since_last_merge
 from orchestrator.tracking.record import TrackedRun, track_merge
 
 
-def _absolute(output: str) -> str:
+def absolute(output: str) -> str:
     """A local output as an absolute path, so that workers elsewhere find the same place."""
     return output if "://" in output else os.path.abspath(os.path.expanduser(output))
 
@@ -35,8 +35,8 @@ def _absolute(output: str) -> str:
 @task(name="plan", task_run_name="plan", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=worth_retrying)
 def plan_task(recipe: Recipe, output: str, *, shards: int | None = None, overwrite: bool = False) -> PlanRef:
     """Build the plan, claim the output (writes plan.json), clear a killed run's temp files."""
-    plan = build_plan(recipe, _absolute(output), shards=shards)
-    prepare_output(plan, overwrite=overwrite).remove_partials()
+    plan = build_plan(recipe, absolute(output), shards=shards)
+    prepare_output(plan, overwrite=overwrite)  # also deletes dead writers' temp files
     sizes = tuple(events.ShardSize(s.index, len(s.tensors), s.out_bytes) for s in plan.shards)
     events.emit(events.PlanReady(plan.plan_id, plan.method, plan.output, len(plan.inputs), sizes))
     run_log().info("plan %s: %s, %d inputs, %d shard(s) into %s", plan.plan_id, plan.method, len(plan.inputs), len(plan.shards), plan.output)

@@ -78,6 +78,8 @@ def _print_summary(console: Console, summary: MergeSummary, *, where: str = "", 
     """What a merge did, in one line, and its method report. A rate only counts the bytes
     this run wrote: a re-run whose shards were all done merged nothing and says so."""
     console.print(merge_line(summary, where=where) + f"; plan {summary.plan_id}{run}", highlight=False)
+    for why in summary.shards_redone:
+        console.print(f"redone (did not match its receipt): {why}", highlight=False)
     _print_report(console, summary.report)
 
 

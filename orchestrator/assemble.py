@@ -18,7 +18,7 @@ from orchestrator import __version__
 from orchestrator.errors import PlanError
 from orchestrator.model_card import write_card_files
 from orchestrator.plan import Plan, PlanInput, shard_metadata
-from orchestrator.receipt import Receipt, add_report, load_receipt
+from orchestrator.receipt import Receipt, add_report, file_mismatch, load_receipt
 from orchestrator.storage.base import OutputSink
 from orchestrator.storage.checkpoint import open_source
 from orchestrator.storage.safetensors_format import build_header
@@ -64,7 +64,8 @@ class Manifest(BaseModel):
 
 
 def collect_receipts(plan: Plan) -> list[Receipt]:
-    """Every shard's receipt, checked against the plan; names the first shard that is not done."""
+    """Every shard's receipt, checked against the plan, and its file against the receipt (size
+    and content hash: one read); names the first shard that is not done or does not match."""
     sink = plan.output_sink()
     receipts = []
     for shard in plan.shards:
@@ -80,8 +81,12 @@ def collect_receipts(plan: Plan) -> list[Receipt]:
             )
         if receipt.tensors != [t.name for t in shard.tensors] or receipt.bytes_written != _expected_size(plan, shard.index):
             raise PlanError(f"shard {shard.index}'s receipt does not match the plan (tensors or size differ); run the shard again")
-        if not sink.exists(shard.file):
-            raise PlanError(f"{plan.output}/{shard.file} is missing although its receipt exists; run shard {shard.index} again")
+        why = file_mismatch(sink, receipt)
+        if why is not None:
+            raise PlanError(
+                f"{plan.output}/{shard.file} does not match its receipt: {why}; run the merge again "
+                f"(it redoes that shard) or 'mergefleet shard {plan.output}/.mergefleet/plan.json --index {shard.index} --force'"
+            )
         receipts.append(receipt)
     return receipts
 

@@ -306,7 +306,7 @@ def claim_intermediate(plan: Plan, name: str, *, overwrite: bool = False) -> Man
         except ValueError:
             previous = None
         replace = previous is not None and previous.recipe.get("name") == name
-    prepare_output(plan, overwrite=replace).remove_partials()
+    prepare_output(plan, overwrite=replace)  # also deletes dead writers' temp files
     return None
 
 

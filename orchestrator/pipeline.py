@@ -7,24 +7,24 @@ another shard runner (``flows/runners/``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pydantic import BaseModel, Field, field_serializer
 
-from orchestrator.assemble import INDEX_FILE, MANIFEST_FILE, Manifest, assemble
-from orchestrator.errors import OutputError
-from orchestrator.model_card import recorded_card_files
-from orchestrator.plan import PLAN_FILE, Plan, build_plan
+from orchestrator.assemble import Manifest, assemble
+from orchestrator.output_guard import claim_output, plan_locations, refuse_output_over_inputs
+from orchestrator.plan import Plan, build_plan
 from orchestrator.plan_ref import PlanRef, remember
-from orchestrator.receipt import ShardOutcome, receipt_file
+from orchestrator.receipt import ShardOutcome
 from orchestrator.recipe import Recipe
 from orchestrator.runners.base import ShardRunner
 from orchestrator.runners.processes import WorkerProcesses
 from orchestrator.shard import OnTensor
 from orchestrator.storage.base import OutputSink
-from orchestrator.vocabulary import TOKENIZER_FILES
+from orchestrator.storage.output_lock import hold_output_lock
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ class MergeSummary(BaseModel):
     method: str
     shards: int
     shards_skipped: int
+    shards_redone: list[str] = []  # shards whose receipt existed but whose file did not match it, and why
     tensors: int
     bytes_written: int
     bytes_merged: int  # written by this run (bytes_written less the shards already done)
@@ -58,6 +59,7 @@ class MergeSummary(BaseModel):
             method=plan.method,
             shards=len(plan.shards),
             shards_skipped=sum(1 for outcome in outcomes if outcome.skipped),
+            shards_redone=[outcome.redone_because for outcome in outcomes if outcome.redone_because],
             tensors=sum(len(s.tensors) for s in plan.shards),
             bytes_written=sum(outcome.receipt.bytes_written for outcome in outcomes),
             bytes_merged=sum(outcome.receipt.bytes_written for outcome in outcomes if not outcome.skipped),
@@ -68,53 +70,25 @@ class MergeSummary(BaseModel):
         )
 
 
-def _owned_files(plan: Plan | None) -> list[str]:
-    files = [INDEX_FILE, MANIFEST_FILE, "config.json", PLAN_FILE]
-    if plan is not None:
-        files += [shard.file for shard in plan.shards] + [receipt_file(s.index) for s in plan.shards]
-        files += list(TOKENIZER_FILES)
-    return files
+@contextlib.contextmanager
+def claimed_output(plan: Plan, *, overwrite: bool = False) -> Iterator[OutputSink]:
+    """Hold ``plan``'s output for a ``with`` block: refuse an output over an input (before
+    anything is written), take the output's lock, claim it (``output_guard.claim_output``:
+    same merge resumes, ``overwrite`` deletes only what the previous merge recorded), and
+    delete the temp files of dead writers."""
+    refuse_output_over_inputs(plan.output, plan_locations(plan))
+    sink = plan.output_sink()
+    with hold_output_lock(sink):
+        claim_output(plan, sink, overwrite=overwrite)
+        sink.remove_partials()
+        yield sink
 
 
 def prepare_output(plan: Plan, *, overwrite: bool = False) -> OutputSink:
-    """Refuse an output that holds another merge (unless overwriting); then write the plan.
-
-    The same merge (same plan id) again is welcome: its finished shards are kept, and the
-    plan file is rewritten when this run's settings differ, so every process that opens
-    it sees this run's plan."""
-    sink = plan.output_sink()
-    previous: Plan | None = None
-    if sink.exists(PLAN_FILE):
-        try:
-            previous = Plan.from_json(sink.read_file(PLAN_FILE))
-        except ValueError:  # an unreadable plan (PlanError, or fields that do not validate) is another merge too
-            previous = None
-        if previous is not None and previous.plan_id == plan.plan_id:
-            if previous != plan:  # same merge, other settings (e.g. fleet.storage): the plan on disk is this run's
-                sink.write_file(PLAN_FILE, plan.to_json().encode())
-            return sink
-        if not overwrite:
-            what = f"plan {previous.plan_id}, method {previous.method}" if previous else "an unreadable plan"
-            raise OutputError(
-                f"{plan.output} already holds a different merge ({what}); pass --overwrite to replace it, "
-                "or choose another output directory"
-            )
-    else:
-        foreign = [f for f in sink.list_files() if f.endswith(".safetensors") or f in (INDEX_FILE, "config.json")]
-        if foreign and not overwrite:
-            raise OutputError(
-                f"{plan.output} already holds a checkpoint ({foreign[0]}) not written by this merge; "
-                "pass --overwrite to replace it, or choose another output directory"
-            )
-        if overwrite:
-            for name in foreign:
-                sink.delete(name)
-    if overwrite:
-        for name in _owned_files(previous) + recorded_card_files(sink):
-            if sink.exists(name):
-                sink.delete(name)
-    sink.write_file(PLAN_FILE, plan.to_json().encode())
-    return sink
+    """Claim ``plan``'s output and write its plan (``claimed_output``), then let the lock go:
+    what ``mergefleet plan`` does, and the flow's plan step inside the flow's own lock."""
+    with claimed_output(plan, overwrite=overwrite) as sink:
+        return sink
 
 
 def merge(
@@ -139,13 +113,16 @@ def merge(
     plan = build_plan(recipe, output, shards=shards, allow_pickle=allow_pickle)
     if on_plan:
         on_plan(plan)
-    prepare_output(plan, overwrite=overwrite).remove_partials()
-    if runner is None:
-        runner = WorkerProcesses(
-            workers=workers if workers is not None else recipe.fleet.workers,
-            device=device or recipe.fleet.device,
-            on_tensor=on_tensor,
-        )
-    outcomes = runner.run(remember(plan), range(len(plan.shards)))
-    manifest = assemble(plan)
+    with claimed_output(plan, overwrite=overwrite):
+        if runner is None:
+            runner = WorkerProcesses(
+                workers=workers if workers is not None else recipe.fleet.workers,
+                device=device or recipe.fleet.device,
+                on_tensor=on_tensor,
+            )
+        outcomes = runner.run(remember(plan), range(len(plan.shards)))
+        for outcome in outcomes:
+            if outcome.redone_because:
+                log.warning("shard %d was redone: %s", outcome.receipt.index, outcome.redone_because)
+        manifest = assemble(plan)
     return MergeSummary.of(plan, outcomes, manifest, time.perf_counter() - started)

@@ -1,8 +1,9 @@
 """What a finished shard leaves behind: its receipt (``.mergefleet/shard-{i}.json``), and
 the outcome every shard runner returns (the receipt, and whether the shard was already done).
 
-A receipt is written after its shard file is complete, so a receipt that matches the plan
-and whose file exists means the shard need not run again.
+A receipt is written after its shard file is complete and records its size and hashes, so
+a receipt that matches the plan and whose file still has that size and content hash (on
+S3: size, ETag and stored checksum) means the shard need not run again.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Receipt(BaseModel):
     tensors: list[str]
     bytes_written: int
     sha256: str
+    xxh3: str = ""  # xxh3-128 of the file, computed as it was written: what a resume checks
+    stored_checksum: str = ""  # what the backend stored with the file (S3: ETag and checksums)
     seconds: float
     bytes_read: int
     tensor_bytes: int
@@ -38,6 +41,7 @@ class ShardOutcome(BaseModel):
 
     receipt: Receipt
     skipped: bool  # already done (its receipt matched the plan): nothing was merged
+    redone_because: str = ""  # why a shard with a receipt ran again (its file did not match)
 
 
 def receipt_file(index: int) -> str:
@@ -55,15 +59,31 @@ def load_receipt(sink: OutputSink, index: int) -> Receipt | None:
         return None
 
 
+def file_mismatch(sink: OutputSink, receipt: Receipt) -> str | None:
+    """Why the receipt's file is not the file its shard wrote (``None``: it is, size and hash)."""
+    if not receipt.xxh3:
+        return "its receipt records no content hash (written by an older mergefleet)"
+    return sink.mismatch(receipt.file, receipt.bytes_written, receipt.xxh3, receipt.stored_checksum)
+
+
 def finished_receipt(plan: Plan, sink: OutputSink, index: int) -> Receipt | None:
-    """The receipt of a shard already done for this plan, if its file is still there."""
+    """The receipt of a shard already done for this plan whose file still matches it."""
+    return check_finished(plan, sink, index)[0]
+
+
+def check_finished(plan: Plan, sink: OutputSink, index: int) -> tuple[Receipt | None, str]:
+    """The receipt of a shard already done for this plan whose file is still exactly what was
+    written (size and content hash), or ``None`` and why the shard must run again ("" when it
+    never finished)."""
     receipt = load_receipt(sink, index)
     shard = plan.shard(index)
     if receipt is None or receipt.plan_id != plan.plan_id or receipt.file != shard.file:
-        return None
-    if not sink.exists(shard.file):
-        return None
-    return receipt
+        return None, ""
+    why = file_mismatch(sink, receipt)
+    if why is not None:
+        log.warning("shard %d runs again: %s/%s %s", index, sink.uri, shard.file, why)
+        return None, f"{shard.file}: {why}"
+    return receipt, ""
 
 
 def add_report(total: dict[str, Any], report: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from orchestrator.errors import ConfigurationError, PlanError
 from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec, TensorTask, tensor_seed
 from orchestrator.plan import Plan, PlannedShard, PlannedTensor, shard_metadata
-from orchestrator.receipt import Receipt, ShardOutcome, add_report, finished_receipt, receipt_file
+from orchestrator.receipt import Receipt, ShardOutcome, add_report, check_finished, receipt_file
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, TensorInfo
 from orchestrator.storage.checkpoint import describe_version, fingerprints, open_source
 from orchestrator.storage.safetensors_format import torch_dtype
@@ -128,8 +128,9 @@ def run_shard(
     """Run shard ``index`` of ``plan`` (skipped when its receipt says it is done, unless ``force``)."""
     shard: PlannedShard = plan.shard(index)
     sink = plan.output_sink()
+    redone_because = ""
     if not force:
-        done = finished_receipt(plan, sink, index)
+        done, redone_because = check_finished(plan, sink, index)
         if done is not None:
             for tensor in shard.tensors if on_tensor else ():
                 on_tensor(tensor.name, tensor.out_bytes)
@@ -176,6 +177,8 @@ def run_shard(
         tensors=[t.name for t in shard.tensors],
         bytes_written=written,
         sha256=sha256,
+        xxh3=writer.xxh3 or "",
+        stored_checksum=writer.stored_checksum,
         seconds=round(time.perf_counter() - started, 4),
         bytes_read=sum(source.bytes_read for source in sources),
         tensor_bytes=shard.in_bytes,
@@ -184,4 +187,4 @@ def run_shard(
         report=report,
     )
     sink.write_file(receipt_file(index), receipt.model_dump_json(indent=1).encode())
-    return ShardOutcome(receipt=receipt, skipped=False)
+    return ShardOutcome(receipt=receipt, skipped=False, redone_because=redone_because)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -21,8 +22,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+class InputGuard:
+    """The sha256 of every file of the input checkpoints the shared fixtures build, so the
+    suite can check that no merge, resume, fault or overwrite changed an input's bytes."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[Path, str] = {}
+
+    def add(self, *roots: Path) -> None:
+        for root in roots:
+            for path in sorted(p for p in Path(root).rglob("*") if p.is_file()):
+                self.recorded[path] = _sha256(path)
+
+    def changed(self) -> list[str]:
+        return [str(path) for path, digest in self.recorded.items() if not path.is_file() or _sha256(path) != digest]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="session")
-def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+def input_guard() -> InputGuard:
+    return InputGuard()
+
+
+@pytest.fixture(autouse=True)
+def inputs_unchanged(request: pytest.FixtureRequest):
+    """After each test that used a shared input family: its files' bytes are unchanged."""
+    yield
+    if {"family", "skill_models"} & set(request.fixturenames):
+        changed = request.getfixturevalue("input_guard").changed()
+        assert not changed, f"{request.node.nodeid} changed input checkpoint files: {changed}"
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory, input_guard: InputGuard) -> tuple[Path, list[Path]]:
     """A float32 base and three experts; the second expert is split over several files."""
     root = tmp_path_factory.mktemp("family")
     weights = random_weights(TINY, seed=7, dtype=torch.float32)
@@ -31,6 +66,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
     for i in range(3):
         split = 40_000 if i == 1 else None
         experts.append(save_checkpoint(root / f"expert{i + 1}", fine_tuned(weights, seed=100 + i), TINY, max_file_bytes=split))
+    input_guard.add(base, *experts)
     return base, experts
 
 
@@ -68,12 +104,14 @@ def real_prefect_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
-def skill_models(tmp_path_factory: pytest.TempPathFactory):
+def skill_models(tmp_path_factory: pytest.TempPathFactory, input_guard: InputGuard):
     """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
     trained here on CPU (about 20 s)."""
     from mergefleet.fixtures.skills import SkillsConfig, build_skills
 
-    return build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
+    models = build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
+    input_guard.add(models.base, *models.experts.values())
+    return models
 
 
 @pytest.fixture(scope="session")

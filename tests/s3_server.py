@@ -14,6 +14,7 @@ import http.client
 import http.server
 import json
 import os
+import socket
 import threading
 import urllib.request
 from dataclasses import dataclass
@@ -121,12 +122,14 @@ _SLOW_DOWN = (
 
 class FlakyProxy:
     """An HTTP proxy to ``target`` that answers every ``throttle_every``-th request with
-    503 SlowDown and cuts every ``cut_every``-th ranged GET's body off halfway."""
+    503 SlowDown and cuts every ``cut_every``-th ranged GET's body off halfway; with
+    ``drop_uploads`` (a text in the path), it reads half of each such PUT's body and
+    closes the connection without an answer."""
 
-    def __init__(self, target: str, *, throttle_every: int = 4, cut_every: int = 5) -> None:
+    def __init__(self, target: str, *, throttle_every: int = 4, cut_every: int = 5, drop_uploads: str | None = None) -> None:
         self.target = target.removeprefix("http://")
-        self.throttle_every, self.cut_every = throttle_every, cut_every
-        self.requests = self.throttled = self.cut = 0
+        self.throttle_every, self.cut_every, self.drop_uploads = throttle_every, cut_every, drop_uploads
+        self.requests = self.throttled = self.cut = self.dropped = 0
         self._lock = threading.Lock()
         proxy = self
 
@@ -138,6 +141,13 @@ class FlakyProxy:
 
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
+                if proxy.drop_uploads and self.command == "PUT" and proxy.drop_uploads in self.path and length > 1:
+                    self.rfile.read(length // 2)
+                    with proxy._lock:
+                        proxy.dropped += 1
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
                     proxy.requests += 1

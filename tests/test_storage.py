@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -192,15 +193,28 @@ def test_output_failed_write_leaves_nothing(tmp_path):
     assert (tmp_path / "keep.bin").read_bytes() == b"old"
 
 
-def test_output_remove_partials_and_bad_paths(tmp_path):
-    (tmp_path / "shard.safetensors.partial-abc123").write_bytes(b"x")
+def test_output_remove_partials_removes_only_dead_writers_files_and_bad_paths(tmp_path):
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that has exited (its number is not reused this soon)
+    host = socket.gethostname()
     (tmp_path / ".mergefleet").mkdir()
-    (tmp_path / ".mergefleet" / "shard-0.json.partial-00ff").write_bytes(b"x")
-    (tmp_path / "done.json").write_bytes(b"x")
+    (tmp_path / "nested").mkdir()
+    gone = [f"shard.safetensors.partial-{dead.pid}-{host}-00112233aabb", f".mergefleet/shard-0.json.partial-{dead.pid}-{host}-00112233aabb"]
+    kept = [
+        f"live.safetensors.partial-{os.getpid()}-{host}-00112233aabb",  # a live writer's
+        f"far.safetensors.partial-{dead.pid}-elsewhere-00112233aabb",  # another host's
+        "user.safetensors.partial-abc123",  # not named by mergefleet
+        f"nested/inner.safetensors.partial-{dead.pid}-{host}-00112233aabb",  # an output nested inside
+    ]
+    for name in [*gone, *kept, "done.json"]:
+        (tmp_path / name).write_bytes(b"x")
     sink = LocalOutput(tmp_path)
     assert sink.list_files() == ["done.json"]
     sink.remove_partials()
-    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["done.json"]
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == sorted([*kept, "done.json"])
     for bad in ("/abs", "../up", ""):
         with pytest.raises(OutputError, match="not a relative file name"):
             sink.write_file(bad, b"")

@@ -2,7 +2,8 @@
 
 Reads are positioned reads (``os.preadv``) on one cached file descriptor per file, straight
 into the caller's buffer: no mmap of whole files, so resident memory stays at what the
-caller holds. Writes go to ``<name>.partial-<random>`` beside the final name and are
+caller holds. Writes go to ``<name>.partial-<pid>-<host>-<random>`` beside the final name
+(the name says which process writes it, so only a dead writer's are ever removed) and are
 fsynced and renamed into place only when complete.
 """
 
@@ -10,16 +11,38 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
+import socket
 import threading
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Sequence
+
+import xxhash
 
 from orchestrator.errors import CheckpointError, OutputError
 from orchestrator.storage.base import FileFingerprint
 
 PARTIAL_MARK = ".partial-"
 """Infix of a file being written; such files are never listed."""
+
+_PARTIAL_OWNER = re.compile(r"\.partial-(\d+)-(.+)-[0-9a-f]{12}$")
+"""A temp file's name after its final name: ``.partial-<pid>-<host>-<random>``, its writer."""
+
+
+def partial_name(name: str) -> str:
+    """The temp name for writing ``name``: it carries the writing process (pid and host)."""
+    return f"{name}{PARTIAL_MARK}{os.getpid()}-{socket.gethostname()}-{secrets.token_hex(6)}"
+
+
+def _writer_is_dead(name: str) -> bool:
+    """Whether the process that wrote temp file ``name`` is known to be gone (on this host)."""
+    from orchestrator.storage.output_lock import process_alive
+
+    owner = _PARTIAL_OWNER.search(name)
+    if owner is None or owner.group(2) != socket.gethostname():
+        return False  # another host's, or not named by mergefleet: not ours to judge
+    return not process_alive(int(owner.group(1)))
 
 
 def _relative(file: str, root: Path, error: type[Exception]) -> Path:
@@ -217,8 +240,11 @@ class LocalOutput:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"cannot create the folder {final.parent}: {exc}") from None
-        temp = final.with_name(f"{final.name}{PARTIAL_MARK}{secrets.token_hex(6)}")
-        stream = open(temp, "xb")  # noqa: SIM115 -- closed below on every path
+        temp = final.with_name(partial_name(final.name))
+        try:
+            stream = open(temp, "xb")  # noqa: SIM115 -- closed below on every path
+        except OSError as exc:
+            raise OutputError(f"cannot write {final}: {exc.strerror}; check that the output is writable and has space") from None
         try:
             yield stream
             stream.flush()
@@ -226,26 +252,50 @@ class LocalOutput:
             stream.close()
             os.replace(temp, final)
         except BaseException:
-            stream.close()
-            temp.unlink(missing_ok=True)
+            try:
+                stream.close()  # flushing what is buffered may fail again (a full disk)
+            except OSError:
+                pass
+            finally:
+                temp.unlink(missing_ok=True)
             raise
         _fsync_dir(final.parent)
 
     def delete(self, file: str) -> None:
         self._path(file).unlink(missing_ok=True)
 
-    def remove_partials(self) -> None:
-        """Delete the temp files of writes that never completed (a killed process's).
+    def mismatch(self, file: str, size: int, xxh3: str, stored_checksum: str = "") -> str | None:
+        """Why ``file`` is not the one written: checks the size, then the content (one read)."""
+        path = self._path(file)
+        try:
+            with open(path, "rb") as stream:
+                actual = os.fstat(stream.fileno()).st_size
+                if actual != size:
+                    return f"its size is {actual} bytes, its receipt says {size}"
+                digest = xxhash.xxh3_128()
+                while chunk := stream.read(8 * 1024 * 1024):
+                    digest.update(chunk)
+        except FileNotFoundError:
+            return "it is missing"
+        except OSError as exc:
+            return f"it cannot be read ({exc.strerror})"
+        if digest.hexdigest() != xxh3:
+            return "its content differs from what was written (xxh3-128 mismatch)"
+        return None
 
-        Call it only while nothing is writing to this output: it also removes the temp
-        files of writes in progress.
+    def remove_partials(self) -> None:
+        """Delete the temp files of writes that never completed because their process died.
+
+        Only temp files a mergefleet process on this host wrote, at the top of the output or
+        in its ``.mergefleet`` folder, and only when that process is gone: a live run's temp
+        files, another host's, and those of an output nested inside this one stay.
         """
-        if not self.root.is_dir():
-            return
-        for dirpath, _dirs, names in os.walk(self.root):
-            for name in names:
-                if PARTIAL_MARK in name:
-                    Path(dirpath, name).unlink(missing_ok=True)
+        for folder in (self.root, self.root / ".mergefleet"):
+            if not folder.is_dir():
+                continue
+            for entry in os.scandir(folder):
+                if PARTIAL_MARK in entry.name and entry.is_file(follow_symlinks=False) and _writer_is_dead(entry.name):
+                    Path(entry.path).unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,6 +8,7 @@ import hashlib
 from typing import Any, BinaryIO, Iterable, Mapping, Sequence
 
 import torch
+import xxhash
 
 from orchestrator.errors import MergeError
 from orchestrator.storage.base import OutputSink
@@ -98,8 +99,11 @@ class SafetensorsWriter:
         self.entries = [(name, code, tuple(shape)) for name, code, shape in entries]
         self.prefix, self.offsets = build_header(self.entries, metadata)
         self.sha256: str | None = None
+        self.xxh3: str | None = None  # xxh3-128: what a resume checks the file against (one fast read)
+        self.stored_checksum = ""  # what the backend stores with the file, if it says (S3)
         self.bytes_written = 0
         self._hash = hashlib.sha256()
+        self._fast_hash = xxhash.xxh3_128()
         self._next = 0
         self._context: Any = None
         self._stream: BinaryIO | None = None
@@ -108,6 +112,7 @@ class SafetensorsWriter:
         assert self._stream is not None
         self._stream.write(data)
         self._hash.update(data)
+        self._fast_hash.update(data)
         self.bytes_written += len(data)
 
     def __enter__(self) -> SafetensorsWriter:
@@ -141,7 +146,7 @@ class SafetensorsWriter:
         self._next += 1
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
-        context, self._stream = self._context, None
+        context, stream, self._stream = self._context, self._stream, None
         if exc is None and self._next < len(self.entries):
             missing = [name for name, _, _ in self.entries[self._next :]]
             exc = MergeError(
@@ -155,6 +160,8 @@ class SafetensorsWriter:
         context.__exit__(exc_type, exc, tb)
         if exc is None:
             self.sha256 = self._hash.hexdigest()
+            self.xxh3 = self._fast_hash.hexdigest()
+            self.stored_checksum = getattr(stream, "stored_checksum", "")
         return False
 
 

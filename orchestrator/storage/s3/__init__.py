@@ -18,8 +18,10 @@ mix of two versions. ``bytes_read`` counts the bytes that came over the network.
 
 Writing. ``open_write`` streams a file as a multipart upload whose parts go up in the
 background while the merge produces the next ones; the object exists only once the upload
-completes, and an exception aborts it. A killed process cannot abort its own upload:
-``remove_partials`` (run before and after every merge) aborts the stale ones.
+completes, and an exception aborts it. A killed process cannot abort its own upload: a
+merge aborts the stale ones (``remove_partials``) while it holds the output's lock,
+before its shards start. The ETag and checksums S3 returns for each upload go into the
+shard's receipt, and a resume compares them with a HEAD.
 
 Cache. With ``cache_dir``, fetched byte ranges are kept in a sparse local file per object
 version (keyed by ETag), so merging the same inputs again reads them from disk.

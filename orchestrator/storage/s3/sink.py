@@ -9,6 +9,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator
 
+import xxhash
 from botocore.exceptions import BotoCoreError, ClientError
 
 from orchestrator.errors import MergefleetError, OutputError
@@ -39,6 +40,7 @@ class _Upload:
         self._parts: list[Future[dict[str, Any]]] = []
         self._executor: ThreadPoolExecutor | None = None
         self.bytes_written = 0
+        self.stored_checksum = ""  # "ALGORITHM:value" S3 stores with the object, or "ETag:..."
 
     def writable(self) -> bool:
         return True
@@ -99,18 +101,20 @@ class _Upload:
         bucket = self._output.bucket
         if self._upload_id is None:
             try:
-                self._client.put_object(Bucket=bucket, Key=self._key, Body=self._buffer)
+                response = self._client.put_object(Bucket=bucket, Key=self._key, Body=self._buffer)
             except (ClientError, BotoCoreError) as exc:
                 raise self._output._error(exc, "write", self._key) from None
             self._buffer = bytearray()
+            self.stored_checksum = checksum_of(response)
             return
         if self._buffer:
             self._send()
         parts = [part.result() for part in self._parts]
         try:
-            self._client.complete_multipart_upload(
+            response = self._client.complete_multipart_upload(
                 Bucket=bucket, Key=self._key, UploadId=self._upload_id, MultipartUpload={"Parts": parts}
             )
+            self.stored_checksum = checksum_of(response)
         except (ClientError, BotoCoreError) as exc:
             raise self._output._error(exc, "complete the upload of", self._key) from None
         self._shutdown()
@@ -133,6 +137,27 @@ class _Upload:
                 "could not abort the upload of s3://%s/%s (%s); the next run's cleanup aborts it",
                 self._output.bucket, self._key, type(exc).__name__,
             )
+
+
+def checksum_of(response: dict[str, Any]) -> str:
+    """What S3 stores with an object, from a PUT, complete or HEAD response: its ETag and the
+    checksums it keeps (CRC32, CRC64NVME, SHA256…), as ``ETag=…;CRC32=…``."""
+    found = {"ETag": str(response.get("ETag", "")).strip('"')}
+    found |= {key[len("Checksum"):]: str(value) for key, value in response.items()
+              if key.startswith("Checksum") and key != "ChecksumType" and value}
+    return ";".join(f"{name}={value}" for name, value in sorted(found.items()))
+
+
+def checksums_differ(recorded: str, now: str) -> bool:
+    """Whether two ``checksum_of`` records disagree on the ETag or on any checksum both name."""
+    a = dict(item.split("=", 1) for item in recorded.split(";") if "=" in item)
+    b = dict(item.split("=", 1) for item in now.split(";") if "=" in item)
+    return any(a[name] != b[name] for name in a.keys() & b.keys()) or a.get("ETag") != b.get("ETag")
+
+
+def _top_level(name: str) -> bool:
+    folder, _, _ = name.rpartition("/")
+    return folder in ("", ".mergefleet")
 
 
 class S3Output:
@@ -220,6 +245,37 @@ class S3Output:
         except (ClientError, BotoCoreError) as exc:
             raise self._error(exc, "delete", key) from None
 
+    def mismatch(self, file: str, size: int, xxh3: str, stored_checksum: str = "") -> str | None:
+        """Why ``file`` is not the one written: compares the object's size and the checksum
+        S3 stores with it (a HEAD); without a recorded checksum, the content (one read)."""
+        key = self._key(file)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code")) in MISSING_CODES:
+                return "it is missing"
+            raise self._error(exc, "look up", key) from None
+        except BotoCoreError as exc:
+            raise self._error(exc, "look up", key) from None
+        if head["ContentLength"] != size:
+            return f"its size is {head['ContentLength']} bytes, its receipt says {size}"
+        if stored_checksum:
+            now = checksum_of(head)
+            if checksums_differ(stored_checksum, now):
+                return f"S3's checksum of it is {now}, its receipt says {stored_checksum}"
+            return None
+        digest = xxhash.xxh3_128()
+        try:
+            body = self._client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            with contextlib.closing(body):
+                while chunk := body.read(8 * MiB):
+                    digest.update(chunk)
+        except (ClientError, BotoCoreError) as exc:
+            raise self._error(exc, "read", key) from None
+        if digest.hexdigest() != xxh3:
+            return "its content differs from what was written (xxh3-128 mismatch)"
+        return None
+
     def unfinished_uploads(self) -> list[tuple[str, str]]:
         """``(key, upload id)`` of every multipart upload begun under the prefix and not finished."""
         found = []
@@ -233,9 +289,12 @@ class S3Output:
     def remove_partials(self) -> None:
         """Abort the multipart uploads of writes that never completed (a killed process's).
 
-        Call it only while nothing is writing to this output: it also aborts uploads in progress.
+        Only uploads of files at the top of this output or in its ``.mergefleet`` folder (an
+        output nested under this prefix keeps its own). A merge calls it while holding the
+        output's lock and before its shards start, so no upload it aborts is its own run's;
+        an upload of another live writer that ignores the lock would be aborted too.
         """
-        uploads = self.unfinished_uploads()
+        uploads = [(key, upload_id) for key, upload_id in self.unfinished_uploads() if _top_level(key[len(self._root):])]
         for key, upload_id in uploads:
             try:
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
