@@ -54,7 +54,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             on_tensor=progress.advance,
         )
     if not args.json and not args.quiet:
-        _print_summary(console, summary)
+        _print_summary(console, summary, where=f" on {summary.layout.describe()}" if summary.layout else "")
     return summary.model_dump(mode="json")
 
 
@@ -281,8 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", parents=[common], help="plan, run every shard and assemble")
     merge.add_argument("recipe", help="mergekit YAML recipe (with an optional fleet: section)")
     merge.add_argument("output", nargs="?", help="output directory (default: fleet.output)")
-    merge.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards or 1)")
-    merge.add_argument("--workers", type=int, help="shards run at once, each in its own process (default: fleet.workers or 1)")
+    merge.add_argument(
+        "--shards", type=int, help="number of layer-group shards (default: fleet.shards, else one per worker)"
+    )
+    merge.add_argument(
+        "--workers",
+        type=int,
+        help="shards run at once, each in its own process (default: fleet.workers, else chosen from the cores, "
+        "the available memory and the merge's size)",
+    )
     merge.add_argument("--device", choices=["cpu", "cuda"], help="where tensors are merged (default: fleet.device or cpu)")
     merge.add_argument("--overwrite", action="store_true", help="replace a different merge already in OUT")
     merge.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt checkpoints with torch.load(weights_only=True)")
