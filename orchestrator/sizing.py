@@ -29,11 +29,11 @@ WORKER_BASE_BYTES = 512 << 20
 MEMORY_SHARE = 0.75
 """Fraction of the available memory the workers may plan to use together."""
 
-MIN_READ_PER_WORKER = {"select": 500_000_000, "plain": 800_000_000}
+MIN_READ_PER_WORKER = {"select": 500_000_000, "plain": 600_000_000}
 """Input bytes a worker must get before starting it pays: a worker spends about 1–2.5 s
 starting (interpreter and torch); methods that select top-k entries or sample ("select")
 spend about twice as long per byte as weighted sums ("plain"). On 2 cores, linear on 4 × 0.17 B
-(1.7 GB read) ran faster with 2 workers than in one process, so "plain" splits it."""
+(1.36 GB read) ran faster with 2 workers than in one process, so "plain" splits it."""
 
 ChosenBy = Literal["flags", "recipe", "output", "machine"]
 

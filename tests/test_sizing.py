@@ -31,7 +31,7 @@ from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
 GB = 1_000_000_000
 ROOMY = Machine(cores=2, available_bytes=64 * GB)
 TIES_017B = MergeSize(bytes_read=1_700_000_000, peak_bytes=300_000_000, selects=True, max_shards=75)
-LINEAR_017B = MergeSize(bytes_read=1_700_000_000, peak_bytes=300_000_000, selects=False, max_shards=75)
+LINEAR_017B = MergeSize(bytes_read=1_360_000_000, peak_bytes=300_000_000, selects=False, max_shards=75)
 
 
 def test_one_worker_and_shard_per_core_when_memory_and_size_allow() -> None:
@@ -43,12 +43,12 @@ def test_one_worker_and_shard_per_core_when_memory_and_size_allow() -> None:
 
 
 def test_a_small_merge_stays_in_one_process() -> None:
-    # 1.0 GB read by a weighted sum is below two workers' worth (2 × 0.8 GB); by TIES it is above (2 × 0.5 GB)
+    # 1.0 GB read by a weighted sum is below two workers' worth (2 × 0.6 GB); by TIES it is above (2 × 0.5 GB)
     assert 1_000_000_000 < 2 * MIN_READ_PER_WORKER["plain"] and 1_000_000_000 >= 2 * MIN_READ_PER_WORKER["select"]
     layout = choose_layout(ROOMY, MergeSize(bytes_read=1_000_000_000, peak_bytes=300_000_000, selects=False, max_shards=75))
     assert (layout.shards, layout.workers, layout.limited_by) == (1, 1, "size")
     assert choose_layout(ROOMY, MergeSize(bytes_read=1_000_000_000, peak_bytes=300_000_000, selects=True, max_shards=75)).workers == 2
-    assert choose_layout(ROOMY, LINEAR_017B).workers == 2  # 1.7 GB: two workers' worth of a weighted sum
+    assert choose_layout(ROOMY, LINEAR_017B).workers == 2  # 4 experts x 0.17 B bf16, 1.36 GB: two workers' worth
     tiny = choose_layout(ROOMY, MergeSize(bytes_read=40_000, peak_bytes=10_000, selects=True, max_shards=20))
     assert (tiny.shards, tiny.workers) == (1, 1)
 
