@@ -178,7 +178,9 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             command = [*MERGEFLEET, "merge", str(recipe_path), str(out), "--json", *mode_flags(mode)]
             row["mergefleet_s"], row["mergefleet_rss"], output = run_measured(command)
-            row["mergefleet_report"] = json.loads(output.strip().splitlines()[-1]).get("report", {})
+            summary = json.loads(output.strip().splitlines()[-1])
+            row["mergefleet_report"] = summary.get("report", {})
+            row["layout"] = summary.get("layout")
             shutil.rmtree(out, ignore_errors=True)
             if "mergekit_s" in row:
                 row["speedup"] = row["mergekit_s"] / row["mergefleet_s"]
@@ -200,6 +202,10 @@ def print_row(row: dict, *, header: bool, params: int, experts: int) -> None:
     mk_rss = f"{row['mergekit_rss'] / gb:.2f} GB" if "mergekit_rss" in row else "-"
     speedup = f"{row['speedup']:.2f}x" if "speedup" in row else "-"
     print(f"{row['method']:<16}{row['mode']:>8}{mk_s:>12}{row['mergefleet_s']:>14.1f}{speedup:>9}{mk_rss:>14}{row['mergefleet_rss'] / gb:>13.2f} GB", flush=True)
+    layout = row.get("layout")
+    if layout:
+        print(f"{'':<16}{'':>8}  {layout['shards']} shard(s), {layout['workers']} worker(s): shards from {layout['shards_from']}, "
+              f"workers from {layout['workers_from']} (limited by {layout['limited_by']})", flush=True)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         else:  # a multi-document recipe: its intermediates in dependency order, then the final merge
             intermediates, summary = merge_graph(graph, output, intermediates=args.intermediate_dir, on_intermediate=report, **options)
     if not args.json and not args.quiet:
-        _print_summary(console, summary)
+        _print_summary(console, summary, where=f" on {summary.layout.describe()}" if summary.layout else "")
     result = summary.model_dump(mode="json")
     if not graph.is_single:
         result["intermediates"] = [item.as_json() for item in intermediates]
@@ -392,8 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", parents=[common, reads_recipe], help="plan, run every shard and assemble, here")
     merge.add_argument("recipe", help=RECIPE_HELP)
     merge.add_argument("output", nargs="?", help=OUTPUT_HELP)
-    merge.add_argument("--shards", type=int, help=SHARDS_HELP)
-    merge.add_argument("--workers", type=int, help="shards run at once, each in its own process (default: fleet.workers or 1)")
+    merge.add_argument("--shards", type=int, help="number of layer-group shards (default: fleet.shards, else one per worker)")
+    merge.add_argument(
+        "--workers",
+        type=int,
+        help="shards run at once, each in its own process (default: fleet.workers, else chosen from the cores, "
+        "the available memory and the merge's size)",
+    )
     merge.add_argument("--device", choices=["cpu", "cuda"], help=DEVICE_HELP)
     merge.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     merge.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)

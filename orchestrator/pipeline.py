@@ -16,13 +16,14 @@ from pydantic import BaseModel, Field, field_serializer
 
 from orchestrator.assemble import Manifest, assemble
 from orchestrator.output_guard import claim_output, plan_locations, refuse_output_over_inputs
-from orchestrator.plan import Plan, build_plan
+from orchestrator.plan import PLAN_FILE, Plan, build_plan, recut
 from orchestrator.plan_ref import PlanRef, remember
 from orchestrator.receipt import ShardOutcome
 from orchestrator.recipe import Recipe
 from orchestrator.runners.base import ShardRunner
 from orchestrator.runners.processes import WorkerProcesses
 from orchestrator.shard import OnTensor
+from orchestrator.sizing import Layout, Told, choose_layout, merge_size, probe_machine
 from orchestrator.storage.base import OutputSink
 from orchestrator.storage.output_lock import hold_output_lock
 
@@ -37,6 +38,8 @@ class MergeSummary(BaseModel):
     output: str
     method: str
     shards: int
+    workers: int | None  # None when the shards ran on another runner (Prefect tasks, pods)
+    layout: Layout | None  # how shards and workers were chosen (``mergefleet merge``)
     shards_skipped: int
     shards_redone: list[str] = []  # shards whose receipt existed but whose file did not match it, and why
     tensors: int
@@ -52,12 +55,16 @@ class MergeSummary(BaseModel):
         return round(seconds, 3)
 
     @classmethod
-    def of(cls, plan: Plan, outcomes: list[ShardOutcome], manifest: Manifest, seconds: float) -> "MergeSummary":
+    def of(
+        cls, plan: Plan, outcomes: list[ShardOutcome], manifest: Manifest, seconds: float, layout: Layout | None = None
+    ) -> "MergeSummary":
         return cls(
             plan_id=plan.plan_id,
             output=plan.output,
             method=plan.method,
             shards=len(plan.shards),
+            workers=layout.workers if layout else None,
+            layout=layout,
             shards_skipped=sum(1 for outcome in outcomes if outcome.skipped),
             shards_redone=[outcome.redone_because for outcome in outcomes if outcome.redone_because],
             tensors=sum(len(s.tensors) for s in plan.shards),
@@ -110,19 +117,43 @@ def merge(
     (each defaulting to the recipe's ``fleet`` settings), reporting to ``on_tensor``.
     """
     started = time.perf_counter()
+    device = device or recipe.fleet.device
     plan = build_plan(recipe, output, shards=shards, allow_pickle=allow_pickle)
+    told_shards = _told(shards, recipe.fleet.shards) or _previous_cut(plan)
+    layout = choose_layout(
+        probe_machine(), merge_size(plan), shards=told_shards, workers=_told(workers, recipe.fleet.workers), device=device
+    )
+    plan = recut(plan, layout.shards)
+    log.info("%d shard(s) on %s", layout.shards, layout.describe())
     if on_plan:
         on_plan(plan)
     with claimed_output(plan, overwrite=overwrite):
         if runner is None:
-            runner = WorkerProcesses(
-                workers=workers if workers is not None else recipe.fleet.workers,
-                device=device or recipe.fleet.device,
-                on_tensor=on_tensor,
-            )
+            runner = WorkerProcesses(workers=layout.workers, device=device, on_tensor=on_tensor)
         outcomes = runner.run(remember(plan), range(len(plan.shards)))
         for outcome in outcomes:
             if outcome.redone_because:
                 log.warning("shard %d was redone: %s", outcome.receipt.index, outcome.redone_because)
         manifest = assemble(plan)
-    return MergeSummary.of(plan, outcomes, manifest, time.perf_counter() - started)
+    return MergeSummary.of(plan, outcomes, manifest, time.perf_counter() - started, layout)
+
+
+def _told(flag: int | None, recipe: int | None) -> Told | None:
+    """A count set on the command line (or in Python), else in the recipe's ``fleet:``."""
+    if flag is not None:
+        return Told(flag, "flags")
+    return Told(recipe, "recipe") if recipe is not None else None
+
+
+def _previous_cut(plan: Plan) -> Told | None:
+    """The shard count of the same merge (recipe, inputs, dtype, precision) already in the
+    output, so that an interrupted merge resumes under the same plan on whatever machine."""
+    sink = plan.output_sink()
+    if not sink.exists(PLAN_FILE):
+        return None
+    try:
+        previous = Plan.from_json(sink.read_file(PLAN_FILE))
+    except ValueError:  # unreadable: prepare_output says what holds the output
+        return None
+    same = recut(previous, len(plan.shards)).plan_id == plan.plan_id
+    return Told(len(previous.shards), "output") if same else None

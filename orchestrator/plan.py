@@ -367,7 +367,7 @@ def build_plan(
             "%s runs with density 1 for every tensor, so nothing is sparsified; set 'density' (e.g. 0.2) per model",
             method.name,
         )
-    shard_count = shards if shards is not None else recipe.fleet.shards
+    shard_count = shards or recipe.fleet.shards or 1
     planned_shards = cut_into_shards(planned, shard_count)
 
     inputs = [
@@ -380,15 +380,7 @@ def build_plan(
     config = _output_config(configs[reference], out_dtype, layer_sources if recipe.slices else None)
     if vocabulary is not None:
         config["vocab_size"] = vocabulary.size
-    identity = {
-        "version": PLAN_VERSION,
-        "recipe": recipe.recipe_hash(),
-        "inputs": [inp.model_dump() for inp in inputs],
-        "shards": shard_count,
-        "out_dtype": out_dtype,
-        "precision": precision,
-    }
-    plan_id = stable_hash(identity, length=16)
+    plan_id = _plan_id(recipe.recipe_hash(), inputs, shard_count, out_dtype, precision)
     return Plan(
         plan_id=plan_id,
         recipe=recipe.model_dump(mode="json", exclude_defaults=True),
@@ -505,6 +497,32 @@ def _fixed_row(
         if source_row < 0:
             raise RecipeError(f"{where}: {model}'s tokenizer has no token {token!r}; use a 'model_token' source to take another token's row")
     return FixedRow(row=row, input=refs.index(model), source_row=source_row, force=config.force)
+
+
+def _plan_id(recipe_hash: str, inputs: list[PlanInput], shards: int, out_dtype: str, precision: str) -> str:
+    """What makes a merge the same merge: its recipe, its inputs' contents, its cut and its arithmetic."""
+    identity = {
+        "version": PLAN_VERSION,
+        "recipe": recipe_hash,
+        "inputs": [inp.model_dump() for inp in inputs],
+        "shards": shards,
+        "out_dtype": out_dtype,
+        "precision": precision,
+    }
+    return stable_hash(identity, length=16)
+
+
+def recut(plan: Plan, count: int) -> Plan:
+    """The same merge cut into ``count`` shards (a new plan id, as for ``build_plan(shards=count)``)."""
+    if count == len(plan.shards):
+        return plan
+    tensors = [tensor for shard in plan.shards for tensor in shard.tensors]
+    return plan.model_copy(
+        update={
+            "shards": cut_into_shards(tensors, count),
+            "plan_id": _plan_id(plan.recipe_hash, plan.inputs, count, plan.out_dtype, plan.precision),
+        }
+    )
 
 
 def cut_into_shards(tensors: list[PlannedTensor], count: int) -> list[PlannedShard]:

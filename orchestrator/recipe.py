@@ -160,8 +160,10 @@ class FleetSettings(BaseModel):
     # to the recipe's dtype and rounds where mergekit 0.1.5 rounds, so half-precision recipes
     # give mergekit's bytes; "float32" computes in float32 and rounds once, at the end.
     precision: Precision = "match-mergekit"
-    shards: int = Field(default=1, ge=1)
-    workers: int = Field(default=1, ge=1)
+    # Unset: `mergefleet merge` chooses them from this machine's cores and memory and the
+    # merge's size (orchestrator/sizing.py); the flows and `mergefleet plan` use 1.
+    shards: int | None = Field(default=None, ge=1)
+    workers: int | None = Field(default=None, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     allow_pickle: bool = False
     storage: StorageOptions = Field(default_factory=StorageOptions)  # S3 endpoint, region, cache; never credentials

@@ -63,7 +63,7 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float, process: subp
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise RuntimeError(f"{what} did not happen within {timeout} s:\n{log.read_text()[-3000:]}")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from orchestrator.errors import RecipeError
-from orchestrator.methods import METHODS, get_method, sparsify
+from orchestrator.methods import METHODS, MODULE_OF, get_method, sparsify
 from orchestrator.methods.base import MergeResult, TensorTask, tensor_seed
 from orchestrator.methods.linear import linear_merge
 from tests.references import ref_family, ref_magnitude
@@ -61,6 +61,19 @@ def test_registered_methods_are_pinned():
         "sce", "slerp", "task_arithmetic", "ties", "ties_sv",
     ]
     assert all(spec.name == name for name, spec in METHODS.items())
+
+
+def test_every_module_s_specs_are_found_where_get_method_looks():
+    import importlib
+    import pkgutil
+
+    import orchestrator.methods as package
+
+    registered = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"orchestrator.methods.{info.name}")
+        registered.update({spec.name: info.name for spec in getattr(module, "SPECS", ())})
+    assert registered == MODULE_OF
 
 
 @pytest.mark.parametrize("name", ["tis", "nope"])

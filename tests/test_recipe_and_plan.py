@@ -43,7 +43,7 @@ def test_mergekit_recipe_loads_unchanged(tmp_path: Path) -> None:
     assert recipe.merge_method == "ties"
     assert recipe.model_refs() == ["./base", "./math"]
     assert recipe.out_dtype == "float16" and recipe.random_seed == 3
-    assert recipe.fleet.shards == 1 and recipe.fleet.workers == 1 and recipe.fleet.device == "cpu"
+    assert recipe.fleet.shards is None and recipe.fleet.workers is None and recipe.fleet.device == "cpu"
 
 
 def test_fleet_section(tmp_path: Path) -> None:

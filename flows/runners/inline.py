@@ -34,7 +34,7 @@ class InlineTasks:
 
     @classmethod
     def for_fleet(cls, fleet: FleetSettings) -> "InlineTasks":
-        return cls(fleet.workers, fleet.device, fleet.shard_retries, fleet.concurrency_limit, fleet.concurrency_slots)
+        return cls(fleet.workers or 1, fleet.device, fleet.shard_retries, fleet.concurrency_limit, fleet.concurrency_slots)
 
     def run(self, plan: PlanRef, indices: Sequence[int]) -> list[ShardOutcome]:
         if self.concurrency_limit:
