@@ -12,7 +12,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows import tasks
+from flows import naming, tasks
+from flows.artifacts import publish_merge
 from flows.outcomes import skipped
 from flows.runners import shard_runner
 from orchestrator.errors import RecipeError
@@ -47,7 +48,7 @@ def the_recipe(recipe: Recipe | None, recipe_file: str | None) -> Recipe:
     return recipe if recipe is not None else load_recipe(recipe_file)  # type: ignore[arg-type]
 
 
-@flow(name="merge-and-eval", description="Merge checkpoints from a recipe, evaluate the merge, record it.")
+@flow(name="merge-and-eval", flow_run_name=naming.starting_name, description="Merge checkpoints from a recipe, evaluate the merge, record it.")
 def merge_and_eval(
     recipe: Recipe | None = None,
     output: str | None = None,
@@ -61,7 +62,7 @@ def merge_and_eval(
     ``overwrite``: replace a different merge already in ``output``.
     ``skip_unchanged``: do nothing when neither the recipe nor any input changed since
     the last successful merge into ``output`` (a nightly schedule)."""
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     parsed = the_recipe(recipe, recipe_file)
     out = parsed.output_location(output)
 
@@ -72,11 +73,15 @@ def merge_and_eval(
 
     plan = tasks.plan_task(parsed, out, overwrite=overwrite)
     opened = open_plan(plan)
+    naming.name_merge_run(opened, parsed.fleet.target)
     shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
-    manifest = tasks.assemble_task(plan)
+    # wait_for and passed results draw the graph as the data goes: shards -> assemble -> evaluate -> track
+    manifest = tasks.assemble_task(plan, wait_for=shards)
     summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
-    evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
-    tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds)
+    evaluated = tasks.evaluate_task(plan, parsed.fleet.eval, wait_for=[manifest], return_state=True)
+    evaluation = evaluated.result()
+    tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds, started_at, wait_for=[evaluated])
+    publish_merge(opened, shards, evaluation, tracking, seconds=summary.seconds)
     return MergeAndEvalResult(
         **dict(summary), target=parsed.fleet.target, flow_run_id=flow_run.id, evaluation=evaluation, tracking=tracking
     )

@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.runners.common import run_log, worth_retrying
 from orchestrator.assemble import Manifest, assemble
-from orchestrator.evaluate.scores import Evaluation, evaluate_merge
+from orchestrator.evaluate.scores import Evaluation, check_evaluation, evaluate_merge
 from orchestrator.pipeline import prepare_output
 from orchestrator.plan import build_plan
 from orchestrator.plan_ref import PlanRef, open_plan, remember
@@ -32,8 +32,11 @@ def _absolute(output: str) -> str:
 
 @task(name="plan", task_run_name="plan", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=worth_retrying)
 def plan_task(recipe: Recipe, output: str, *, shards: int | None = None, overwrite: bool = False) -> PlanRef:
-    """Build the plan, claim the output (writes plan.json), clear a killed run's temp files."""
+    """Build the plan, check the evaluation's tasks and owners, claim the output (writes
+    plan.json), clear a killed run's temp files."""
     plan = build_plan(recipe, _absolute(output), shards=shards)
+    if recipe.fleet.eval is not None:
+        check_evaluation(plan, recipe.fleet.eval)
     prepare_output(plan, overwrite=overwrite).remove_partials()
     run_log().info("plan %s: %s, %d inputs, %d shard(s) into %s", plan.plan_id, plan.method, len(plan.inputs), len(plan.shards), plan.output)
     return remember(plan)
@@ -72,9 +75,14 @@ def evaluate_task(plan: PlanRef, settings: EvalSettings | None) -> Evaluation | 
 
 @task(name="track", task_run_name="track", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=worth_retrying)
 def track_task(
-    plan: PlanRef, manifest: Manifest, shards: list[ShardOutcome], evaluation: Evaluation | None, merge_seconds: float
+    plan: PlanRef,
+    manifest: Manifest,
+    shards: list[ShardOutcome],
+    evaluation: Evaluation | None,
+    merge_seconds: float,
+    started_at: float | None = None,
 ) -> TrackedRun:
-    """Record the merge as one MLflow run; returns where it is."""
-    tracked = track_merge(open_plan(plan), manifest, shards, evaluation, merge_seconds=merge_seconds)
+    """Record the merge as one MLflow run that starts when the flow did; returns where it is."""
+    tracked = track_merge(open_plan(plan), manifest, shards, evaluation, merge_seconds=merge_seconds, started_at=started_at)
     run_log().info("recorded as MLflow run %s in %s", tracked.run_id, tracked.tracking_uri)
     return tracked

@@ -87,6 +87,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     recipe = load_recipe(args.recipe)
     output = recipe.output_location(args.output)
     plan = build_plan(recipe, output, shards=args.shards, allow_pickle=args.allow_pickle or None)
+    if recipe.fleet.eval is not None:
+        from orchestrator.evaluate.scores import check_evaluation
+
+        check_evaluation(plan, recipe.fleet.eval)
     prepare_output(plan, overwrite=args.overwrite)
     shards = [
         {"index": s.index, "file": s.file, "tensors": len(s.tensors), "bytes_out": s.out_bytes, "bytes_in": s.in_bytes}
@@ -227,7 +231,7 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.tracking.charts import score_chart
-    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, compare_series, find_merge_runs
+    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, compare_series, find_merge_runs, log_comparison
     from orchestrator.tracking.store import compare_tracking_uri
 
     uri = compare_tracking_uri(args.tracking_uri)
@@ -235,6 +239,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     rows, params, tasks = compare_rows(runs)
     drop_rates = compare_drop_rates(rows)
     chart = str(score_chart(compare_series(rows), args.chart, title=f"{len(rows)} merge(s)", drop_rates=drop_rates)) if tasks else None
+    logged = log_comparison(runs, tracking_uri=uri) if args.log else []
     if not args.json and not args.quiet:
         from rich.table import Table
 
@@ -265,7 +270,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console.print(f"protected drop rate of {name}: {shown}", highlight=False)
         if chart:
             console.print(f"chart: {chart}", highlight=False)
-    return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart}
+        for run_id in logged:
+            console.print(f"comparison logged to MLflow run {run_id} (artifact comparison.png)", highlight=False)
+    return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart, "comparison_runs": logged}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("refs", nargs="+", metavar="RUN_OR_EXPERIMENT", help="MLflow run ids, or experiment names or ids (all their merges)")
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     compare.add_argument("--chart", default="mergefleet-compare.png", help="where the chart goes (PNG; default: %(default)s)")
+    compare.add_argument(
+        "--log", action="store_true",
+        help="also record the chart and table in MLflow: a run named 'comparison' in each experiment, refreshed each time",
+    )
     compare.set_defaults(handler=cmd_compare)
 
     cli_cluster.register(commands, common)

@@ -10,6 +10,11 @@ from typing import Any
 
 from orchestrator.errors import TrackingError
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3's UI opens an experiment of this kind in its classic machine-learning view
+(runs, metrics, models), not the GenAI one (traces, prompts)."""
+
 
 def default_tracking_uri(output: str) -> str:
     """``sqlite:///<parent of a local output>/mlflow.db``; ``~/.mergefleet/mlflow.db`` otherwise."""
@@ -57,8 +62,12 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     try:
         found = client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # the user's choice of view stays
+                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        return client.create_experiment(
+            name, artifact_location=artifact_location(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as error:
         if "already exists" in str(error):  # created by a concurrent merge of the same sweep
             return client.get_experiment_by_name(name).experiment_id
