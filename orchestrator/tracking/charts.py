@@ -69,8 +69,14 @@ def score_figure(
         bars = axes.bar(xs, values, width * 0.92, label=label, color=colour)
         axes.bar_label(bars, labels=[f"{v:.2f}" if v == v else "" for v in values], fontsize=7, padding=1)
     axes.set_xticks(range(len(tasks)), [f"{t}\n(held in: {owners[t]})" if owners and t in owners else t for t in tasks])
+    _finish_score_axes(figure, axes, list(series.values()), title)
+    return figure
+
+
+def _finish_score_axes(figure: Any, axes: Any, series: list[dict[str, float]], title: str) -> None:
+    """Score axis from 0 to a little above the highest score, grid, legend outside, title."""
     axes.set_ylabel("score (primary metric)")
-    top = max([v for scores in series.values() for v in scores.values()] + [1.0])
+    top = max([v for scores in series for v in scores.values()] + [1.0])
     axes.set_ylim(0, top * 1.12)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
@@ -78,7 +84,6 @@ def score_figure(
     if title:
         axes.set_title(title, fontsize=10)
     figure.tight_layout()
-    return figure
 
 
 def _drop_rate_panel(axes: Any, drop_rates: dict[str, dict[str, float]]) -> None:
@@ -143,13 +148,5 @@ def comparison_figure(merges: dict[str, dict[str, float]], references: dict[str,
                     label=label if i == min(j for j, t in enumerate(tasks) if t in scores) else None,
                 )
     axes.set_xticks(range(len(tasks)), tasks)
-    axes.set_ylabel("score (primary metric)")
-    top = max([v for scores in [*merges.values(), *references.values()] for v in scores.values()] + [1.0])
-    axes.set_ylim(0, top * 1.12)
-    axes.grid(axis="y", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    if title:
-        axes.set_title(title, fontsize=10)
-    figure.tight_layout()
+    _finish_score_axes(figure, axes, [*merges.values(), *references.values()], title)
     return figure
