@@ -103,19 +103,22 @@ class Page:
 
 def merge_pages(uri: str, *, experiment_id: str, run_ids: Sequence[str], model_id: str, model_name: str, method: str,
                 scores: dict[str, float], checkpoint: str, registered: tuple[str, str]) -> list[Page]:
-    """The pages a person opens for one merge (the first of ``run_ids``) and the compare view of all."""
-    base = uri.rstrip("/")
+    """The pages a person opens for one merge (the first of ``run_ids``) and the compare view
+    of all, in the model-training view; the experiment's page must show the registry (the
+    GenAI view does not) and the comparison table that ``compare --log`` wrote."""
+    from orchestrator.tracking.store import ui_page
+
     name, version = registered
     shown_scores = [f"{value:.3f}" for value in scores.values()]
     runs = json.dumps(list(run_ids))
     return [
-        Page("experiment", f"{base}/#/experiments/{experiment_id}", ["Training runs", model_name]),
-        Page("run", f"{base}/#/experiments/{experiment_id}/runs/{run_ids[0]}", [method, *shown_scores, *scores, name, f"v{version}"]),
-        Page("logged-model", f"{base}/#/experiments/{experiment_id}/models/{model_id}",
+        Page("experiment", ui_page(uri, f"experiments/{experiment_id}"), ["Model registry", model_name, *shown_scores]),
+        Page("run", ui_page(uri, f"experiments/{experiment_id}/runs/{run_ids[0]}"), [method, *shown_scores, *scores, name, f"v{version}"]),
+        Page("logged-model", ui_page(uri, f"experiments/{experiment_id}/models/{model_id}"),
              ["checkpoint", checkpoint, method, "Model versions", name, f"v{version}"]),
-        Page("model-version", f"{base}/#/models/{name}/versions/{version}",
+        Page("model-version", ui_page(uri, f"models/{name}/versions/{version}"),
              [name, f"Version {version}", "Source Model", model_name, checkpoint]),
-        Page("compare", f"{base}/#/compare-runs?runs={runs}&experiments={json.dumps([experiment_id])}", [method, "density.add", *scores]),
+        Page("compare", ui_page(uri, f"compare-runs?runs={runs}&experiments={json.dumps([experiment_id])}"), [method, "density.add", *scores]),
     ]
 
 

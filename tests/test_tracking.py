@@ -57,7 +57,7 @@ def test_a_merge_is_one_mlflow_run_with_its_lineage(tracked, skill_models, mlflo
     run = client.get_run(tracked_run.run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "skills-ties"
     assert client.get_experiment(run.info.experiment_id).name == "skills"
-    assert tracked_run.url == f"{mlflow_server['uri']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert tracked_run.url == f"{mlflow_server['uri']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
 
     # short params (the columns a person adds), and the recipe as flattened params
     params = run.data.params

@@ -29,7 +29,7 @@ from orchestrator.recipe import FleetSettings, parse_recipe
 from orchestrator.report import expert_count, input_labels, markdown_table, score_rows, shard_name, short_params
 from orchestrator.storage.checkpoint import fingerprint_digest
 from orchestrator.tracking.charts import score_chart, score_series
-from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path
+from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path, ui_page
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def _is_server(uri: str) -> bool:
 
 def _run_url(uri: str, experiment: str, run_id: str) -> str | None:
     if _is_server(uri):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return ui_page(uri, f"experiments/{experiment}/runs/{run_id}")
     return None
 
 

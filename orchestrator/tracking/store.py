@@ -12,8 +12,18 @@ from orchestrator.errors import TrackingError
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
-"""MLflow 3's UI opens an experiment of this kind in its classic machine-learning view
-(runs, metrics, models), not the GenAI one (traces, prompts)."""
+"""The experiment's kind in MLflow 3: machine learning, not a GenAI app."""
+CLASSIC_VIEW = "workflowType=machine_learning"
+"""MLflow 3.17's UI opens in its GenAI view (traces, judges) unless a page's address asks for
+the model-training view (runs, models, registry), whatever the experiment's kind; so every
+address mergefleet prints carries this query."""
+
+
+def ui_page(uri: str, route: str) -> str:
+    """The address of ``route`` (``experiments/1/runs/<id>``) in the UI of the server at ``uri``,
+    in the model-training view."""
+    joiner = "&" if "?" in route else "?"
+    return f"{uri.rstrip('/')}/#/{route}{joiner}{CLASSIC_VIEW}"
 
 
 def default_tracking_uri(output: str) -> str:
