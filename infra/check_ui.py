@@ -164,6 +164,7 @@ def _tracked_merges(workdir: Path, uri: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Build, serve and look; exit 1 when a page lacks what it should show."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--screenshots", type=Path, default=Path("ui-screenshots"), help="folder for the PNGs and page texts")
     parser.add_argument("--workdir", type=Path, help="where models, merges and the MLflow store go (default: a temporary folder)")
