@@ -12,7 +12,8 @@ from prefect import flow
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows import tasks
+from flows import naming, tasks
+from flows.artifacts import publish_merge
 from flows.outcomes import skipped
 from flows.runners import shard_runner
 from orchestrator.errors import RecipeError
@@ -50,7 +51,7 @@ def the_recipe(recipe: Recipe | None, recipe_file: str | None) -> Recipe:
     return recipe if recipe is not None else load_recipe(recipe_file)  # type: ignore[arg-type]
 
 
-@flow(name="merge-and-eval", description="Merge checkpoints from a recipe, evaluate the merge, record it.")
+@flow(name="merge-and-eval", flow_run_name=naming.starting_name, description="Merge checkpoints from a recipe, evaluate the merge, record it.")
 def merge_and_eval(
     recipe: Recipe | None = None,
     output: str | None = None,
@@ -64,7 +65,7 @@ def merge_and_eval(
     ``overwrite``: replace a different merge already in ``output``.
     ``skip_unchanged``: do nothing when neither the recipe nor any input changed since
     the last successful merge into ``output`` (a nightly schedule)."""
-    started = time.perf_counter()
+    started_at, started = time.time(), time.perf_counter()
     parsed = the_recipe(recipe, recipe_file)
     out = parsed.output_location(output)
 
@@ -73,24 +74,37 @@ def merge_and_eval(
         # the run ends in this state (Completed, named Skipped); a caller gets its data
         return skipped(SkippedMerge(output=out, reason=reason), reason)  # type: ignore[return-value]
 
-    return merge_evaluate_track(parsed, out, overwrite=overwrite, started=started)
+    return merge_evaluate_track(parsed, out, overwrite=overwrite, started=started, started_at=started_at)
 
 
 def merge_evaluate_track(
-    parsed: Recipe, out: str, *, overwrite: bool, started: float, tags: dict[str, str] | None = None
+    parsed: Recipe,
+    out: str,
+    *,
+    overwrite: bool,
+    started: float,
+    started_at: float | None = None,
+    tags: dict[str, str] | None = None,
 ) -> MergeAndEvalResult:
     """The steps of one merge inside a flow run: plan, shards, assemble, evaluate, track
-    (the run's MLflow ``tags`` added). ``started``: when the flow run began. The output's
-    lock is held until the evaluation has rewritten the model card: one merge per output."""
+    (the run's MLflow ``tags`` added). ``started``: when the flow run began (a monotonic
+    clock; ``started_at`` the wall clock, where the MLflow run starts). The output's lock is
+    held until the evaluation has rewritten the model card: one merge per output."""
     refuse_output_over_inputs(out, parsed.model_refs())  # before the lock writes anything there
     with hold_output_lock(open_output(tasks.absolute(out), storage=parsed.fleet.storage)):
         plan = tasks.plan_task(parsed, out, overwrite=overwrite)
         opened = open_plan(plan)
+        naming.name_merge_run(opened, parsed.fleet.target)
         shards = shard_runner(parsed.fleet).run(plan, range(len(opened.shards)))
-        manifest = tasks.assemble_task(plan)
+        # wait_for and passed results draw the graph as the data goes: shards -> assemble -> evaluate -> track
+        manifest = tasks.assemble_task(plan, wait_for=shards)
         summary = MergeSummary.of(opened, shards, manifest, time.perf_counter() - started)
-        evaluation = tasks.evaluate_task(plan, parsed.fleet.eval)
-    tracking = tasks.track_task(plan, manifest, shards, evaluation, summary.seconds, tags=tags)
+        evaluated = tasks.evaluate_task(plan, parsed.fleet.eval, wait_for=[manifest], return_state=True)
+        evaluation = evaluated.result()
+    tracking = tasks.track_task(
+        plan, manifest, shards, evaluation, summary.seconds, started_at, tags=tags, wait_for=[evaluated]
+    )
+    publish_merge(opened, shards, evaluation, tracking, seconds=summary.seconds)
     return MergeAndEvalResult(
         **dict(summary), target=parsed.fleet.target, flow_run_id=flow_run.id, evaluation=evaluation, tracking=tracking
     )

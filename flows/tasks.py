@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from flows.runners.common import run_log, worth_retrying
 from orchestrator import events
 from orchestrator.assemble import Manifest, assemble
-from orchestrator.evaluate.scores import Evaluation, evaluate_merge
+from orchestrator.evaluate.scores import Evaluation, check_evaluation, evaluate_merge
 from orchestrator.model_card import write_card_files
 from orchestrator.pipeline import prepare_output
 from orchestrator.plan import build_plan
@@ -34,8 +34,11 @@ def absolute(output: str) -> str:
 
 @task(name="plan", task_run_name="plan", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=worth_retrying)
 def plan_task(recipe: Recipe, output: str, *, shards: int | None = None, overwrite: bool = False) -> PlanRef:
-    """Build the plan, claim the output (writes plan.json), clear a killed run's temp files."""
+    """Build the plan, check the evaluation's tasks and owners, claim the output (writes
+    plan.json), clear a killed run's temp files."""
     plan = build_plan(recipe, absolute(output), shards=shards)
+    if recipe.fleet.eval is not None:
+        check_evaluation(plan, recipe.fleet.eval)
     prepare_output(plan, overwrite=overwrite)  # also deletes dead writers' temp files
     sizes = tuple(events.ShardSize(s.index, len(s.tensors), s.out_bytes) for s in plan.shards)
     events.emit(events.PlanReady(plan.plan_id, plan.method, plan.output, len(plan.inputs), sizes))
@@ -83,13 +86,16 @@ def track_task(
     shards: list[ShardOutcome],
     evaluation: Evaluation | None,
     merge_seconds: float,
+    started_at: float | None = None,
     *,
     tags: dict[str, str] | None = None,
     tracking_uri: str | None = None,
 ) -> TrackedRun:
-    """Record the merge as one MLflow run (with ``tags``, in ``tracking_uri`` when given); returns where it is."""
+    """Record the merge as one MLflow run that starts when the flow did (``started_at``), with
+    ``tags``, in ``tracking_uri`` when given; returns where it is."""
     tracked = track_merge(
-        open_plan(plan), manifest, shards, evaluation, merge_seconds=merge_seconds, tags=tags, tracking_uri=tracking_uri
+        open_plan(plan), manifest, shards, evaluation,
+        merge_seconds=merge_seconds, started_at=started_at, tags=tags, tracking_uri=tracking_uri,
     )
     run_log().info("recorded as MLflow run %s in %s", tracked.run_id, tracked.tracking_uri)
     return tracked

@@ -117,6 +117,10 @@ def cmd_plan(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     if not graph.is_single:
         return _plan_documents(args, console, graph, output)
     plan = build_plan(recipe, output, shards=args.shards, allow_pickle=args.allow_pickle or None)
+    if recipe.fleet.eval is not None:
+        from orchestrator.evaluate.scores import check_evaluation
+
+        check_evaluation(plan, recipe.fleet.eval)
     prepare_output(plan, overwrite=args.overwrite)
     shards = [
         {"index": s.index, "file": s.file, "tensors": len(s.tensors), "bytes_out": s.out_bytes, "bytes_in": s.in_bytes}
@@ -315,7 +319,7 @@ def cmd_deploy(args: argparse.Namespace, console: Console) -> dict[str, Any]:
 
 def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from orchestrator.tracking.charts import score_chart
-    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, compare_series, find_merge_runs
+    from orchestrator.tracking.compare import compare_drop_rates, compare_rows, compare_series, find_merge_runs, log_comparison
     from orchestrator.tracking.store import compare_tracking_uri
 
     uri = compare_tracking_uri(args.tracking_uri)
@@ -326,6 +330,7 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     chart = None
     if tasks and chart_path:
         chart = str(score_chart(compare_series(rows), chart_path, title=f"{len(rows)} merge(s)", drop_rates=drop_rates))
+    logged = log_comparison(runs, tracking_uri=uri) if args.log else []
     if not args.json and not args.quiet:
         def number(value: Any, digits: int = 3) -> str:
             return "" if value is None else f"{value:.{digits}f}"
@@ -352,7 +357,9 @@ def cmd_compare(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             console.print(f"protected drop rate of {name}: {shown}", highlight=False)
         if chart:
             console.print(f"chart: {chart}", highlight=False)
-    return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart}
+        for run_id in logged:
+            console.print(f"comparison logged to MLflow run {run_id} (artifact comparison.png)", highlight=False)
+    return {"tracking_uri": uri, "tasks": tasks, "params": params, "runs": rows, "chart": chart, "comparison_runs": logged}
 
 
 RECIPE_HELP = "mergekit YAML recipe (with an optional fleet: section)"
@@ -458,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)")
     compare.add_argument(
         "--chart", help=f"where the chart goes, a PNG (default: {DEFAULT_CHART} here; none with --json unless given)"
+    )
+    compare.add_argument(
+        "--log", action="store_true",
+        help="also record the chart and table in MLflow: a run named 'comparison' in each experiment, refreshed each time",
     )
     compare.set_defaults(handler=cmd_compare)
 

@@ -33,6 +33,7 @@ class Receipt(BaseModel):
     tensor_bytes: int
     device: str
     tensors_streamed: int = 0  # tensors whose inputs were read a window at a time
+    finished_at: float | None = None  # Unix time the shard's file was complete (MLflow shows its span)
     report: dict[str, Any] = {}
 
 

@@ -185,6 +185,7 @@ def run_shard(
         device=device,
         tensors_streamed=sum(streamed),
         report=report,
+        finished_at=round(time.time(), 3),
     )
     sink.write_file(receipt_file(index), receipt.model_dump_json(indent=1).encode())
     return ShardOutcome(receipt=receipt, skipped=False, redone_because=redone_because)

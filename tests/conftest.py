@@ -12,8 +12,8 @@ from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_check
 from tests.helpers import TINY
 
 
-SLOW_FIXTURES = {"skill_models", "prefect_harness", "real_prefect_server"}
-"""A test that trains the skill models or starts a Prefect server is slow, whatever else it does."""
+SLOW_FIXTURES = {"skill_models", "prefect_harness", "real_prefect_server", "mlflow_server"}
+"""A test that trains the skill models or starts a Prefect or MLflow server is slow, whatever else it does."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -118,3 +118,13 @@ def skill_models(tmp_path_factory: pytest.TempPathFactory, input_guard: InputGua
 def eval_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One evaluation cache for the session: each input is evaluated once."""
     return tmp_path_factory.mktemp("eval-cache")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite store, local artifacts) for a module."""
+    from infra.mlflow_server import mlflow_server as serve
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    with serve(root) as uri:
+        yield {"uri": uri, "root": root}

@@ -13,6 +13,7 @@ from prefect.client.orchestration import get_client
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import MissingContextError, ObjectNotFound
 
+from flows import naming
 from orchestrator import events
 from orchestrator.errors import ConfigurationError, MergeError, MergefleetError
 from orchestrator.plan_ref import PlanRef, open_plan
@@ -36,7 +37,7 @@ def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
 
 
 SHARD_TASK = {
-    "task_run_name": "shard-{index}",
+    "task_run_name": naming.shard_run_name,
     "cache_policy": NO_CACHE,
     "persist_result": False,
     "retries": 2,

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 from orchestrator import events
 from orchestrator.errors import EvaluationError
 from orchestrator.evaluate.runner import CheckpointScores, evaluate_checkpoint, settings_cache_dir
-from orchestrator.evaluate.tasks import resolve_tasks
+from orchestrator.evaluate.tasks import resolve_tasks, task_manager
 from orchestrator.plan import Plan
 from orchestrator.recipe import EvalSettings
 from orchestrator.storage.base import StorageOptions
@@ -65,6 +65,14 @@ def resolve_owners(owners: dict[str, str], experts: list[str], tasks: list[str])
             )
         resolved[task] = by_name[0]
     return resolved
+
+
+def check_evaluation(plan: Plan, settings: EvalSettings) -> None:
+    """Refuse, before any merge work, what the evaluation would refuse after it: a task file
+    or name lm-eval does not know, an owner that is not one of ``plan``'s experts."""
+    tasks = resolve_tasks(settings.tasks, cache_dir=settings_cache_dir(settings))
+    task_manager(tasks)
+    resolve_owners(settings.owners, [inp.name for i, inp in enumerate(plan.inputs) if i != plan.base], tasks.names)
 
 
 def evaluate_merge(

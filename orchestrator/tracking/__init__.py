@@ -2,14 +2,18 @@
 compare side by side in the MLflow UI.
 
 Modules: ``record`` (``track_merge``: the run of one merge), ``store`` (where runs go and
-how to open them), ``charts`` (score charts) and ``compare`` (a table of recorded merges).
+how to open them), ``charts`` (score charts) and ``compare`` (a table of recorded merges,
+and the comparison recorded back into MLflow).
 
 A merge's run holds
-- the recipe as params (flattened: ``models.1.parameters.density``) and as ``recipe.yaml``;
+- short params for comparing merges (``method``, ``experts``, ``density``, ``weight.<expert>``)
+  and the recipe as params (flattened: ``recipe.models.1.parameters.density``) and as
+  ``recipe.yaml``; as its description, the scores table (``orchestrator.report``);
 - tags ``mergefleet.method``, ``mergefleet.experts``, ``mergefleet.plan_id``, ...;
 - every input checkpoint as a run input (a dataset entry whose source is the input's URI
   and whose digest is its fingerprint; context ``base`` or ``expert``);
-- one nested run per shard (bytes written and read, seconds, bytes per second);
+- one nested run per shard (bytes written and read, seconds, bytes per second), spanning the
+  shard's own start and end; the run itself starts when the merge did (``started_at``);
 - the evaluation: ``score/<task>`` (the merged checkpoint's primary metric),
   ``normalised/<task>``, ``merged/<task>/<metric>`` (everything lm-eval reported),
   ``base/<task>`` and ``expert/<name>/<task>`` when the inputs were evaluated;
@@ -19,7 +23,11 @@ A merge's run holds
   ``scores.png`` (merged vs base vs experts per task);
 - the merged checkpoint as an MLflow logged model. Its weights stay where the merge wrote
   them: the model is an *external* one (MLflow's term) whose ``mergefleet.checkpoint_uri``
-  tag and ``checkpoint.json`` artifact give that location; optionally registered.
+  tag, ``checkpoint`` param and ``checkpoint.json`` artifact give that location; optionally
+  registered, the version linked to the model (``models:/<id>``, ``mlflow.modelVersions``).
+
+Experiments are created as MLflow 3's classic model-training kind; ``compare.log_comparison``
+keeps a ``comparison`` run per experiment with a chart of all its merges.
 
 Tracking goes to ``tracking_uri`` (argument, then ``fleet.tracking_uri``, then
 ``MLFLOW_TRACKING_URI``), by default a SQLite file ``mlflow.db`` beside a local output

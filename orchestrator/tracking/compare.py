@@ -49,12 +49,11 @@ def find_merge_runs(refs: Sequence[str], *, tracking_uri: str) -> list[Any]:
 def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], list[str]]:
     """One row per merge run; also the recipe params that differ between runs, and the tasks."""
     params = [run.data.params for run in runs]
-    keys = sorted({key for p in params for key in p if not key.startswith(("models.", "base_model", "fleet.", "mergefleet."))})
-    varying = [key for key in keys if len({p.get(key) for p in params}) > 1] if len(runs) > 1 else [
-        key for key in keys if key.startswith(("parameters.",)) or key in ("merge_method",)
-    ]
-    weights = sorted({key for p in params for key in p if key.startswith("models.") and ".parameters." in key})
-    varying += [key for key in weights if len({p.get(key) for p in params}) > 1]
+    keys = sorted({key for p in params for key in p if not key.startswith(("recipe.", "mergefleet."))} - {"method"})
+    if len(runs) > 1:
+        varying = [key for key in keys if len({p.get(key) for p in params}) > 1]
+    else:
+        varying = [key for key in keys if key not in ("experts", "shards")]
     tasks = sorted({key.split("/", 1)[1] for run in runs for key in run.data.metrics if key.startswith("score/") and key != "score/mean"})
     rows = []
     for run in runs:
@@ -64,7 +63,7 @@ def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], 
             {
                 "run_id": run.info.run_id,
                 "name": run.info.run_name,
-                "method": run.data.tags.get(f"{TAG}method", run.data.params.get("merge_method")),
+                "method": run.data.tags.get(f"{TAG}method", run.data.params.get("method")),
                 "params": {key: run.data.params.get(key) for key in varying},
                 "scores": {task: metrics.get(f"score/{task}") for task in tasks},
                 "normalised": {task: metrics.get(f"normalised/{task}") for task in tasks},
@@ -88,8 +87,8 @@ def _expert_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
     return experts
 
 
-def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Chart series: the first run's base and experts, then every merge."""
+def reference_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The first run's base and experts (the same inputs for every merge compared)."""
     series: dict[str, dict[str, float]] = {}
     if rows:
         base = {t: v for t, v in rows[0]["base"].items() if v is not None}
@@ -97,12 +96,24 @@ def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             series["base"] = base
         for label, scores in rows[0]["experts"].items():
             series[label] = scores
+    return series
+
+
+def merge_series(rows: list[dict[str, Any]], taken: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """Each merge's scores under its run name (made unique, also against ``taken``)."""
+    series: dict[str, dict[str, float]] = {}
     for row in rows:
         label = row["name"] or row["run_id"][:8]
-        while label in series:
+        while label in series or label in taken:
             label += "'"
         series[label] = {t: v for t, v in row["scores"].items() if v is not None}
     return series
+
+
+def compare_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Chart series: the first run's base and experts, then every merge."""
+    references = reference_series(rows)
+    return references | merge_series(rows, taken=list(references))
 
 
 def compare_drop_rates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -112,3 +123,62 @@ def compare_drop_rates(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]
         if row.get("drop_rates"):
             rates[row["name"] or row["run_id"][:8]] = row["drop_rates"]
     return rates
+
+
+COMPARISON_TAG = f"{TAG}comparison"
+COMPARISON_RUN = "comparison"
+COMPARISON_CHART = "comparison.png"
+
+
+def log_comparison(runs: Sequence[Any], *, tracking_uri: str) -> list[str]:
+    """Record the comparison where MLflow shows it, once per experiment of ``runs``: a run
+    named ``comparison`` (made once, then refreshed) holds the chart (every merge's score per
+    task, base and experts as reference lines) and, as its description, the table; the
+    experiment's description links to it. Returns the comparison runs' ids."""
+    import tempfile
+
+    from orchestrator.report import markdown_table
+    from orchestrator.tracking.charts import comparison_chart
+
+    client = client_for(tracking_uri)
+    by_experiment: dict[str, list[Any]] = {}
+    for run in runs:
+        by_experiment.setdefault(run.info.experiment_id, []).append(run)
+    logged = []
+    for experiment, members in by_experiment.items():
+        rows, _, tasks = compare_rows(members)
+        if not tasks:
+            continue
+        run_id = _comparison_run(client, experiment)
+        table = [
+            {"run": row["name"] or row["run_id"][:8], "method": row["method"], **{t: row["scores"][t] for t in tasks},
+             "normalised": row["normalised_mean"]}
+            for row in rows
+        ]
+        references = reference_series(rows)
+        reference_rows = [{"run": label, "method": "(input)", **{t: scores.get(t) for t in tasks}, "normalised": None}
+                          for label, scores in references.items()]
+        note = markdown_table(table + reference_rows)
+        with tempfile.TemporaryDirectory(prefix="mergefleet-compare-") as scratch:
+            title = f"{len(rows)} merge(s) of experiment {client.get_experiment(experiment).name}"
+            chart = comparison_chart(merge_series(rows, taken=list(references)), references, f"{scratch}/{COMPARISON_CHART}", title=title)
+            client.log_artifact(run_id, str(chart))
+        client.set_tag(run_id, "mlflow.note.content", f"{note}\n\nChart: artifact `{COMPARISON_CHART}` of this run.")
+        client.set_experiment_tag(
+            experiment,
+            "mlflow.note.content",
+            f"Merges compared by `mergefleet compare --log`: the chart is `{COMPARISON_CHART}` in run "
+            f"`{COMPARISON_RUN}` ({run_id}).\n\n{note}",
+        )
+        logged.append(run_id)
+    return logged
+
+
+def _comparison_run(client: Any, experiment: str) -> str:
+    """The experiment's comparison run, created the first time."""
+    found = client.search_runs([experiment], filter_string=f"tags.`{COMPARISON_TAG}` = 'true'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(experiment, run_name=COMPARISON_RUN, tags={COMPARISON_TAG: "true"})
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

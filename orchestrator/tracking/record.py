@@ -26,15 +26,17 @@ from orchestrator.evaluate.scores import Evaluation
 from orchestrator.plan import Plan
 from orchestrator.receipt import ShardOutcome
 from orchestrator.recipe import FleetSettings, parse_recipe
+from orchestrator.report import expert_count, input_labels, markdown_table, score_rows, shard_name, short_params
 from orchestrator.storage.checkpoint import fingerprint_digest
 from orchestrator.tracking.charts import score_chart, score_series
-from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path
+from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path, ui_page
 
 log = logging.getLogger(__name__)
 
 TAG = "mergefleet."
 DEFAULT_EXPERIMENT = "mergefleet"
 MODEL_TYPE = "mergefleet-checkpoint"
+MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # the registered versions of a logged model, as MLflow's UI reads them
 PARAM_VALUE_LIMIT = 6000
 _METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
@@ -57,6 +59,7 @@ class _ShardRow:
     """One shard as its nested run records it."""
 
     index: int
+    name: str
     file: str
     device: str
     tensors: int | None
@@ -65,6 +68,7 @@ class _ShardRow:
     seconds: float
     bytes_written: int
     bytes_read: int
+    finished_at: float | None  # Unix time; None when the receipt predates the field
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
@@ -89,22 +93,6 @@ def metric_key(*parts: str) -> str:
     return "/".join(_METRIC_UNSAFE.sub("_", part) for part in parts)
 
 
-def input_labels(plan: Plan) -> dict[str, str]:
-    """Short, unique labels for the inputs: ``base`` and the experts' directory names."""
-    labels: dict[str, str] = {}
-    for index, inp in enumerate(plan.inputs):
-        if index == plan.base:
-            label = "base"
-        else:
-            label = Path(inp.name.rstrip("/")).name or f"expert{index}"
-            label = _METRIC_UNSAFE.sub("_", label)
-        candidate, n = label, 2
-        while candidate in labels.values():
-            candidate, n = f"{label}-{n}", n + 1
-        labels[inp.name] = candidate
-    return labels
-
-
 def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:
     """The experts a merge's drop-rate report is about, in its order: those marked
     ``protect: true``, or every expert when none is (as the engine reports them)."""
@@ -117,14 +105,18 @@ def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:
     return []
 
 
-def _shard_rows(shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> list[_ShardRow]:
+def _shard_rows(plan: Plan, shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> list[_ShardRow]:
     """The shards' outcomes, or (without them) the manifest's shard list."""
     if shards is None:
         return [
-            _ShardRow(s.index, "", s.device, None, False, None, s.seconds, s.bytes_written, s.bytes_read) for s in manifest.shards
+            _ShardRow(s.index, shard_name(plan, s.index), "", s.device, None, False, None, s.seconds, s.bytes_written, s.bytes_read, None)
+            for s in manifest.shards
         ]
     return [
-        _ShardRow(r.index, r.file, r.device, len(r.tensors), outcome.skipped, r.sha256, r.seconds, r.bytes_written, r.bytes_read)
+        _ShardRow(
+            r.index, shard_name(plan, r.index), r.file, r.device, len(r.tensors), outcome.skipped, r.sha256,
+            r.seconds, r.bytes_written, r.bytes_read, r.finished_at,
+        )
         for outcome in shards
         for r in [outcome.receipt]
     ]
@@ -202,10 +194,12 @@ def _log_inputs(client: Any, run_id: str, plan: Plan, labels: dict[str, str]) ->
 
 
 def _log_shards(client: Any, experiment: str, parent: str, rows: list[_ShardRow], plan_id: str) -> list[str]:
+    """One nested run per shard, spanning the shard's own start and end (from its receipt)."""
     ids = []
     for row in rows:
         tags = {"mlflow.parentRunId": parent, f"{TAG}shard": str(row.index), f"{TAG}plan_id": plan_id}
-        run = client.create_run(experiment, run_name=f"shard-{row.index}", tags=tags)
+        start = _millis(row.finished_at - row.seconds) if row.finished_at is not None else None
+        run = client.create_run(experiment, run_name=row.name, tags=tags, start_time=start)
         run_id = run.info.run_id
         params = {
             "index": str(row.index),
@@ -219,9 +213,13 @@ def _log_shards(client: Any, experiment: str, parent: str, rows: list[_ShardRow]
         metrics = {"bytes_written": float(row.bytes_written), "bytes_read": float(row.bytes_read), "seconds": row.seconds}
         metrics["bytes_per_second"] = row.bytes_written / row.seconds if row.seconds > 0 else 0.0
         _log_metrics(client, run_id, metrics)
-        client.set_terminated(run_id, "FINISHED")
+        client.set_terminated(run_id, "FINISHED", end_time=_millis(row.finished_at) if row.finished_at is not None else None)
         ids.append(run_id)
     return ids
+
+
+def _millis(unix_seconds: float) -> int:
+    return int(round(unix_seconds * 1000))
 
 
 def _log_logged_model(
@@ -243,7 +241,14 @@ def _log_logged_model(
         f"{TAG}method": plan.method,
         "mlflow.model.isExternal": "true",
     }
-    params = {"method": plan.method, "plan_id": plan.plan_id, "out_dtype": plan.out_dtype, "experts": str(_expert_count(plan))}
+    labels = input_labels(plan)
+    params = {
+        "checkpoint": plan.output,
+        "method": plan.method,
+        "plan_id": plan.plan_id,
+        "out_dtype": plan.out_dtype,
+        "experts": str(expert_count(plan)),
+    } | {f"input.{labels[inp.name]}": inp.ref for inp in plan.inputs}
     model = client.create_logged_model(experiment, name=name, source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE)
     try:
         with tempfile.TemporaryDirectory(prefix="mergefleet-model-") as scratch:
@@ -266,9 +271,11 @@ def _log_logged_model(
     return model
 
 
-def _register(client: Any, name: str, model: Any, run_id: str, plan: Plan) -> str:
-    """A new version of registered model ``name``; its source is the logged model's artifacts
-    (``models:/<id>`` would be resolved against MLflow's global URI by a SQLite registry)."""
+def _register(client: Any, name: str, model: Any, run_id: str, plan: Plan, uri: str) -> str:
+    """A new version of registered model ``name``, linked to the logged model both ways: its
+    source is ``models:/<model id>`` on a tracking server (a SQLite registry would resolve
+    that against MLflow's global URI, so there it is the model's artifact location), and the
+    logged model's ``mlflow.modelVersions`` tag, which the model's page reads, names it."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -278,34 +285,38 @@ def _register(client: Any, name: str, model: Any, run_id: str, plan: Plan) -> st
             raise
     version = client.create_model_version(
         name,
-        source=model.artifact_location,
+        source=f"models:/{model.model_id}" if _is_server(uri) else model.artifact_location,
         run_id=run_id,
         model_id=model.model_id,
         tags={f"{TAG}plan_id": plan.plan_id, f"{TAG}checkpoint_uri": plan.output},
         await_creation_for=0,
     )
+    listed = json.loads(client.get_logged_model(model.model_id).tags.get(MODEL_VERSIONS_TAG) or "[]")
+    if not any(e.get("name") == name and str(e.get("version")) == str(version.version) for e in listed):
+        # a server lists the version itself; a SQLite store does not
+        listed.append({"name": name, "version": str(version.version)})
+        client.set_logged_model_tags(model.model_id, {MODEL_VERSIONS_TAG: json.dumps(listed)})
     return str(version.version)
 
 
-def _expert_count(plan: Plan) -> int:
-    return len(plan.inputs) - (plan.base is not None)
+def _is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
 
 
 def _run_url(uri: str, experiment: str, run_id: str) -> str | None:
-    if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    if _is_server(uri):
+        return ui_page(uri, f"experiments/{experiment}/runs/{run_id}")
     return None
 
 
 def _note(plan: Plan, evaluation: Evaluation | None) -> str:
-    lines = [f"**{plan.method}** merge of {_expert_count(plan)} expert(s), plan `{plan.plan_id}`, output `{plan.output}`."]
+    """The run's description: the scores table first (what a person opens the run for)."""
+    lines = []
     if evaluation is not None:
-        lines += ["", "| task | merged | normalised |", "|---|---|---|"]
-        for task in evaluation.tasks:
-            normalised = evaluation.normalised.get(task)
-            lines.append(
-                f"| {task} | {evaluation.merged.scores[task]:.3f} | {'' if normalised is None else f'{normalised:.3f}'} |"
-            )
+        lines += [markdown_table(score_rows(evaluation, input_labels(plan))), ""]
+        lines.append("Scores: each task's primary metric; normalised = merged ÷ the expert that owns the task, else ÷ base.")
+        lines.append("")
+    lines.append(f"**{plan.method}** merge of {expert_count(plan)} expert(s), plan `{plan.plan_id}`, checkpoint `{plan.output}`.")
     return "\n".join(lines)
 
 
@@ -321,6 +332,7 @@ def track_merge(
     run_name: str | None = None,
     tags: dict[str, str] | None = None,
     merge_seconds: float | None = None,
+    started_at: float | None = None,
 ) -> TrackedRun:
     """Record one merge as an MLflow run (see the module's docstring); return where it is.
 
@@ -344,18 +356,19 @@ def track_merge(
             experiment_id_ = experiment_id(client, experiment_name, uri)
             run_tags = {
                 f"{TAG}method": plan.method,
-                f"{TAG}experts": str(_expert_count(plan)),
+                f"{TAG}experts": str(expert_count(plan)),
                 f"{TAG}plan_id": plan.plan_id,
                 f"{TAG}recipe_sha256": plan.recipe_hash,
                 f"{TAG}output": plan.output,
                 f"{TAG}version": __version__,
                 "mlflow.note.content": _note(plan, evaluation),
             } | dict(tags or {})
-            run = client.create_run(experiment_id_, run_name=name, tags=run_tags)
+            start = _millis(started_at) if started_at is not None else None
+            run = client.create_run(experiment_id_, run_name=name, tags=run_tags, start_time=start)
             run_id = run.info.run_id
             try:
                 model_id, version = _fill_run(
-                    client, experiment_id_, run_id, plan, manifest, shards, evaluation, labels, name, model_name, merge_seconds
+                    client, experiment_id_, run_id, plan, manifest, shards, evaluation, labels, name, model_name, merge_seconds, uri
                 )
             except BaseException:
                 client.set_terminated(run_id, "FAILED")
@@ -388,12 +401,16 @@ def _fill_run(
     name: str,
     model_name: str | None,
     merge_seconds: float | None,
+    uri: str,
 ) -> tuple[str, str | None]:
-    params = flatten(plan.recipe) | {"mergefleet.shards": str(len(plan.shards)), "mergefleet.out_dtype": plan.out_dtype}
+    # short names (method, density, weight.<expert>: the columns a person adds to a
+    # comparison), and the whole recipe under ``recipe.`` (``recipe.models.0.parameters.density``)
+    recipe = {f"recipe.{key}": value for key, value in flatten(plan.recipe).items()}
+    params = short_params(plan, labels) | recipe | {"mergefleet.out_dtype": plan.out_dtype}
     _log_params(client, run_id, params)
     _log_inputs(client, run_id, plan, labels)
 
-    rows = _shard_rows(shards, manifest)
+    rows = _shard_rows(plan, shards, manifest)
     _log_shards(client, experiment, run_id, rows, plan.plan_id)
     merge_metrics = {
         "bytes_written": float(sum(r.bytes_written for r in rows)),
@@ -424,7 +441,7 @@ def _fill_run(
             client.log_artifact(run_id, os.path.join(scratch, file))
         if evaluation is not None:
             owners = {task: labels.get(expert, expert) for task, expert in evaluation.owners.items()}
-            title = f"{name}: {plan.method} merge of {_expert_count(plan)} experts"
+            title = f"{name}: {plan.method} merge of {expert_count(plan)} experts"
             chart = score_chart(
                 score_series(evaluation, labels), Path(scratch, "scores.png"), title=title, owners=owners,
                 drop_rates={name: drop_rates} if drop_rates else None,
@@ -432,7 +449,7 @@ def _fill_run(
             client.log_artifact(run_id, str(chart))
 
     model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
-    version = _register(client, model_name, model, run_id, plan) if model_name else None
+    version = _register(client, model_name, model, run_id, plan, uri) if model_name else None
     return model.model_id, version
 
 

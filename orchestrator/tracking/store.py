@@ -10,6 +10,21 @@ from typing import Any
 
 from orchestrator.errors import TrackingError
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+"""The experiment's kind in MLflow 3: machine learning, not a GenAI app."""
+CLASSIC_VIEW = "workflowType=machine_learning"
+"""MLflow 3.17's UI opens in its GenAI view (traces, judges) unless a page's address asks for
+the model-training view (runs, models, registry), whatever the experiment's kind; so every
+address mergefleet prints carries this query."""
+
+
+def ui_page(uri: str, route: str) -> str:
+    """The address of ``route`` (``experiments/1/runs/<id>``) in the UI of the server at ``uri``,
+    in the model-training view."""
+    joiner = "&" if "?" in route else "?"
+    return f"{uri.rstrip('/')}/#/{route}{joiner}{CLASSIC_VIEW}"
+
 
 def default_tracking_uri(output: str) -> str:
     """``sqlite:///<parent of a local output>/mlflow.db``; ``~/.mergefleet/mlflow.db`` otherwise."""
@@ -57,8 +72,12 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     try:
         found = client.get_experiment_by_name(name)
         if found is not None:
+            if EXPERIMENT_KIND_TAG not in found.tags:  # the user's choice of view stays
+                client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return found.experiment_id
-        return client.create_experiment(name, artifact_location=artifact_location(uri))
+        return client.create_experiment(
+            name, artifact_location=artifact_location(uri), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as error:
         if "already exists" in str(error):  # created by a concurrent merge of the same sweep
             return client.get_experiment_by_name(name).experiment_id
