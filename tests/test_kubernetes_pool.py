@@ -214,7 +214,10 @@ def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, st
     before = _job_names(cluster)
     result = ok_json(mergefleet(deployed, "run", str(recipe), str(out), "--target", "deployment", "--work-pool", POOL, "--json"))
     assert len(cluster.kubelet.killed) == 1, "no pod was killed"
-    assert result["shards"] == 2 and result["shards_skipped"] == 0
+    # The kill follows a log line the stand-in kubelet reads as the pod writes it; on a loaded
+    # machine the killed pod may have finished its tiny shard first, and then the retry rightly
+    # finds the shard done. Either way shard 1 ran twice (below) and the bytes are the inline merge's.
+    assert result["shards"] == 2 and result["shards_skipped"] <= 1
     jobs = _new_jobs(cluster, before)
     shard1 = [j for j in jobs if j["metadata"]["labels"]["prefect.io/flow-run-name"].endswith("-shard-1")]
     assert sorted((j["status"].get("failed", 0), j["status"].get("succeeded", 0)) for j in shard1) == [(0, 1), (1, 0)]
