@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -19,7 +19,8 @@ from rich.logging import RichHandler
 from mergefleet import cli_cluster, cli_learned
 from mergefleet.progress import MergeProgress
 from orchestrator import __version__
-from orchestrator.errors import MergefleetError
+from orchestrator.redact import install_log_redaction, redact
+from orchestrator.errors import MergefleetError, UsageError, from_os_error
 
 if TYPE_CHECKING:
     from orchestrator.pipeline import MergeSummary
@@ -274,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", "-q", action="store_true", help="no progress and no summary")
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
-    parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.")
+    parser = _Parser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.")
     parser.add_argument("--version", action="version", version=f"mergefleet {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -345,36 +346,99 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes become a ``UsageError``, so they fail like every other error
+    (one line, or the JSON error object with ``--json``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}; see '{self.prog} --help'")
+
+
+def _error_object(error: MergefleetError) -> dict[str, Any]:
+    """What ``--json`` prints for a failure: message, kind, exit code, and the path or key at fault."""
+    found: dict[str, Any] = {"error": _one_line(error), "kind": error.kind, "exit_code": error.exit_code}
+    found.update({name: redact(value) for name in ("path", "key") if (value := getattr(error, name)) is not None})
+    return found
+
+
+def _one_line(error: BaseException) -> str:
+    return redact("; ".join(line.strip() for line in str(error).splitlines() if line.strip()))
+
+
+def _as_error(error: BaseException) -> MergefleetError:
+    """Any failure as a typed error: an ``OSError`` names its path; anything else is ours to fix."""
+    if isinstance(error, MergefleetError):
+        return error
+    if isinstance(error, OSError) and error.filename is not None:
+        return from_os_error(error, os.fsdecode(error.filename))
+    internal = MergefleetError(
+        f"internal error ({type(error).__name__}: {error}); run again with --debug for the traceback, and report it"
+    )
+    internal.kind = "internal"
+    return internal
+
+
+def _print_json(document: dict[str, Any]) -> bool:
+    """Write one JSON object to stdout; ``False`` when stdout is closed (a broken pipe)."""
+    try:
+        sys.stdout.write(json.dumps(document, default=str) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return False
+    return True
+
+
+BROKEN_PIPE = 141
+"""Exit status when stdout closed before the result was written (128 + SIGPIPE, as a shell reports it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     console = Console(stderr=True, soft_wrap=True)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(arguments)
+        for name in ("shards", "workers"):
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be at least 1, got {value}")
+    except UsageError as error:
+        return _fail(error, console, json_output="--json" in arguments, debug=False)
     args.show_progress = not (args.json or args.quiet) and console.is_terminal
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    install_log_redaction()
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # their debug logs show request headers
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
-    for name in ("shards", "workers"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            console.print(f"error: --{name} must be at least 1, got {value}", highlight=False, markup=False)
-            return 2
     handler: Callable[[argparse.Namespace, Console], dict[str, Any]] = args.handler
     try:
         result = handler(args, console)
-    except MergefleetError as error:
-        if args.debug:
-            console.print_exception()
-        console.print(f"error: {error}", highlight=False, markup=False)
-        return error.exit_code
     except KeyboardInterrupt:
         console.print("interrupted; finished shards are kept and a re-run resumes", highlight=False)
         return 130
-    if args.json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+    except Exception as error:  # noqa: BLE001 -- the one place every failure becomes one line
+        return _fail(_as_error(error), console, json_output=args.json, debug=args.debug)
+    if args.json and not _print_json(result):
+        console.print(
+            "error: standard output was closed before the result was written (broken pipe); "
+            "the command finished: read its result from the output location, or run it again without closing the pipe",
+            highlight=False,
+            markup=False,
+        )
+        return BROKEN_PIPE
     return 0
+
+
+def _fail(error: MergefleetError, console: Console, *, json_output: bool, debug: bool) -> int:
+    if debug:
+        console.print_exception()
+    console.print(f"error: {_one_line(error)}", highlight=False, markup=False)
+    if json_output:
+        _print_json(_error_object(error))
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from orchestrator import __version__
 from orchestrator.errors import PlanError
 from orchestrator.plan import Plan, PlanInput, shard_metadata
 from orchestrator.receipt import Receipt, add_report, load_receipt
+from orchestrator.redact import redact_data
 from orchestrator.storage.base import OutputSink
 from orchestrator.storage.checkpoint import open_source
 from orchestrator.storage.safetensors_format import build_header
@@ -58,7 +59,7 @@ class Manifest(BaseModel):
     report: dict[str, Any]
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2)
+        return json.dumps(redact_data(self.model_dump(mode="json")), indent=2)
 
 
 def collect_receipts(plan: Plan) -> list[Receipt]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.learned.settings import DamSettings
+from orchestrator.redact import url_userinfo_key
 from orchestrator.storage.base import StorageOptions
 
 Scalar = Union[bool, int, float, str]
@@ -189,6 +190,12 @@ class Recipe(BaseModel):
         """Where the merge goes: ``explicit`` (OUT or ``--output`` on the command line,
         ``output=`` in Python), else ``fleet.output``."""
         chosen = explicit or self.fleet.output
+        if chosen and url_userinfo_key(chosen):
+            raise RecipeError(
+                "the output location holds a URL with a user name or password; credentials never go in a recipe "
+                "or on the command line: set them in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)",
+                key="fleet.output" if not explicit else "output",
+            )
         if not chosen:
             raise RecipeError(
                 "no output location: give OUT (or --output) on the command line (output= in Python) or set "
@@ -222,6 +229,14 @@ def _allowed_keys(location: tuple[Any, ...]) -> str:
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'merge_method' and 'models'")
+    key = url_userinfo_key(data)
+    if key is not None:
+        raise RecipeError(
+            f"{source}: '{key}' holds a URL with a user name or password; credentials never go in a recipe: "
+            "remove them from the URL and set them in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE) or use the pod's role",
+            key=key,
+        )
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:

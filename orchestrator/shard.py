@@ -9,6 +9,7 @@ runner's business (``orchestrator/runners/``); this module is what each of them 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -22,6 +23,7 @@ from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec, TensorTask, tensor_seed
 from orchestrator.plan import Plan, PlannedShard, PlannedTensor, shard_metadata
 from orchestrator.receipt import Receipt, ShardOutcome, add_report, finished_receipt, receipt_file
+from orchestrator.redact import redact_data
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, TensorInfo
 from orchestrator.storage.checkpoint import describe_version, fingerprints, open_source
 from orchestrator.storage.safetensors_format import torch_dtype
@@ -166,5 +168,5 @@ def run_shard(
         tensors_streamed=sum(streamed),
         report=report,
     )
-    sink.write_file(receipt_file(index), receipt.model_dump_json(indent=1).encode())
+    sink.write_file(receipt_file(index), json.dumps(redact_data(receipt.model_dump(mode="json")), indent=1).encode())
     return ShardOutcome(receipt=receipt, skipped=False)

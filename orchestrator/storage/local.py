@@ -15,7 +15,7 @@ import threading
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Iterator, Sequence
 
-from orchestrator.errors import CheckpointError, OutputError
+from orchestrator.errors import CheckpointError, OutputError, from_os_error
 from orchestrator.storage.base import FileFingerprint
 
 PARTIAL_MARK = ".partial-"
@@ -73,6 +73,8 @@ class LocalCheckpoint:
             return os.stat(self._path(file))
         except FileNotFoundError:
             raise CheckpointError(f"{self.root / file} does not exist") from None
+        except OSError as exc:
+            raise from_os_error(exc, str(self.root / file), reading_input=True) from None
 
     def list_files(self) -> list[str]:
         return _walk(self.root)
@@ -102,6 +104,8 @@ class LocalCheckpoint:
                     raise CheckpointError(f"{self.root / file} does not exist") from None
                 except IsADirectoryError:
                     raise CheckpointError(f"{self.root / file} is a directory, not a file") from None
+                except OSError as exc:
+                    raise from_os_error(exc, str(self.root / file), reading_input=True) from None
                 self._fds[file] = fd
             return fd
 
@@ -203,7 +207,13 @@ class LocalOutput:
         try:
             return self._path(file).read_bytes()
         except FileNotFoundError:
-            raise OutputError(f"{self.root / file} does not exist") from None
+            raise OutputError(f"{self.root / file} does not exist", path=str(self.root / file)) from None
+        except OSError as exc:
+            raise OutputError(
+                f"cannot read {self.root / file}: {exc.strerror or exc}; make it readable by this user, "
+                "or remove the output and merge again",
+                path=str(self.root / file),
+            ) from None
 
     def write_file(self, file: str, data: bytes) -> None:
         with self.open_write(file) as stream:
@@ -216,23 +226,33 @@ class LocalOutput:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create the folder {final.parent}: {exc}") from None
+            raise from_os_error(exc, str(final.parent)) from None
         temp = final.with_name(f"{final.name}{PARTIAL_MARK}{secrets.token_hex(6)}")
-        stream = open(temp, "xb")  # noqa: SIM115 -- closed below on every path
+        try:
+            stream = open(temp, "xb")  # noqa: SIM115 -- closed below on every path
+        except OSError as exc:
+            raise from_os_error(exc, str(final)) from None
         try:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
             stream.close()
             os.replace(temp, final)
+        except OSError as exc:
+            _discard(stream, temp)
+            if exc.filename not in (None, str(temp), str(final)):
+                raise  # not this file's fault: the block raised it (e.g. reading an input)
+            raise from_os_error(exc, str(final)) from None
         except BaseException:
-            stream.close()
-            temp.unlink(missing_ok=True)
+            _discard(stream, temp)
             raise
         _fsync_dir(final.parent)
 
     def delete(self, file: str) -> None:
-        self._path(file).unlink(missing_ok=True)
+        try:
+            self._path(file).unlink(missing_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, str(self.root / file)) from None
 
     def remove_partials(self) -> None:
         """Delete the temp files of writes that never completed (a killed process's).
@@ -246,6 +266,14 @@ class LocalOutput:
             for name in names:
                 if PARTIAL_MARK in name:
                     Path(dirpath, name).unlink(missing_ok=True)
+
+
+def _discard(stream: BinaryIO, temp: Path) -> None:
+    """Close and remove an unfinished temporary file (closing may fail again on a full disk)."""
+    with contextlib.suppress(OSError):
+        stream.close()
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
