@@ -382,7 +382,7 @@ def build_plan(
     planned_shards = cut_into_shards(planned, shard_count)
 
     inputs = [
-        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in fingerprints(sources[ref])])
+        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in fingerprints(sources[ref], verify=recipe.fleet.verify_inputs)])
         for ref in refs
     ]
     tokenizer_ref = recipe.tokenizer_source if recipe.tokenizer_source in refs else reference

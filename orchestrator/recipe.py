@@ -106,6 +106,10 @@ class FleetSettings(BaseModel):
     workers: int = Field(default=1, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     allow_pickle: bool = False
+    # How a local input's version is checked between planning and each shard: size, mtime and
+    # the safetensors header's hash ("metadata"), or also the hash of every byte ("content",
+    # computed once per file version and cached in $XDG_CACHE_HOME/mergefleet/fingerprints).
+    verify_inputs: Literal["metadata", "content"] = "metadata"
     storage: StorageOptions = Field(default_factory=StorageOptions)  # S3 endpoint, region, cache; never credentials
     # Where the shards of `mergefleet run` (the merge_and_eval flow) run: in the flow's own
     # process, or as runs of the merge-shard deployment on a Prefect work pool.

@@ -9,6 +9,8 @@ fsynced and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import secrets
 import threading
@@ -17,6 +19,8 @@ from typing import BinaryIO, Iterator, Sequence
 
 from orchestrator.errors import CheckpointError, OutputError, from_os_error
 from orchestrator.storage.base import FileFingerprint
+
+log = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".partial-"
 """Infix of a file being written; such files are never listed."""
@@ -86,8 +90,40 @@ class LocalCheckpoint:
         return self._stat(file).st_size
 
     def fingerprint(self, file: str) -> FileFingerprint:
+        """Size and mtime, and for a safetensors file the hash of its header (one small read):
+        a rewrite that keeps the mtime but moves, renames or reshapes a tensor is noticed."""
         st = self._stat(file)
-        return FileFingerprint(file=file, size=st.st_size, version=f"mtime_ns:{st.st_mtime_ns}")
+        header = ""
+        if file.endswith(".safetensors") and st.st_size >= 8:
+            length = int.from_bytes(self.read_range(file, 0, 8), "little")
+            if 8 + length <= st.st_size:
+                header = "sha256:" + hashlib.sha256(self.read_range(file, 0, 8 + length)).hexdigest()
+        return FileFingerprint(file=file, size=st.st_size, version=f"mtime_ns:{st.st_mtime_ns}", header=header)
+
+    def content_hash(self, file: str, cache: Path | None) -> str:
+        """The sha256 of ``file``'s bytes, read once per version of the file: cached in
+        ``cache`` by device, inode, size, mtime and ctime (a rewrite that restores the mtime
+        still changes the ctime, so it is hashed again)."""
+        path = self._path(file)
+        st = self._stat(file)
+        key = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{path}".encode())
+        entry = cache / key.hexdigest() if cache is not None else None
+        if entry is not None and entry.is_file():
+            return entry.read_text().strip()
+        try:
+            with open(path, "rb") as stream:
+                digest = "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+        except OSError as exc:
+            raise from_os_error(exc, str(path), reading_input=True) from None
+        if entry is not None:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                temp = entry.with_name(f"{entry.name}{PARTIAL_MARK}{secrets.token_hex(6)}")
+                temp.write_text(digest)
+                os.replace(temp, entry)
+            except OSError as exc:  # a read-only cache costs a re-hash next time, nothing else
+                log.debug("cannot cache the content hash of %s in %s: %s", path, cache, exc)
+        return digest
 
     # -- reading
 
