@@ -6,6 +6,7 @@ of wrong merges) and every error names the key at fault and what is allowed.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -15,8 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from orchestrator.errors import RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.learned.settings import DamSettings
-from orchestrator.redact import url_userinfo_key
+from orchestrator.redact import MASK, redact_data, redacted_keys, url_userinfo_key
 from orchestrator.storage.base import StorageOptions
+
+log = logging.getLogger(__name__)
 
 Scalar = Union[bool, int, float, str]
 
@@ -241,6 +244,14 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
             "AWS_PROFILE) or use the pod's role",
             key=key,
         )
+    redacted = redacted_keys(data)
+    if redacted:
+        log.warning(
+            "%s: %s hold(s) something credential-shaped (a key id, token, password or secret); it is replaced by %s "
+            "in everything mergefleet writes. Credentials never go in a recipe: set them in the environment",
+            source, ", ".join(redacted), MASK,
+        )
+        data = redact_data(data)
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 MASK = "***"
 
@@ -77,17 +77,25 @@ def redact_data(data: Any) -> Any:
     return data
 
 
-def url_userinfo_key(data: Any, path: str = "") -> str | None:
-    """The dotted key of the first string in ``data`` holding a URL with user information
-    (``scheme://user:secret@host``), whatever characters the secret has; else ``None``."""
+def _strings(data: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Every string in JSON-like ``data`` with its dotted key (list items by position)."""
     if isinstance(data, str):
-        return path or "(value)" if _URL_USERINFO.search(data) else None
+        yield path or "(value)", data
+        return
     items: Any = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
     for key, value in items:
-        found = url_userinfo_key(value, f"{path}.{key}" if path else str(key))
-        if found:
-            return found
-    return None
+        yield from _strings(value, f"{path}.{key}" if path else str(key))
+
+
+def url_userinfo_key(data: Any) -> str | None:
+    """The dotted key of the first string in ``data`` holding a URL with user information
+    (``scheme://user:secret@host``), whatever characters the secret has; else ``None``."""
+    return next((key for key, text in _strings(data) if _URL_USERINFO.search(text)), None)
+
+
+def redacted_keys(data: Any) -> list[str]:
+    """The dotted keys of the strings in ``data`` that ``redact`` would change."""
+    return [key for key, text in _strings(data) if redact(text) != text]
 
 
 def _redacting_factory(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
