@@ -29,6 +29,7 @@ import torch
 from orchestrator.errors import MergeError
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
+from orchestrator.redact import install_log_redaction
 from orchestrator.shard import OnTensor, PauseHook, run_shard
 from orchestrator.streaming import StreamingPolicy
 from orchestrator.threads import threads_each
@@ -122,6 +123,7 @@ _PR_SET_PDEATHSIG = 1
 def _worker_init(progress: Any, threads: int, parent: int) -> None:
     global _progress
     _die_with_parent(parent)
+    install_log_redaction()
     torch.set_num_threads(threads)
     _progress = progress
 
