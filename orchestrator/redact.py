@@ -49,11 +49,12 @@ def _environment_secrets() -> list[str]:
     return sorted(values, key=len, reverse=True)
 
 
-def redact(text: str) -> str:
-    """``text`` with everything credential-shaped replaced by ``***``."""
+def redact(text: str, *, environment: list[str] | None = None) -> str:
+    """``text`` with everything credential-shaped replaced by ``***``. ``environment``: the
+    environment's secrets, when the caller redacts many strings at once."""
     if not text:
         return text
-    for secret in _environment_secrets():
+    for secret in _environment_secrets() if environment is None else environment:
         text = text.replace(secret, MASK)
     text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
     text = _AWS_KEY_ID.sub(MASK, text)
@@ -62,18 +63,23 @@ def redact(text: str) -> str:
     return _NAMED_SECRET.sub(lambda m: f"{m.group('name')}{m.group('sep')}{MASK}", text)
 
 
-def redact_data(data: Any) -> Any:
+def redact_data(data: Any, *, environment: list[str] | None = None) -> Any:
     """A copy of JSON-like ``data`` (dicts, lists, strings) with every string redacted and
     the value of every key named like a secret replaced."""
+    secrets = _environment_secrets() if environment is None else environment
     if isinstance(data, str):
-        return redact(data)
+        return redact(data, environment=secrets)
     if isinstance(data, dict):
         return {
-            key: (MASK if isinstance(key, str) and _SECRET_KEY.match(key) and value not in (None, "") else redact_data(value))
+            key: (
+                MASK
+                if isinstance(key, str) and _SECRET_KEY.match(key) and value not in (None, "")
+                else redact_data(value, environment=secrets)
+            )
             for key, value in data.items()
         }
     if isinstance(data, (list, tuple)):
-        return type(data)(redact_data(item) for item in data)
+        return type(data)(redact_data(item, environment=secrets) for item in data)
     return data
 
 
@@ -95,7 +101,8 @@ def url_userinfo_key(data: Any) -> str | None:
 
 def redacted_keys(data: Any) -> list[str]:
     """The dotted keys of the strings in ``data`` that ``redact`` would change."""
-    return [key for key, text in _strings(data) if redact(text) != text]
+    secrets = _environment_secrets()
+    return [key for key, text in _strings(data) if redact(text, environment=secrets) != text]
 
 
 def _redacting_factory(make: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:

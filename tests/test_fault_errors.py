@@ -194,3 +194,13 @@ def test_a_command_line_mistake_with_json_is_a_json_error(recipe: Path, tmp_path
     assert "--shards" in error["error"]
     error = assert_one_error(mergefleet("merge", str(recipe), "--no-such-option", "--json"), kind="usage", exit_code=2, path=None)
     assert "--no-such-option" in error["error"]
+
+
+def test_a_malformed_receipt_is_one_line_naming_it(recipe: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert mergefleet("plan", str(recipe), str(out)).returncode == 0
+    receipt = out / ".mergefleet" / "shard-0.json"
+    receipt.write_bytes(b"{ not a receipt")
+    error = assert_one_error(mergefleet("assemble", str(out), "--json"), kind="plan", exit_code=4, path=receipt)
+    assert "--force" in error["error"]
+    assert_nothing_looks_complete(out)
