@@ -20,7 +20,7 @@ from mergefleet import cli_cluster, cli_learned
 from mergefleet.progress import MergeProgress
 from orchestrator import __version__
 from orchestrator.redact import install_log_redaction, redact
-from orchestrator.errors import MergefleetError, UsageError, from_os_error
+from orchestrator.errors import Interrupted, MergefleetError, UsageError, from_os_error
 
 if TYPE_CHECKING:
     from orchestrator.pipeline import MergeSummary
@@ -417,8 +417,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = handler(args, console)
     except KeyboardInterrupt:
-        console.print("interrupted; finished shards are kept and a re-run resumes", highlight=False)
-        return 130
+        stopped = Interrupted("interrupted; finished shards are kept and a re-run resumes")
+        return _fail(stopped, console, json_output=args.json, debug=False)
     except Exception as error:  # noqa: BLE001 -- the one place every failure becomes one line
         return _fail(_as_error(error), console, json_output=args.json, debug=args.debug)
     if args.json and not _print_json(result):

@@ -125,6 +125,13 @@ class UsageError(MergefleetError):
     kind = "usage"
 
 
+class Interrupted(MergefleetError):
+    """The user stopped the command (Ctrl-C); finished shards are kept."""
+
+    exit_code = 130
+    kind = "interrupted"
+
+
 class DiskFullError(OutputError):
     """The device an output is written to is full (or the user's quota is spent)."""
 
