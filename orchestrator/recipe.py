@@ -255,7 +255,8 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(_describe(error, source)) from None
+        key = ".".join(str(part) for part in error.errors()[0]["loc"]) or None
+        raise RecipeError(_describe(error, source), key=key) from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
