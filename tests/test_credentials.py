@@ -77,6 +77,7 @@ def test_a_url_with_user_information_is_refused_naming_the_key(family, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # an MLflow server and an ephemeral Prefect server
 def test_planted_secrets_reach_no_file_of_a_merge_its_flow_and_its_mlflow_run(
     family, s3_server, mlflow_server, tmp_path: Path  # noqa: F811 -- fixtures
 ) -> None:
