@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers import gta_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # kills processes
+
 ROOT = Path(__file__).resolve().parent.parent
 
 MERGE_HOLDING_A_SHARD = """
