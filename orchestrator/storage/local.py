@@ -19,6 +19,7 @@ from typing import BinaryIO, Iterator, Sequence
 
 from orchestrator.errors import CheckpointError, OutputError, from_os_error
 from orchestrator.storage.base import FileFingerprint
+from orchestrator.storage.safetensors_format import header_length
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ class LocalCheckpoint:
         a rewrite that keeps the mtime but moves, renames or reshapes a tensor is noticed."""
         st = self._stat(file)
         header = ""
-        if file.endswith(".safetensors") and st.st_size >= 8:
-            length = int.from_bytes(self.read_range(file, 0, 8), "little")
-            if 8 + length <= st.st_size:
-                header = "sha256:" + hashlib.sha256(self.read_range(file, 0, 8 + length)).hexdigest()
+        if file.endswith(".safetensors"):
+            first8 = self.read_range(file, 0, min(8, st.st_size))
+            length = header_length(first8, file_size=st.st_size, file_label=str(self.root / file))
+            header = "sha256:" + hashlib.sha256(self.read_range(file, 0, 8 + length)).hexdigest()
         return FileFingerprint(file=file, size=st.st_size, version=f"mtime_ns:{st.st_mtime_ns}", header=header)
 
     def content_hash(self, file: str, cache: Path | None) -> str:
