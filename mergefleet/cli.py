@@ -14,7 +14,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import IO, TYPE_CHECKING, Any, Callable, NoReturn, Sequence
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -23,7 +23,8 @@ from mergefleet import cli_cluster, cli_learned, output_log
 from mergefleet.progress import FlowView, MergeProgress, human_bytes
 from mergefleet.tables import print_table, score_table
 from orchestrator import __version__
-from orchestrator.errors import MergefleetError
+from orchestrator.redact import install_log_redaction, redact
+from orchestrator.errors import Interrupted, MergefleetError, UsageError, from_os_error
 
 if TYPE_CHECKING:
     from flows.merge_and_eval import MergeAndEvalResult
@@ -392,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="refuse unknown keys and unused parameters in the recipe (default: warn and ignore them, as mergekit does)"
     )
 
-    parser = argparse.ArgumentParser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.", formatter_class=_Formatter)
+    parser = _Parser(prog="mergefleet", description="Merge LLM checkpoints, sharded by layer groups.", formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"mergefleet {__version__}", help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -477,8 +478,63 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Command-line mistakes become a ``UsageError``, so they fail like every other error
+    (one line, or the JSON error object with ``--json``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}; see '{self.prog} --help'")
+
+
+def _error_object(error: MergefleetError) -> dict[str, Any]:
+    """What ``--json`` prints for a failure: message, kind, exit code, and the path or key at fault."""
+    found: dict[str, Any] = {"error": _one_line(error), "kind": error.kind, "exit_code": error.exit_code}
+    found.update({name: redact(value) for name in ("path", "key") if (value := getattr(error, name)) is not None})
+    return found
+
+
+def _one_line(error: BaseException) -> str:
+    return redact("; ".join(line.strip() for line in str(error).splitlines() if line.strip()))
+
+
+def _as_error(error: BaseException) -> MergefleetError:
+    """Any failure as a typed error: an ``OSError`` names its path; anything else is ours to fix."""
+    if isinstance(error, MergefleetError):
+        return error
+    if isinstance(error, OSError) and error.filename is not None:
+        return from_os_error(error, os.fsdecode(error.filename))
+    internal = MergefleetError(
+        f"internal error ({type(error).__name__}: {error}); run again with --debug for the traceback, and report it"
+    )
+    internal.kind = "internal"
+    return internal
+
+
+def _print_json(document: dict[str, Any], out: IO[str]) -> bool:
+    """Write one JSON object to ``out`` (the command's stdout); ``False`` when it is closed (a broken pipe)."""
+    try:
+        out.write(json.dumps(document, default=str) + "\n")
+        out.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())  # no second error when Python exits
+        return False
+    return True
+
+
+BROKEN_PIPE = 141
+"""Exit status when stdout closed before the result was written (128 + SIGPIPE, as a shell reports it)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(arguments)
+        for name in ("shards", "workers"):
+            value = getattr(args, name, None)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be at least 1, got {value}")
+    except UsageError as error:
+        return _fail(error, Console(stderr=True, soft_wrap=True), sys.stdout, json_output="--json" in arguments, debug=False)
     verbose = args.verbose or args.debug
     log_file = Path(args.log_file).expanduser() if args.log_file else None
     with output_log.unless_verbose(verbose, log_file, command=args.command) as terminal:
@@ -506,29 +562,31 @@ def _run_command(args: argparse.Namespace, terminal: output_log.Terminal) -> int
         handler = logging.StreamHandler(sys.stderr)  # descriptor 2: the log
         handler.setFormatter(_RunNameFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", handlers=[handler])
+    install_log_redaction()
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):  # their debug logs show request headers
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLogger().level))
-    for name in ("shards", "workers"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            console.print(f"error: --{name} must be at least 1, got {value}", highlight=False, markup=False)
-            return 2
     command: Callable[[argparse.Namespace, Console], dict[str, Any]] = args.handler
     own = output_log.own_warnings_on(console) if terminal.log is not None else contextlib.nullcontext()
     try:
         with own:
             result = command(args, console)
-    except MergefleetError as error:
-        if args.debug:
-            console.print_exception()
-        console.print(f"error: {error}", highlight=False, markup=False)
-        _name_the_log(console, terminal, args)
-        return error.exit_code
     except KeyboardInterrupt:
-        console.print("interrupted; finished shards are kept and a re-run resumes", highlight=False)
-        return 130
-    if args.json:
-        terminal.out.write(json.dumps(result, default=str) + "\n")
+        stopped = Interrupted("interrupted; finished shards are kept and a re-run resumes")
+        code = _fail(stopped, console, terminal.out, json_output=args.json, debug=False)
+        _name_the_log(console, terminal, args)
+        return code
+    except Exception as error:  # noqa: BLE001 -- the one place every failure becomes one line
+        code = _fail(_as_error(error), console, terminal.out, json_output=args.json, debug=args.debug)
+        _name_the_log(console, terminal, args)
+        return code
+    if args.json and not _print_json(result, terminal.out):
+        console.print(
+            "error: standard output was closed before the result was written (broken pipe); "
+            "the command finished: read its result from the output location, or run it again without closing the pipe",
+            highlight=False,
+            markup=False,
+        )
+        return BROKEN_PIPE
     _name_the_log(console, terminal, args)
     return 0
 
@@ -539,6 +597,15 @@ def _name_the_log(console: Console, terminal: output_log.Terminal, args: argpars
     sys.stderr.flush()
     if terminal.log is not None and not args.quiet and terminal.log.is_file() and terminal.log.stat().st_size:
         console.print(f"other libraries' output (progress bars, warnings, logs): {terminal.log}", highlight=False, markup=False)
+
+
+def _fail(error: MergefleetError, console: Console, out: IO[str], *, json_output: bool, debug: bool) -> int:
+    if debug:
+        console.print_exception()
+    console.print(f"error: {_one_line(error)}", highlight=False, markup=False)
+    if json_output:
+        _print_json(_error_object(error), out)
+    return error.exit_code
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from orchestrator import __version__
 from orchestrator.errors import PlanError
 from orchestrator.model_card import write_card_files
 from orchestrator.plan import Plan, PlanInput, shard_metadata
-from orchestrator.receipt import Receipt, add_report, file_mismatch, load_receipt
+from orchestrator.receipt import Receipt, add_report, file_mismatch, load_receipt, receipt_file
+from orchestrator.redact import redact_data
 from orchestrator.storage.base import OutputSink
 from orchestrator.storage.checkpoint import open_source
 from orchestrator.storage.safetensors_format import build_header
@@ -60,7 +61,7 @@ class Manifest(BaseModel):
     card_files: list[str] = []  # README.md and mergekit_config.yml, when this merge wrote them
 
     def to_json(self) -> str:
-        return json.dumps(self.model_dump(mode="json"), indent=2)
+        return json.dumps(redact_data(self.model_dump(mode="json")), indent=2)
 
 
 def collect_receipts(plan: Plan) -> list[Receipt]:
@@ -69,12 +70,20 @@ def collect_receipts(plan: Plan) -> list[Receipt]:
     sink = plan.output_sink()
     receipts = []
     for shard in plan.shards:
-        receipt = load_receipt(sink, shard.index)
-        if receipt is None:
+        name = receipt_file(shard.index)
+        if not sink.exists(name):
             raise PlanError(
                 f"shard {shard.index} ({shard.file}) has not finished: no receipt in {plan.output}/.mergefleet; "
                 f"run 'mergefleet shard {plan.output}/.mergefleet/plan.json --index {shard.index}'"
             )
+        try:
+            receipt = Receipt.model_validate_json(sink.read_file(name))
+        except ValueError:
+            raise PlanError(
+                f"the receipt {plan.output}/{name} of shard {shard.index} is malformed; "
+                f"run 'mergefleet shard {plan.output} --index {shard.index} --force' to redo the shard",
+                path=f"{plan.output}/{name}",
+            ) from None
         if receipt.plan_id != plan.plan_id:
             raise PlanError(
                 f"shard {shard.index}'s receipt belongs to plan {receipt.plan_id}, not {plan.plan_id}; run the shard again"

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.chat_templates import resolve_chat_template
 from orchestrator.errors import CheckpointError, PlanError, RecipeError
@@ -23,6 +23,7 @@ from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec
 from orchestrator.parameters import layer_index, resolve_tensor_parameters
 from orchestrator.recipe import ModelTokenSource, Recipe, TokenSettings, ZeroTokenSource
+from orchestrator.redact import redact_data
 from orchestrator.slices import OutputTensor, output_slices, output_tensors
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, OutputSink, StorageOptions, TensorInfo
 from orchestrator.storage.checkpoint import fingerprints, open_output, read_config, read_tensor_index, shard_file_name
@@ -148,7 +149,8 @@ class Plan(BaseModel):
         return self.shards[index]
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=1)
+        """The plan file's text, redacted (``orchestrator.redact``) like everything written."""
+        return json.dumps(redact_data(self.model_dump(mode="json")), indent=1, ensure_ascii=False)
 
     def output_sink(self) -> OutputSink:
         """The output location, opened the way every shard of this plan opens it."""
@@ -158,11 +160,23 @@ class Plan(BaseModel):
     def from_json(cls, text: str | bytes, *, source: str = "plan") -> "Plan":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise PlanError(f"{source} is not valid JSON ({error}); re-create it with 'mergefleet plan'") from None
-        if data.get("version") != PLAN_VERSION:
-            raise PlanError(f"{source} has plan version {data.get('version')}, this mergefleet reads {PLAN_VERSION}")
-        return cls.model_validate(data)
+        except ValueError as error:  # not JSON, or not UTF-8
+            raise PlanError(f"{source} is not valid JSON ({error}); re-create it with 'mergefleet plan'", path=source) from None
+        if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+            found = data.get("version") if isinstance(data, dict) else f"none (a JSON {type(data).__name__})"
+            raise PlanError(
+                f"{source} has plan version {found}, this mergefleet reads {PLAN_VERSION}; re-create it with 'mergefleet plan'",
+                path=source,
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            where = ".".join(str(part) for part in error.errors()[0]["loc"])
+            raise PlanError(
+                f"{source} is not a plan this mergefleet can read ({where}: {error.errors()[0]['msg']}); "
+                "re-create it with 'mergefleet plan'",
+                path=source,
+            ) from None
 
 
 def shard_metadata(plan: "Plan", index: int) -> dict[str, str]:
@@ -371,7 +385,7 @@ def build_plan(
     planned_shards = cut_into_shards(planned, shard_count)
 
     inputs = [
-        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in fingerprints(sources[ref])])
+        PlanInput(name=ref, ref=sources[ref].uri, fingerprints=[asdict(fp) for fp in fingerprints(sources[ref], verify=recipe.fleet.verify_inputs)])
         for ref in refs
     ]
     tokenizer_ref = tokenizer.source if tokenizer and tokenizer.source in refs else reference

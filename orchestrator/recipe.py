@@ -21,7 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from orchestrator.errors import RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.learned.settings import DamSettings
+from orchestrator.redact import MASK, redact_data, redacted_keys, url_userinfo_key
 from orchestrator.storage.base import _CREDENTIAL_WORDS, StorageOptions
+
+log = logging.getLogger(__name__)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,10 @@ class FleetSettings(BaseModel):
     workers: int | None = Field(default=None, ge=1)
     device: Literal["cpu", "cuda"] = "cpu"
     allow_pickle: bool = False
+    # How a local input's version is checked between planning and each shard: size, mtime and
+    # the safetensors header's hash ("metadata"), or also the hash of every byte ("content",
+    # computed once per file version and cached in $XDG_CACHE_HOME/mergefleet/fingerprints).
+    verify_inputs: Literal["metadata", "content"] = "metadata"
     storage: StorageOptions = Field(default_factory=StorageOptions)  # S3 endpoint, region, cache; never credentials
     # Where the shards of `mergefleet run` (the merge_and_eval flow) run: in the flow's own
     # process, or as runs of the merge-shard deployment on a Prefect work pool.
@@ -289,6 +296,12 @@ class Recipe(BaseModel):
         """Where the merge goes: ``explicit`` (OUT or ``--output`` on the command line,
         ``output=`` in Python), else ``fleet.output``."""
         chosen = explicit or self.fleet.output
+        if chosen and url_userinfo_key(chosen):
+            raise RecipeError(
+                "the output location holds a URL with a user name or password; credentials never go in a recipe "
+                "or on the command line: set them in the environment (AWS_ACCESS_KEY_ID, AWS_PROFILE, ...)",
+                key="fleet.output" if not explicit else "output",
+            )
         if not chosen:
             raise RecipeError(
                 "no output location: give OUT (or --output) on the command line (output= in Python) or set "
@@ -372,6 +385,22 @@ def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, war
     """
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with at least 'merge_method' and 'models'")
+    key = url_userinfo_key(data)
+    if key is not None:
+        raise RecipeError(
+            f"{source}: '{key}' holds a URL with a user name or password; credentials never go in a recipe: "
+            "remove them from the URL and set them in the environment (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE) or use the pod's role",
+            key=key,
+        )
+    redacted = redacted_keys(data)
+    if redacted:
+        log.warning(
+            "%s: %s hold(s) something credential-shaped (a key id, token, password or secret); it is replaced by %s "
+            "in everything mergefleet writes. Credentials never go in a recipe: set them in the environment",
+            source, ", ".join(redacted), MASK,
+        )
+        data = redact_data(data)
     unknown: list[str] = []
     cleaned = _drop_unknown_keys(Recipe, data, "", unknown)
     if unknown and strict:
@@ -379,7 +408,8 @@ def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, war
     try:
         recipe = Recipe.model_validate(cleaned)
     except ValidationError as error:
-        raise RecipeError(_describe(error, source)) from None
+        key = ".".join(str(part) for part in error.errors()[0]["loc"]) or None
+        raise RecipeError(_describe(error, source), key=key) from None
     from orchestrator.parameters import unused_parameters  # parameters reads this module's types
 
     unused = unused_parameters(recipe)

@@ -99,7 +99,7 @@ def changes_since_last_merge(recipe: Recipe, output: str) -> list[str]:
             changes.append(f"{ref} is a new input")
             continue
         source = open_checkpoint(ref, allow_pickle=recipe.fleet.allow_pickle, storage=storage)
-        now = [asdict(fp) for fp in ckpt.fingerprints(source)]
+        now = [asdict(fp) for fp in ckpt.fingerprints(source, verify=ckpt.verify_level(recorded[ref]))]
         if now != recorded[ref]:
             before = {fp["file"]: fp for fp in recorded[ref]}
             changed = [fp["file"] for fp in now if before.get(fp["file"]) != fp]

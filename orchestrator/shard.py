@@ -9,6 +9,7 @@ runner's business (``orchestrator/runners/``); this module is what each of them 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -23,8 +24,9 @@ from orchestrator.methods import get_method
 from orchestrator.methods.base import MethodSpec, TensorTask, tensor_seed
 from orchestrator.plan import Plan, PlannedShard, PlannedTensor, shard_metadata
 from orchestrator.receipt import Receipt, ShardOutcome, add_report, check_finished, receipt_file
+from orchestrator.redact import redact_data
 from orchestrator.storage.base import DTYPE_SIZES, CheckpointSource, TensorInfo
-from orchestrator.storage.checkpoint import describe_version, fingerprints, open_source
+from orchestrator.storage.checkpoint import describe_version, fingerprints, open_source, verify_level
 from orchestrator.storage.safetensors_format import torch_dtype
 from orchestrator.storage.tensors import prefetch, read_tensor
 from orchestrator.storage.writer import SafetensorsWriter
@@ -44,7 +46,7 @@ far, while the shard file is still open: a test holds a shard here to interrupt 
 def check_inputs_unchanged(plan: Plan, sources: list[CheckpointSource]) -> None:
     """Refuse to merge inputs that changed after planning: the plan's offsets would lie."""
     for planned, source in zip(plan.inputs, sources):
-        current = {fp.file: fp for fp in fingerprints(source)}
+        current = {fp.file: fp for fp in fingerprints(source, verify=verify_level(planned.fingerprints))}
         for recorded in planned.fingerprints:
             now = current.get(recorded["file"])
             if now is None or now.size != recorded["size"] or now.version != recorded["version"]:
@@ -54,6 +56,13 @@ def check_inputs_unchanged(plan: Plan, sources: list[CheckpointSource]) -> None:
                     f"{'missing' if now is None else f'size {now.size} {describe_version(now.version)}'}); "
                     "run 'mergefleet plan' again (or 'mergefleet merge --overwrite')"
                 )
+            for part, what in (("header", "safetensors header"), ("content", "content")):
+                if part in recorded and recorded[part] != getattr(now, part):  # plans before the field lack it
+                    raise PlanError(
+                        f"input {planned.ref} changed after planning: the {what} of {recorded['file']} differs from "
+                        "the planned one although its size and mtime match; run 'mergefleet plan' again "
+                        "(or 'mergefleet merge --overwrite')"
+                    )
 
 
 def _read_inputs(sources: list[CheckpointSource], tensor: PlannedTensor, stream: bool, window_bytes: int) -> list[torch.Tensor]:
@@ -187,5 +196,5 @@ def run_shard(
         report=report,
         finished_at=round(time.time(), 3),
     )
-    sink.write_file(receipt_file(index), receipt.model_dump_json(indent=1).encode())
+    sink.write_file(receipt_file(index), json.dumps(redact_data(receipt.model_dump(mode="json")), indent=1).encode())
     return ShardOutcome(receipt=receipt, skipped=False, redone_because=redone_because)

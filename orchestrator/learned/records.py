@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from orchestrator.errors import TrackingError
+from orchestrator.redact import redact
 from orchestrator.tracking.record import TAG, flatten, metric_key
 from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri
 
@@ -54,7 +55,7 @@ class RunRecord:
         with tempfile.TemporaryDirectory(prefix="mergefleet-record-") as scratch:
             for name, content in files.items():
                 path = Path(scratch, name)
-                path.write_bytes(content if isinstance(content, bytes) else content.encode())
+                path.write_bytes(content if isinstance(content, bytes) else redact(content).encode())
                 self.client.log_artifact(self.run_id, str(path))
             for name, draw in (writers or {}).items():
                 path = Path(scratch, name)

@@ -3,14 +3,22 @@
 What ``mergefleet merge`` runs. Each worker process opens the plan once from its
 ``PlanRef`` and runs the shards it is given; progress comes back over a queue. When a
 shard fails, or a worker dies (killed, out of memory), the other workers are stopped and
-the error is raised; finished shards keep their receipts.
+the error is raised; finished shards keep their receipts. When this process dies (SIGKILL
+included) its workers die with it: the kernel kills them (Linux ``PR_SET_PDEATHSIG``), and
+a watchdog thread in each worker exits it once its parent is gone (other platforms, or a
+parent that died before the worker could ask the kernel).
 """
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
 import queue
+import signal
+import sys
 import threading
+import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -21,6 +29,7 @@ import torch
 from orchestrator.errors import MergeError
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
+from orchestrator.redact import install_log_redaction
 from orchestrator.shard import OnTensor, PauseHook, run_shard
 from orchestrator.streaming import StreamingPolicy
 from orchestrator.threads import threads_each
@@ -73,7 +82,7 @@ class WorkerProcesses:
         drainer = threading.Thread(target=drain, name="shard-progress", daemon=True)
         drainer.start()
         executor = ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_worker_init, initargs=(progress, threads_each(workers))
+            workers, mp_context=context, initializer=_worker_init, initargs=(progress, threads_each(workers), os.getpid())
         )
         try:
             futures = {
@@ -105,10 +114,36 @@ _progress: Any = None
 """The progress queue of this worker process (set once, when the worker starts)."""
 
 
-def _worker_init(progress: Any, threads: int) -> None:
+PARENT_POLL_S = 0.5
+"""How often a worker's watchdog checks that its parent is alive."""
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _worker_init(progress: Any, threads: int, parent: int) -> None:
     global _progress
+    _die_with_parent(parent)
+    install_log_redaction()
     torch.set_num_threads(threads)
     _progress = progress
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this worker exit when process ``parent`` dies, however it dies."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl in this libc: the watchdog alone
+            pass
+    if os.getppid() != parent:  # the parent died before the kernel was asked
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_S)
+    os._exit(1)  # an orphan: its shard's temporary file is removed by the next run
 
 
 def _worker_shard(plan: PlanRef, index: int, device: str, streaming: StreamingPolicy, pause: PauseHook | None) -> ShardOutcome:

@@ -42,11 +42,15 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileFingerprint:
-    """What identifies one version of a file: size plus mtime (disk) or ETag (S3)."""
+    """What identifies one version of a file: size plus mtime (disk) or ETag (S3); on disk
+    also the hash of a safetensors file's header (``header``), and with
+    ``fleet.verify_inputs: content`` the hash of its whole content (``content``)."""
 
     file: str
     size: int
     version: str
+    header: str = ""
+    content: str = ""
 
 
 _CREDENTIAL_WORDS = ("access_key", "secret", "token", "password", "credential", "passphrase")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict
-from typing import Any
+from dataclasses import asdict, replace
+from typing import Any, Literal
 
+from orchestrator.cache import cache_dir
 from orchestrator.errors import CheckpointError, OutputError
 from orchestrator.hashing import stable_hash
 from orchestrator.storage.base import CheckpointSource, FileFingerprint, OutputSink, StorageOptions, TensorInfo
@@ -233,15 +234,31 @@ def read_tensor_index(source: CheckpointSource) -> dict[str, TensorInfo]:
     return index
 
 
-def fingerprints(source: CheckpointSource) -> list[FileFingerprint]:
+VerifyInputs = Literal["metadata", "content"]
+"""How an input's version is checked (``fleet.verify_inputs``): size, mtime or ETag and the
+safetensors header (``metadata``, cheap), or also the hash of every byte (``content``)."""
+
+
+def fingerprints(source: CheckpointSource, *, verify: VerifyInputs = "metadata") -> list[FileFingerprint]:
     """What identifies this version of the checkpoint: its weight files, the index when
-    one is used, and config.json; sorted by file name."""
+    one is used, and config.json; sorted by file name. With ``verify="content"`` a local
+    file's fingerprint carries its content hash (cached, see ``LocalCheckpoint.content_hash``);
+    an object on S3 is identified by its ETag already."""
     files = set(weight_files(source))
     if SAFE_WEIGHTS not in files and source.exists(SAFE_INDEX):
         files.add(SAFE_INDEX)
     if source.exists("config.json"):
         files.add("config.json")
-    return [source.fingerprint(f) for f in sorted(files)]
+    prints = [source.fingerprint(f) for f in sorted(files)]
+    if verify == "content" and isinstance(source, LocalCheckpoint):
+        cache = cache_dir("fingerprints")
+        prints = [replace(fp, content=source.content_hash(fp.file, cache)) for fp in prints]
+    return prints
+
+
+def verify_level(recorded: list[dict[str, Any]]) -> VerifyInputs:
+    """The check that made ``recorded`` fingerprints, so the same check is made again."""
+    return "content" if any(fp.get("content") for fp in recorded) else "metadata"
 
 
 def read_config(source: CheckpointSource) -> dict[str, Any]:

@@ -10,6 +10,8 @@ fsynced and renamed into place only when complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import re
 import secrets
@@ -20,8 +22,11 @@ from typing import BinaryIO, Iterator, Sequence
 
 import xxhash
 
-from orchestrator.errors import CheckpointError, OutputError
+from orchestrator.errors import CheckpointError, OutputError, from_os_error
 from orchestrator.storage.base import FileFingerprint
+from orchestrator.storage.safetensors_format import header_length
+
+log = logging.getLogger(__name__)
 
 PARTIAL_MARK = ".partial-"
 """Infix of a file being written; such files are never listed."""
@@ -96,6 +101,8 @@ class LocalCheckpoint:
             return os.stat(self._path(file))
         except FileNotFoundError:
             raise CheckpointError(f"{self.root / file} does not exist") from None
+        except OSError as exc:
+            raise from_os_error(exc, str(self.root / file), reading_input=True) from None
 
     def list_files(self) -> list[str]:
         return _walk(self.root)
@@ -107,8 +114,40 @@ class LocalCheckpoint:
         return self._stat(file).st_size
 
     def fingerprint(self, file: str) -> FileFingerprint:
+        """Size and mtime, and for a safetensors file the hash of its header (one small read):
+        a rewrite that keeps the mtime but moves, renames or reshapes a tensor is noticed."""
         st = self._stat(file)
-        return FileFingerprint(file=file, size=st.st_size, version=f"mtime_ns:{st.st_mtime_ns}")
+        header = ""
+        if file.endswith(".safetensors"):
+            first8 = self.read_range(file, 0, min(8, st.st_size))
+            length = header_length(first8, file_size=st.st_size, file_label=str(self.root / file))
+            header = "sha256:" + hashlib.sha256(self.read_range(file, 0, 8 + length)).hexdigest()
+        return FileFingerprint(file=file, size=st.st_size, version=f"mtime_ns:{st.st_mtime_ns}", header=header)
+
+    def content_hash(self, file: str, cache: Path | None) -> str:
+        """The sha256 of ``file``'s bytes, read once per version of the file: cached in
+        ``cache`` by device, inode, size, mtime and ctime (a rewrite that restores the mtime
+        still changes the ctime, so it is hashed again)."""
+        path = self._path(file)
+        st = self._stat(file)
+        key = hashlib.sha256(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{path}".encode())
+        entry = cache / key.hexdigest() if cache is not None else None
+        if entry is not None and entry.is_file():
+            return entry.read_text().strip()
+        try:
+            with open(path, "rb") as stream:
+                digest = "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+        except OSError as exc:
+            raise from_os_error(exc, str(path), reading_input=True) from None
+        if entry is not None:
+            try:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                temp = entry.with_name(f"{entry.name}{PARTIAL_MARK}{secrets.token_hex(6)}")
+                temp.write_text(digest)
+                os.replace(temp, entry)
+            except OSError as exc:  # a read-only cache costs a re-hash next time, nothing else
+                log.debug("cannot cache the content hash of %s in %s: %s", path, cache, exc)
+        return digest
 
     # -- reading
 
@@ -125,6 +164,8 @@ class LocalCheckpoint:
                     raise CheckpointError(f"{self.root / file} does not exist") from None
                 except IsADirectoryError:
                     raise CheckpointError(f"{self.root / file} is a directory, not a file") from None
+                except OSError as exc:
+                    raise from_os_error(exc, str(self.root / file), reading_input=True) from None
                 self._fds[file] = fd
             return fd
 
@@ -226,7 +267,13 @@ class LocalOutput:
         try:
             return self._path(file).read_bytes()
         except FileNotFoundError:
-            raise OutputError(f"{self.root / file} does not exist") from None
+            raise OutputError(f"{self.root / file} does not exist", path=str(self.root / file)) from None
+        except OSError as exc:
+            raise OutputError(
+                f"cannot read {self.root / file}: {exc.strerror or exc}; make it readable by this user, "
+                "or remove the output and merge again",
+                path=str(self.root / file),
+            ) from None
 
     def write_file(self, file: str, data: bytes) -> None:
         with self.open_write(file) as stream:
@@ -239,30 +286,33 @@ class LocalOutput:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OutputError(f"cannot create the folder {final.parent}: {exc}") from None
+            raise from_os_error(exc, str(final.parent)) from None
         temp = final.with_name(partial_name(final.name))
         try:
             stream = open(temp, "xb")  # noqa: SIM115 -- closed below on every path
         except OSError as exc:
-            raise OutputError(f"cannot write {final}: {exc.strerror}; check that the output is writable and has space") from None
+            raise from_os_error(exc, str(final)) from None
         try:
             yield stream
             stream.flush()
             os.fsync(stream.fileno())
             stream.close()
             os.replace(temp, final)
+        except OSError as exc:
+            _discard(stream, temp)
+            if exc.filename not in (None, str(temp), str(final)):
+                raise  # not this file's fault: the block raised it (e.g. reading an input)
+            raise from_os_error(exc, str(final)) from None
         except BaseException:
-            try:
-                stream.close()  # flushing what is buffered may fail again (a full disk)
-            except OSError:
-                pass
-            finally:
-                temp.unlink(missing_ok=True)
+            _discard(stream, temp)
             raise
         _fsync_dir(final.parent)
 
     def delete(self, file: str) -> None:
-        self._path(file).unlink(missing_ok=True)
+        try:
+            self._path(file).unlink(missing_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, str(self.root / file)) from None
 
     def mismatch(self, file: str, size: int, xxh3: str, stored_checksum: str = "") -> str | None:
         """Why ``file`` is not the one written: checks the size, then the content (one read)."""
@@ -296,6 +346,14 @@ class LocalOutput:
             for entry in os.scandir(folder):
                 if PARTIAL_MARK in entry.name and entry.is_file(follow_symlinks=False) and _writer_is_dead(entry.name):
                     Path(entry.path).unlink(missing_ok=True)
+
+
+def _discard(stream: BinaryIO, temp: Path) -> None:
+    """Close and remove an unfinished temporary file (closing may fail again on a full disk)."""
+    with contextlib.suppress(OSError):
+        stream.close()
+    with contextlib.suppress(OSError):
+        temp.unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:

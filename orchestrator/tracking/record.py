@@ -27,6 +27,7 @@ from orchestrator.plan import Plan
 from orchestrator.receipt import ShardOutcome
 from orchestrator.recipe import FleetSettings, parse_recipe
 from orchestrator.report import expert_count, input_labels, markdown_table, score_rows, shard_name, short_params
+from orchestrator.redact import redact, redact_data
 from orchestrator.storage.checkpoint import fingerprint_digest
 from orchestrator.tracking.charts import score_chart, score_series
 from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path, ui_page
@@ -164,7 +165,7 @@ def _log_metrics(client: Any, run_id: str, metrics: dict[str, float], *, model_i
 def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
-    entries = [Param(key, value) for key, value in params.items()]
+    entries = [Param(key, redact(value)) for key, value in params.items()]
     for start in range(0, len(entries), 100):
         client.log_batch(run_id, params=entries[start : start + 100])
 
@@ -345,10 +346,12 @@ def track_merge(
 
     fleet = _fleet(plan)
     uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
-    experiment_name = experiment or fleet.experiment or DEFAULT_EXPERIMENT
-    model_name = register_model or fleet.register_model
+    plan = Plan.model_validate(redact_data(plan.model_dump(mode="json")))  # what MLflow gets holds no secret
+    experiment_name = redact(experiment or fleet.experiment or DEFAULT_EXPERIMENT)
+    model_name = redact(register_model or fleet.register_model or "") or None
     labels = input_labels(plan)
-    name = run_name or plan.recipe.get("name") or f"{plan.method}-{plan.plan_id[:8]}"
+    name = redact(run_name or plan.recipe.get("name") or f"{plan.method}-{plan.plan_id[:8]}")
+    tags = redact_data(dict(tags or {}))
     lock = _sqlite_locks.setdefault(uri, threading.Lock()) if sqlite_path(uri) else contextlib.nullcontext()
     try:
         with lock:  # SQLite takes one writer at a time; a sweep's merges record one by one
@@ -378,14 +381,14 @@ def track_merge(
         raise TrackingError(f"MLflow at {uri} refused the record of plan {plan.plan_id}: {error.message}") from None
     except OSError as error:
         raise TrackingError(f"cannot record plan {plan.plan_id} in MLflow at {uri}: {error}") from None
-    log.info("recorded merge %s as MLflow run %s in %s", plan.plan_id, run_id, uri)
+    log.info("recorded merge %s as MLflow run %s in %s", plan.plan_id, run_id, redact(uri))
     return TrackedRun(
         run_id=run_id,
         experiment_id=experiment_id_,
-        tracking_uri=uri,
+        tracking_uri=redact(uri),
         model_id=model_id,
         model_version=version,
-        url=_run_url(uri, experiment_id_, run_id),
+        url=redact(_run_url(uri, experiment_id_, run_id) or "") or None,
     )
 
 
@@ -437,7 +440,7 @@ def _fill_run(
         if evaluation is not None:
             files["evaluation.json"] = evaluation.model_dump_json(indent=1)
         for file, text in files.items():
-            Path(scratch, file).write_text(text)
+            Path(scratch, file).write_text(redact(text))
             client.log_artifact(run_id, os.path.join(scratch, file))
         if evaluation is not None:
             owners = {task: labels.get(expert, expert) for task, expert in evaluation.owners.items()}
