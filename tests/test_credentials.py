@@ -14,7 +14,6 @@ import pytest
 from orchestrator.redact import redact, redact_data
 from tests.helpers import MERGEFLEET, gta_recipe, write_recipe
 from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
-from tests.test_tracking import mlflow_server  # noqa: F401 -- fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
