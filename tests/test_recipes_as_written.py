@@ -165,7 +165,7 @@ def test_unknown_keys_warn_with_the_closest_key_and_change_nothing(models, caplo
         line = f"r.yaml: unknown key '{wrong}'; did you mean '{right}'?"
         assert sum(message.startswith(line) for message in logged) == 1, (line, logged)
     assert parsed.warnings == logged
-    assert parsed.merge_method == "model_stock" and parsed.fleet.workers == 1
+    assert parsed.merge_method == "model_stock" and parsed.fleet.workers is None  # the misspelt key set nothing
     assert parsed.recipe_hash() == parse_recipe(clean | {"tokenizer": {"source": "base"}}).recipe_hash()
     with pytest.raises(RecipeError, match=r"^r\.yaml: unknown key 'models\[0\]\.paramters'; did you mean 'models\[0\]\.parameters'\?"):
         parse_recipe(typos, source="r.yaml", strict=True)  # the first, in the order the recipe gives them
