@@ -41,6 +41,7 @@ import os
 import secrets
 import signal
 import threading
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,9 @@ class Kubelet:
         # is killed there (SIGKILL, exit code 137), as the kernel's OOM killer would.
         self.kill_when: Callable[[dict[str, Any], str], bool] | None = None
         self.killed: list[str] = []
+        # What went wrong in the kubelet's own loop (a bug here, not in the code under test):
+        # the loop goes on, and the tests report these tracebacks.
+        self.errors: list[str] = []
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -284,7 +288,10 @@ class Kubelet:
 
     async def _loop(self) -> None:
         while True:
-            await self._tick()
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 -- recorded for the test to report, and the loop goes on
+                self.errors.append(traceback.format_exc())
             await asyncio.sleep(0.1)
 
     async def _tick(self) -> None:

@@ -92,6 +92,14 @@ def cluster(chart: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> 
         yield standin
 
 
+@pytest.fixture(autouse=True)
+def kubelet_healthy(cluster: StandInCluster) -> Iterator[None]:
+    """After each test: the stand-in kubelet's loop raised nothing (its tracebacks otherwise)."""
+    yield
+    assert cluster.kubelet is not None
+    assert not cluster.kubelet.errors, "the stand-in kubelet failed:\n" + "\n".join(cluster.kubelet.errors[:3])
+
+
 @pytest.fixture(scope="module")
 def k8s_env(server: dict[str, str], cluster: StandInCluster, s3_server, tmp_path_factory) -> dict[str, str]:
     """What a user's shell has: the Prefect API, a kubeconfig, S3 credentials for the parent flow."""
