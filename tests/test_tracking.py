@@ -380,7 +380,8 @@ def test_unknown_tasks_and_owners_are_refused_when_the_recipe_is_planned(skill_m
         data["fleet"]["eval"]["owners"]["skill_add"] = "nobody"
     with pytest.raises(EvaluationError, match=re.escape(named)):
         merge_and_eval(parse_recipe(data))
-    assert not out.exists()  # refused before the output was claimed, let alone merged
+    # refused before any merge work: no plan, no shard, no checkpoint (only the output's lock was taken)
+    assert not (out / ".mergefleet" / "plan.json").exists() and not list(out.glob("*.safetensors"))
 
 
 def test_the_mlflow_ui_shows_the_merge_in_a_browser(tracked, mlflow_server, tmp_path: Path) -> None:

@@ -191,7 +191,18 @@ def _log_inputs(client: Any, run_id: str, plan: Plan, labels: dict[str, str]) ->
             InputTag(f"{TAG}name", inp.name),
         ]
         inputs.append(DatasetInput(dataset=dataset, tags=tags))
-    client.log_inputs(run_id, datasets=inputs)
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except MlflowException as error:
+            # merges recorded at once (a sweep) may both create the same input dataset; the
+            # loser finds it stored on the next try
+            if "UNIQUE constraint" not in str(error) or attempt == 2:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _log_shards(client: Any, experiment: str, parent: str, rows: list[_ShardRow], plan_id: str) -> list[str]:
