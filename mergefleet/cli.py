@@ -488,7 +488,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _error_object(error: MergefleetError) -> dict[str, Any]:
     """What ``--json`` prints for a failure: message, kind, exit code, and the path or key at fault."""
-    found: dict[str, Any] = {"error": _one_line(error), "kind": error.kind, "exit_code": error.exit_code}
+    found: dict[str, Any] = dict(getattr(error, "details", None) or {})  # what the command found, e.g. cluster check's findings
+    found |= {"error": _one_line(error), "kind": error.kind, "exit_code": error.exit_code}
     found.update({name: redact(value) for name in ("path", "key") if (value := getattr(error, name)) is not None})
     return found
 
@@ -571,14 +572,11 @@ def _run_command(args: argparse.Namespace, terminal: output_log.Terminal) -> int
         with own:
             result = command(args, console)
     except KeyboardInterrupt:
-        stopped = Interrupted("interrupted; finished shards are kept and a re-run resumes")
-        code = _fail(stopped, console, terminal.out, json_output=args.json, debug=False)
-        _name_the_log(console, terminal, args)
-        return code
+        _name_the_log(console, terminal, args)  # before the error, so the error is the last line
+        return _fail(Interrupted("interrupted; finished shards are kept and a re-run resumes"), console, terminal.out, json_output=args.json, debug=False)
     except Exception as error:  # noqa: BLE001 -- the one place every failure becomes one line
-        code = _fail(_as_error(error), console, terminal.out, json_output=args.json, debug=args.debug)
-        _name_the_log(console, terminal, args)
-        return code
+        _name_the_log(console, terminal, args)  # before the error, so the error is the last line
+        return _fail(_as_error(error), console, terminal.out, json_output=args.json, debug=args.debug)
     if args.json and not _print_json(result, terminal.out):
         console.print(
             "error: standard output was closed before the result was written (broken pipe); "

@@ -8,7 +8,6 @@ release (``--release``, default ``mergefleet``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from typing import Any
 
@@ -58,16 +57,16 @@ def cmd_check(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         api.close()
     problems = [f for f in findings if not f.ok and f.blocking]
     result = {"ok": not problems, "namespace": args.namespace, "pool": args.pool, "findings": [f.as_dict() for f in findings]}
-    if args.json and problems:
-        args.stdout.write(json.dumps(result) + "\n")  # the error below ends the command: the JSON goes out first
-    elif not args.json and not args.quiet:
+    if not args.json and not args.quiet:
         for finding in findings:
             mark = "ok  " if finding.ok else ("FAIL" if finding.blocking else "warn")
             console.print(f"{mark} {finding.check}: {finding.message}", highlight=False, markup=False)
             if finding.fix and not finding.ok:
                 console.print(f"     fix: {finding.fix}", highlight=False, markup=False)
     if problems:
-        raise ClusterError(f"{len(problems)} problem(s) would stop a merge on pool '{args.pool}': " + "; ".join(f.check for f in problems))
+        error = ClusterError(f"{len(problems)} problem(s) would stop a merge on pool '{args.pool}': " + "; ".join(f.check for f in problems))
+        error.details = result  # with --json, the one error object carries the findings
+        raise error
     return result
 
 
