@@ -39,11 +39,8 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mergefleet.demo --workdir demo-out
 
-# The Kubernetes pool tests run in a process of their own: after the rest of the suite in one
-# process, their stand-in kubelet stopped starting pods (not yet understood; alone they pass).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests --ignore=tests/test_kubernetes_pool.py
-	$(PY) -m pytest -q -p no:cacheprovider tests/test_kubernetes_pool.py
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
 
 # The inner loop: everything but the tests marked slow (servers, training, mergekit, kills).
 test-fast: $(STAMP)

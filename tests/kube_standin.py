@@ -247,7 +247,11 @@ def _tolerates(tolerations: list[dict[str, Any]], taint: dict[str, Any]) -> bool
 def _in_volume(value: str, mounts: dict[str, str]) -> str:
     """A path under a volume's mount path, as the pod sees it: in the pod's folder for that
     volume. Pods here share the host's file system, so a path that exists on the host is
-    taken to mean the host's (a checkpoint, the worker's PREFECT_HOME) and left alone."""
+    taken to mean the host's (a checkpoint, the worker's PREFECT_HOME) and left alone. A list
+    of paths (PATH) is mapped entry by entry: as a whole it never exists on the host, and
+    mapping it whole sent a checkout under /tmp into the pod's /tmp volume."""
+    if os.pathsep in value:
+        return os.pathsep.join(_in_volume(entry, mounts) for entry in value.split(os.pathsep))
     for mount_path, local in mounts.items():
         if (value == mount_path or value.startswith(mount_path + "/")) and not Path(value).exists():
             return local + value[len(mount_path):]
