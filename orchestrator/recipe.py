@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from orchestrator.errors import RecipeError
 from orchestrator.hashing import stable_hash
 from orchestrator.learned.settings import DamSettings
-from orchestrator.redact import MASK, redact_data, redacted_keys, url_userinfo_key
+from orchestrator.redact import MASK, redact, redact_data, redacted_keys, url_userinfo_key
 from orchestrator.storage.base import _CREDENTIAL_WORDS, StorageOptions
 
 log = logging.getLogger(__name__)
@@ -424,8 +425,20 @@ def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, war
     return recipe
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def recipe_file(path: str | Path) -> Path:
+    """The recipe's local path; a URL is refused before ``Path`` folds its ``//`` and before
+    its text (which may carry a secret in its user part) reaches a message unredacted."""
+    text = str(path)
+    if _URL.match(text):
+        raise RecipeError(f"recipe {redact(text)} is a URL; recipes are read from a local file: copy it here first and pass its path")
+    return Path(path)
+
+
 def load_recipe(path: str | Path, *, strict: bool = False) -> Recipe:
-    path = Path(path)
+    path = recipe_file(path)
     try:
         text = path.read_text()
     except FileNotFoundError:

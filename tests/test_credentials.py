@@ -76,6 +76,19 @@ def test_a_url_with_user_information_is_refused_naming_the_key(family, tmp_path:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["plan", "merge"])
+def test_a_recipe_given_as_a_url_is_refused_without_its_secret(tmp_path: Path, command: str) -> None:
+    secret = "pl%2Fanted:se/cr@et"
+    url = f"s3://someone:{secret}@bucket/recipes/ties.yaml"
+    result = subprocess.run([*MERGEFLEET, command, url, str(tmp_path / "out")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "is a URL" in last and "local file" in last, result.stderr
+    for part in ("se/cr@et", "pl%2Fanted"):
+        assert part not in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # an MLflow server and an ephemeral Prefect server
 def test_planted_secrets_reach_no_file_of_a_merge_its_flow_and_its_mlflow_run(
     family, s3_server, mlflow_server, tmp_path: Path  # noqa: F811 -- fixtures
