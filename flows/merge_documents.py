@@ -25,6 +25,7 @@ from orchestrator.multidoc import (
     graph_of,
     intermediate_dir,
     intermediate_location,
+    intermediate_lock,
     node_recipe,
 )
 from orchestrator.plan import build_plan
@@ -90,13 +91,15 @@ def merge_documents(
         name = node.name or ""
         merge_started = time.perf_counter()
         recipe = node_recipe(graph, node, root)
-        claimed = plan_intermediate_task(recipe, intermediate_location(root, name), name)
-        opened = open_plan(claimed.plan)
-        if claimed.manifest is not None:
-            manifest, shards = claimed.manifest, cached_outcomes(opened)
-        else:
-            shards = shard_runner(recipe.fleet).run(claimed.plan, range(len(opened.shards)))
-            manifest = tasks.assemble_task(claimed.plan)
+        location = intermediate_location(root, name)
+        with intermediate_lock(recipe, location):  # held until its last file, as merge_and_eval holds the output's
+            claimed = plan_intermediate_task(recipe, location, name)
+            opened = open_plan(claimed.plan)
+            if claimed.manifest is not None:
+                manifest, shards = claimed.manifest, cached_outcomes(opened)
+            else:
+                shards = shard_runner(recipe.fleet).run(claimed.plan, range(len(opened.shards)))
+                manifest = tasks.assemble_task(claimed.plan)
         cached = claimed.manifest is not None
         runs[name] = tasks.track_task(
             claimed.plan,

@@ -560,7 +560,9 @@ def _run_command(args: argparse.Namespace, terminal: output_log.Terminal) -> int
     if terminal.log is None:
         handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)  # descriptor 2: the log
+        # the log file itself, not descriptor 2: Prefect's services log their last words at
+        # interpreter exit, after descriptor 2 is the terminal again
+        handler = logging.FileHandler(terminal.log, encoding="utf-8")
         handler.setFormatter(_RunNameFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(message)s", handlers=[handler])
     install_log_redaction()

@@ -14,8 +14,10 @@ is unchanged is used as it is, so a re-run merges again only what changed and wh
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypedDict, Unpack
@@ -24,13 +26,16 @@ import yaml
 
 from orchestrator.assemble import MANIFEST_FILE, Manifest
 from orchestrator.errors import OutputError, RecipeError
+from orchestrator.output_guard import refuse_output_over_inputs
 from orchestrator.methods import get_method
 from orchestrator.pipeline import MergeSummary, merge, prepare_output
 from orchestrator.plan import PLAN_FILE, Plan, build_plan
 from orchestrator.receipt import ShardOutcome, finished_receipt
-from orchestrator.recipe import Recipe, load_recipe, parse_recipe
+from orchestrator.recipe import Recipe, load_recipe, parse_recipe, recipe_file
 from orchestrator.runners.base import ShardRunner
 from orchestrator.shard import OnTensor
+from orchestrator.storage.checkpoint import open_output
+from orchestrator.storage.output_lock import LockHolder, hold_output_lock
 
 INTERMEDIATES_SUFFIX = ".intermediates"
 """The default intermediate directory is the output's location with this suffix."""
@@ -215,7 +220,7 @@ def _dependency_order(nodes: dict[int, MergeNode], named: dict[str, int], source
 def load_graph(path: str | Path, *, strict: bool = False) -> MergeGraph:
     """The merges of a recipe file: one node for an ordinary recipe (read by ``load_recipe``);
     ``strict`` refuses unknown keys and unused parameters, as ``parse_recipe`` does."""
-    path = Path(path)
+    path = recipe_file(path)
     try:
         documents = [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
     except (OSError, yaml.YAMLError):
@@ -310,6 +315,15 @@ def claim_intermediate(plan: Plan, name: str, *, overwrite: bool = False) -> Man
     return None
 
 
+@contextlib.contextmanager
+def intermediate_lock(recipe: Recipe, location: str) -> Iterator[LockHolder]:
+    """Hold an intermediate's output lock from its claim to its last file, so a second run
+    of the same recipe cannot claim, delete or write it while this one merges it."""
+    refuse_output_over_inputs(location, recipe.model_refs())
+    with hold_output_lock(open_output(location, storage=recipe.fleet.storage)) as holder:
+        yield holder
+
+
 @dataclass(frozen=True)
 class IntermediateResult:
     """One intermediate of a run: where it is, its plan, whether it was already merged."""
@@ -358,9 +372,10 @@ def merge_graph(
         assert node.name is not None  # only the final document may be unnamed
         recipe = node_recipe(graph, node, root)
         location = intermediate_location(root, node.name)
-        plan = build_plan(recipe, location, shards=options.get("shards"), allow_pickle=options.get("allow_pickle"))
-        cached = claim_intermediate(plan, node.name) is not None
-        result = IntermediateResult(node.name, location, plan.plan_id, cached, None if cached else merge(recipe, location, **options))
+        with intermediate_lock(recipe, location):
+            plan = build_plan(recipe, location, shards=options.get("shards"), allow_pickle=options.get("allow_pickle"))
+            cached = claim_intermediate(plan, node.name) is not None
+            result = IntermediateResult(node.name, location, plan.plan_id, cached, None if cached else merge(recipe, location, **options))
         results.append(result)
         if on_intermediate:
             on_intermediate(result)

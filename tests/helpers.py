@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
+import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +20,32 @@ from mergefleet.fixtures.synthetic import LlamaShape
 
 MERGEFLEET = [sys.executable, "-m", "mergefleet"]
 """The command line, as the installed package runs it (whatever the console script points at)."""
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_HOLD_LOCK = """
+import sys, time
+from orchestrator.storage.checkpoint import open_output
+from orchestrator.storage.output_lock import hold_output_lock
+with hold_output_lock(open_output(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(300)
+"""
+
+
+@contextlib.contextmanager
+def hold_lock_elsewhere(location: Path | str) -> Iterator[subprocess.Popen[str]]:
+    """Another process holding the output lock of ``location`` (as a second run would) while
+    the block runs; killed afterwards, which leaves a dead holder's lock behind."""
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_HOLD_LOCK), str(location)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
 
 TINY = LlamaShape(hidden=32, layers=8, intermediate=64, vocab=96, heads=4, kv_heads=2)
 

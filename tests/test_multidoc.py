@@ -26,7 +26,7 @@ from mergefleet.fixtures.synthetic import fine_tuned, random_weights, save_check
 from orchestrator.errors import RecipeError
 from orchestrator.multidoc import load_graph, merge_graph, plan_graph
 from orchestrator.recipe import load_recipe
-from tests.helpers import MERGEFLEET, TINY, read_tensors, write_recipe
+from tests.helpers import MERGEFLEET, TINY, hold_lock_elsewhere, read_tensors, write_recipe
 from tests.mergekit_runner import load_tensors
 
 
@@ -240,3 +240,15 @@ def test_run_is_one_flow_with_an_mlflow_run_per_merge(family, tracking_env: dict
     merged = read_tensors(tmp_path / "out")
     for name, tensor in merged.items():  # the final merge read the intermediates this flow run wrote
         assert torch.allclose(tensor, 0.7 * parts["smooth"][name] + 0.3 * parts["sparse"][name], atol=1e-6, rtol=0), name
+
+
+def test_a_run_is_refused_at_an_intermediate_another_run_holds(family, tracking_env: dict[str, str], tmp_path: Path) -> None:
+    """The flow holds each intermediate's lock from its claim to its last file, as the final output's."""
+    recipe = write_documents(tmp_path / "multi.yaml", documents(*family))
+    smooth = tmp_path / "out.intermediates" / "smooth"
+    with hold_lock_elsewhere(smooth) as holder:
+        done = subprocess.run([*MERGEFLEET, "run", str(recipe), str(tmp_path / "out")], env=tracking_env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 6, done.stderr[-3000:]
+    assert f"pid {holder.pid}" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
+    assert not list(smooth.glob("*.safetensors")) and not (smooth / "mergefleet.json").exists()
+    assert not (tmp_path / "out" / "mergefleet.json").exists()

@@ -8,8 +8,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -24,10 +22,8 @@ from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.recipe import parse_recipe
 from orchestrator.storage.output_lock import LOCK_FILE, LockHolder, hold_output_lock
 from orchestrator.storage.s3.sink import S3Output
-from tests.helpers import gta_recipe, write_recipe
+from tests.helpers import gta_recipe, hold_lock_elsewhere, write_recipe
 from tests.s3_server import s3_server  # noqa: F401 -- fixture
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -122,32 +118,16 @@ def test_a_user_file_under_a_name_the_new_merge_writes_is_not_replaced(capsys, f
 
 # ---------------------------------------------------------------- the output's lock
 
-HOLD_LOCK = """
-import sys, time
-from orchestrator.storage.checkpoint import open_output
-from orchestrator.storage.output_lock import hold_output_lock
-with hold_output_lock(open_output(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(120)
-"""
-
-
 def test_a_second_merge_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken(capsys, family, tmp_path: Path) -> None:
     base, experts = family
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts))
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(HOLD_LOCK), str(out)], env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with hold_lock_elsewhere(out) as holder:
         started = time.monotonic()
         status, message = run_cli(capsys, "merge", str(recipe), str(out))
         assert time.monotonic() - started < 5  # refused at once, not after waiting
         assert status == 6 and f"pid {holder.pid}" in message and socket.gethostname() in message, message
         assert not (out / "mergefleet.json").exists() and not list(out.glob("*.safetensors"))
-    finally:
-        holder.kill()
-        holder.wait()
     status, message = run_cli(capsys, "merge", str(recipe), str(out))  # the holder died: its lock is taken
     assert status == 0, message
     assert (out / LOCK_FILE).read_bytes() == b""  # released
