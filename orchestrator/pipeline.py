@@ -21,7 +21,7 @@ from orchestrator.plan_ref import PlanRef, remember
 from orchestrator.receipt import ShardOutcome
 from orchestrator.recipe import Recipe
 from orchestrator.runners.base import ShardRunner
-from orchestrator.runners.processes import WorkerProcesses
+from orchestrator.runners.threads import WorkerThreads
 from orchestrator.shard import OnTensor
 from orchestrator.sizing import Layout, Told, choose_layout, merge_size, probe_machine
 from orchestrator.storage.base import OutputSink
@@ -129,7 +129,7 @@ def merge(
         on_plan(plan)
     with claimed_output(plan, overwrite=overwrite):
         if runner is None:
-            runner = WorkerProcesses(workers=layout.workers, device=device, on_tensor=on_tensor)
+            runner = WorkerThreads(workers=layout.workers, device=device, on_tensor=on_tensor)
         outcomes = runner.run(remember(plan), range(len(plan.shards)))
         for outcome in outcomes:
             if outcome.redone_because:

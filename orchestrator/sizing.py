@@ -1,6 +1,6 @@
-"""How many shards and worker processes ``mergefleet merge`` uses when neither the command
-line nor the recipe says: one shard per usable core, fewer when memory is short or when the
-merge is too small to repay starting a worker process.
+"""How many shards and workers ``mergefleet merge`` uses when neither the command line nor
+the recipe says: one shard per usable core, fewer when memory is short or when the merge is
+too small to gain from splitting.
 
 ``choose_layout`` is a pure function of the machine's cores and memory and the merge's size,
 so the rule can be tested without the machine; ``probe_machine`` reads the machine.
@@ -30,10 +30,10 @@ MEMORY_SHARE = 0.75
 """Fraction of the available memory the workers may plan to use together."""
 
 MIN_READ_PER_WORKER = {"select": 500_000_000, "plain": 600_000_000}
-"""Input bytes a worker must get before starting it pays: a worker spends about 1–2.5 s
-starting (interpreter and torch); methods that select top-k entries or sample ("select")
-spend about twice as long per byte as weighted sums ("plain"). On 2 cores, linear on 4 × 0.17 B
-(1.36 GB read) ran faster with 2 workers than in one process, so "plain" splits it."""
+"""Input bytes each worker must get before the merge is split further. Set when workers were
+processes that spent 1–2.5 s starting (interpreter and torch); threads start at once, so the
+figures are cautious: a tiny merge stays one shard, one file. Methods that select top-k
+entries or sample ("select") spend about twice as long per byte as weighted sums ("plain")."""
 
 ChosenBy = Literal["flags", "recipe", "output", "machine"]
 

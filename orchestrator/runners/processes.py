@@ -1,6 +1,7 @@
 """Shards on this machine: in this process (one worker) or in worker processes.
 
-What ``mergefleet merge`` runs. Each worker process opens the plan once from its
+Each shard in its own memory (``mergefleet merge`` runs threads instead:
+``orchestrator/runners/threads.py``). Each worker process opens the plan once from its
 ``PlanRef`` and runs the shards it is given; progress comes back over a queue. When a
 shard fails, or a worker dies (killed, out of memory), the other workers are stopped and
 the error is raised; finished shards keep their receipts. When this process dies (SIGKILL
