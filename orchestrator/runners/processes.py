@@ -22,7 +22,7 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -31,36 +31,24 @@ from orchestrator.errors import MergeError
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
 from orchestrator.redact import install_log_redaction
-from orchestrator.shard import OnTensor, PauseHook, run_shard
+from orchestrator.runners.local import LocalRunner
+from orchestrator.shard import PauseHook, run_shard
 from orchestrator.streaming import StreamingPolicy
 from orchestrator.threads import threads_each
 
 
 @dataclass(frozen=True)
-class WorkerProcesses:
+class WorkerProcesses(LocalRunner):
     """Implements ``ShardRunner``: ``workers`` shards at once, each in its own process
-    (``workers=1``: one after the other in this process).
-
-    ``on_tensor`` reports progress in this process; ``streaming`` and ``pause`` go to every
-    shard (``pause`` runs in the worker, so it must be picklable: a module-level function
-    or an instance of a module-level class).
+    (``workers=1``: one after the other in this process). ``pause`` runs in the worker, so
+    it must be picklable: a module-level function or an instance of a module-level class.
     """
-
-    workers: int = 1
-    device: str = "cpu"
-    on_tensor: OnTensor | None = field(default=None, compare=False)
-    streaming: StreamingPolicy = StreamingPolicy()
-    pause: PauseHook | None = None
 
     def run(self, plan: PlanRef, indices: Sequence[int]) -> list[ShardOutcome]:
         indices = list(indices)
         workers = max(1, min(self.workers, len(indices)))
         if workers == 1:
-            opened = open_plan(plan)
-            return [
-                run_shard(opened, i, device=self.device, on_tensor=self.on_tensor, streaming=self.streaming, pause=self.pause)
-                for i in indices
-            ]
+            return self.one_after_another(open_plan(plan), indices)
         try:
             return self._in_processes(plan, indices, workers)
         finally:

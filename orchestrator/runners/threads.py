@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
-from orchestrator.shard import OnTensor, PauseHook, run_shard
-from orchestrator.streaming import StreamingPolicy
+from orchestrator.runners.local import LocalRunner
+from orchestrator.shard import run_shard
 from orchestrator.threads import share_cpu
 
 
@@ -30,29 +30,18 @@ class _Stopped(Exception):
 
 
 @dataclass(frozen=True)
-class WorkerThreads:
+class WorkerThreads(LocalRunner):
     """Implements ``ShardRunner``: ``workers`` shards at once, each in a thread of this
     process (``workers=1``: one after the other in the calling thread, torch's threads
-    left as they are).
-
-    ``on_tensor`` is called from the shards' threads, one call at a time.
+    left as they are). ``on_tensor`` is called from the shards' threads, one call at a time.
     """
-
-    workers: int = 1
-    device: str = "cpu"
-    on_tensor: OnTensor | None = field(default=None, compare=False)
-    streaming: StreamingPolicy = StreamingPolicy()
-    pause: PauseHook | None = None
 
     def run(self, plan: PlanRef, indices: Sequence[int]) -> list[ShardOutcome]:
         indices = list(indices)
         opened = open_plan(plan)
         workers = max(1, min(self.workers, len(indices)))
         if workers == 1:
-            return [
-                run_shard(opened, i, device=self.device, on_tensor=self.on_tensor, streaming=self.streaming, pause=self.pause)
-                for i in indices
-            ]
+            return self.one_after_another(opened, indices)
         failed = threading.Event()
         reporting = threading.Lock()
 
