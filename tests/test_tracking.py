@@ -189,6 +189,12 @@ def test_the_sweep_flow_merges_a_grid_and_reuses_the_inputs_evaluations(skill_mo
     runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mergefleet.sweep` = '{result.sweep}'")
     assert sorted(r.info.run_name for r in runs) == labels
     assert {r.data.params["method"] for r in runs} == {"ties", "task_arithmetic"}
+    # recorded after the merge, its shard runs still span each shard's work (from the receipts)
+    shards = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{runs[0].info.run_id}'")
+    assert shards
+    for shard in shards:
+        assert shard.info.end_time - shard.info.start_time == pytest.approx(shard.data.metrics["seconds"] * 1000, abs=5)
+        assert shard.info.end_time <= runs[0].info.start_time
 
 
 @pytest.fixture(scope="module")

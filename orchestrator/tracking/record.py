@@ -21,10 +21,10 @@ from pydantic import BaseModel
 
 from orchestrator import __version__
 from orchestrator.assemble import Manifest
-from orchestrator.errors import RecipeError, TrackingError
+from orchestrator.errors import MergefleetError, RecipeError, TrackingError
 from orchestrator.evaluate.scores import Evaluation
 from orchestrator.plan import Plan
-from orchestrator.receipt import ShardOutcome
+from orchestrator.receipt import ShardOutcome, load_receipt
 from orchestrator.recipe import FleetSettings, Recipe, parse_recipe
 from orchestrator.report import expert_count, input_labels, markdown_table, score_rows, shard_name, short_params
 from orchestrator.redact import redact, redact_data
@@ -120,6 +120,21 @@ def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:
                 marked = [name for name, params in zip(experts, tensor.model_params) if params.get("protect")]
                 return [labels.get(name, name) for name in (marked or experts)]
     return []
+
+
+def _stored_outcomes(plan: Plan) -> list[ShardOutcome] | None:
+    """The shards' receipts at the output, for a merge recorded without its outcomes (a sweep's
+    point, ``mergefleet merge`` then ``track_merge``): they hold each shard's real span. None
+    when any is missing, unreadable or of another plan."""
+    try:
+        sink = plan.output_sink()
+        receipts = [load_receipt(sink, shard.index) for shard in plan.shards]
+    except (OSError, MergefleetError) as error:
+        log.info("shard runs of plan %s without their receipts' times: %s", plan.plan_id, redact(str(error)))
+        return None
+    if not all(r is not None and r.plan_id == plan.plan_id for r in receipts):
+        return None
+    return [ShardOutcome(receipt=r, skipped=False) for r in receipts if r is not None]
 
 
 def _shard_rows(plan: Plan, shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> list[_ShardRow]:
@@ -478,7 +493,8 @@ def track_merge(
     """Record one merge as an MLflow run (see the module's docstring); return where it is.
 
     ``manifest``: what ``orchestrator.assemble.assemble`` returned. ``shards``: every
-    runner's outcomes (default: the manifest's shard list, without the skipped flags).
+    runner's outcomes (default: the receipts at the output, else the manifest's shard list;
+    either without the skipped flags).
     ``evaluation``: the merge's scores, if it was evaluated. ``tracking_uri``,
     ``experiment`` and ``register_model`` default to the recipe's ``fleet`` settings.
     ``run_id``: the run ``start_merge_run`` opened when the merge started, filled and
@@ -490,6 +506,8 @@ def track_merge(
 
     fleet = _fleet(plan)
     uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
+    if shards is None:
+        shards = _stored_outcomes(plan)
     plan = Plan.model_validate(redact_data(plan.model_dump(mode="json")))  # what MLflow gets holds no secret
     experiment_name = redact(experiment or fleet.experiment or DEFAULT_EXPERIMENT)
     model_name = redact(register_model or fleet.register_model or "") or None
