@@ -415,3 +415,12 @@ def test_the_mlflow_ui_shows_the_merge_in_a_browser(tracked, mlflow_server, tmp_
     pages = [page for page in pages if page.name != "experiment"]  # four pages, about 15 s each on 2 busy cores
     failed = check_pages(pages, tmp_path / "pages", screenshots=False)
     assert not failed, "; ".join(f"{page.name} lacks {page.missing}" for page in failed)
+
+
+def test_a_failed_runs_error_is_one_redacted_line() -> None:
+    from orchestrator.tracking.record import ERROR_LIMIT, error_line
+
+    error = OSError("\n  cannot read s3://user:hunter2@bucket/x: password=hunter2\nTraceback (most recent call last)")
+    assert error_line(error) == "OSError: cannot read s3://***@bucket/x: password=***"
+    assert error_line(KeyboardInterrupt()) == "KeyboardInterrupt"
+    assert len(error_line(ValueError("x" * 2 * ERROR_LIMIT))) == ERROR_LIMIT
