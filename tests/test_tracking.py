@@ -303,8 +303,9 @@ def test_the_mlflow_run_spans_the_merge_and_its_shard_runs_their_own_time(flow_m
     run = client.get_run(result.tracking.run_id)
     flow_start_ms = flow_run.start_time.timestamp() * 1000
     assert flow_start_ms - 50 <= run.info.start_time <= flow_start_ms + 2000  # the run starts with the flow
-    evaluate = next(task for task in task_runs if task.name == "evaluate")
-    assert run.info.end_time >= evaluate.end_time.timestamp() * 1000  # and covers the merge and the evaluation
+    by_name = {task.name: task for task in task_runs}
+    assert run.info.start_time <= by_name["plan"].start_time.timestamp() * 1000  # opened before any step ran
+    assert run.info.end_time >= by_name["evaluate"].end_time.timestamp() * 1000  # and covers the merge and the evaluation
     assert run.info.status == "FINISHED" and run.data.tags["mergefleet.target"] == "inline"
 
     shards = client.search_runs([run.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
