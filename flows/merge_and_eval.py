@@ -83,8 +83,10 @@ def open_mlflow_run(parsed: Recipe, out: str, started_at: float) -> OpenRun:
     """The merge's MLflow run, RUNNING from ``started_at`` (when the flow run began) until the
     track step finishes it, or FAILED with the error's line when any step before fails,
     including a refusal (an output over an input, another merge holding the output's lock, a
-    plan refused). A flow run that fails before this (a recipe file that does not parse) or
-    skips the merge (``skip_unchanged``) has no MLflow run: nothing was merged."""
+    plan refused): a person finds every attempted merge, and why it failed, where the merges
+    are. A flow run that fails before this (a recipe file that does not parse; ``mergefleet
+    run`` refuses a bad recipe before any flow runs) or skips the merge (``skip_unchanged``)
+    has no MLflow run: no merge was attempted."""
     return start_merge_run(parsed, tasks.absolute(out), target=parsed.fleet.target, started_at=started_at)
 
 

@@ -448,7 +448,8 @@ def fail_merge_run(run: OpenRun, error: BaseException) -> None:
     """End ``run`` because its merge failed: FAILED (KILLED when interrupted rather than
     failed: ``KeyboardInterrupt``, a cancellation), the error's line as tag
     ``mergefleet.error`` and at the top of the description. Never raises: the merge's own
-    error is what the caller reports; a failure to record it is logged."""
+    error is what the caller reports; a failure to record it is logged. A run already
+    FINISHED (the merge was recorded; a later step such as publishing failed) stays so."""
     from mlflow.exceptions import MlflowException
 
     line = error_line(error)
@@ -456,7 +457,11 @@ def fail_merge_run(run: OpenRun, error: BaseException) -> None:
     try:
         with _store_lock(run.tracking_uri):
             client = client_for(run.tracking_uri)
-            note = client.get_run(run.run_id).data.tags.get(NOTE_TAG, "")
+            current = client.get_run(run.run_id)
+            if current.info.status == "FINISHED":  # the merge was recorded whole; what failed after is not the merge's
+                log.info("MLflow run %s stays FINISHED: %s came after its record", run.run_id, line)
+                return
+            note = current.data.tags.get(NOTE_TAG, "")
             client.set_tag(run.run_id, ERROR_TAG, line)
             client.set_tag(run.run_id, NOTE_TAG, f"**{status.lower()}:** `{line}`\n\n{note}".rstrip())
             client.set_terminated(run.run_id, status)
