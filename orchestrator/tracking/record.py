@@ -163,26 +163,29 @@ def _fleet(plan: Plan) -> FleetSettings:
 
 AVG_SCORE = "avg_score"
 AVG_NORMALISED = "avg_normalised"
-"""The merge's headline numbers, named so that they sort before every other metric key: the
-MLflow UI lists metrics in key order (its compare view plots the first key by default, its
-charts put keys without a ``/`` first), so a person sees a score first, not bytes or seconds."""
+"""The merge's headline numbers, logged first and named so that they sort before every other
+metric key: MLflow's compare view starts its parallel-coordinates plot on the first metric a
+run lists (in logging order) and its scatter and contour plots on the first key in sorted
+order, and its charts put keys without a ``/`` first; so a person sees a score first, not
+bytes or seconds."""
 MERGE_SECONDS = "time/merge"
 EVAL_SECONDS = "time/eval"
 
 
 def _evaluation_metrics(evaluation: Evaluation, labels: dict[str, str]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
+    """The evaluation's metrics, the headline ones first."""
     merged = evaluation.merged
+    metrics: dict[str, float] = {}
+    if evaluation.normalised:
+        metrics[AVG_NORMALISED] = sum(evaluation.normalised.values()) / len(evaluation.normalised)
+    if merged.scores:
+        metrics[AVG_SCORE] = sum(merged.scores.values()) / len(merged.scores)
     for task, value in merged.scores.items():
         metrics[metric_key("score", task)] = value
         for name, number in merged.metrics.get(task, {}).items():
             metrics[metric_key("merged", task, name)] = number
-    if merged.scores:
-        metrics[AVG_SCORE] = sum(merged.scores.values()) / len(merged.scores)
     for task, value in evaluation.normalised.items():
         metrics[metric_key("normalised", task)] = value
-    if evaluation.normalised:
-        metrics[AVG_NORMALISED] = sum(evaluation.normalised.values()) / len(evaluation.normalised)
     if evaluation.base is not None:
         for task, value in evaluation.base.scores.items():
             metrics[metric_key("base", task)] = value
@@ -598,9 +601,12 @@ def _fill_run(
     rates = manifest.report.get("protected_drop_rate") or []
     drop_rates = {label: float(rate) for label, rate in zip(protected_labels(plan, labels), rates)}
     merge_metrics |= {metric_key("protected_drop_rate", label): rate for label, rate in drop_rates.items()}
+    # the scores first (with the logged model): MLflow's compare view starts its plot on the
+    # first metric the run lists, in the order they were logged
+    eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
+    model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
     _log_metrics(client, run_id, merge_metrics)
 
-    eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
     with tempfile.TemporaryDirectory(prefix="mergefleet-track-") as scratch:
         files = {
             "recipe.yaml": yaml.safe_dump(plan.recipe, sort_keys=False),
@@ -620,7 +626,6 @@ def _fill_run(
             )
             client.log_artifact(run_id, str(chart))
 
-    model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
     version = _register(client, model_name, model, run_id, plan, uri) if model_name else None
     return model.model_id, version
 
