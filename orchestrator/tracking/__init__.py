@@ -23,8 +23,8 @@ A merge's run holds
 - one nested run per shard (bytes written and read, seconds, bytes per second), spanning the
   shard's own start and end from its receipt (a shard reused from an earlier run keeps the
   times of the run that wrote it, with param ``skipped``);
-- the evaluation: ``avg_normalised`` and ``avg_score`` (means over the tasks, named to sort
-  first: MLflow lists metrics in key order), ``score/<task>`` (the merged checkpoint's
+- the evaluation: ``avg_normalised`` and ``avg_score`` (means over the tasks, logged first
+  and named to sort first: MLflow's views list metrics in logging or key order), ``score/<task>`` (the merged checkpoint's
   primary metric), ``normalised/<task>``, ``merged/<task>/<metric>`` (everything lm-eval
   reported), ``base/<task>`` and ``expert/<name>/<task>`` when the inputs were evaluated;
 - the merge's size and time: ``bytes/written``, ``bytes/read``, ``time/merge``,
