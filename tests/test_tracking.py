@@ -168,6 +168,28 @@ def test_default_tracking_is_sqlite_beside_the_output(tracked, tmp_path: Path, m
     assert len(shards) == 2  # from the manifest's shard list
 
 
+def test_a_run_opened_at_the_start_is_filled_by_the_record_and_a_retried_record_starts_over(tracked, mlflow_server) -> None:
+    from mlflow import MlflowClient
+
+    from orchestrator.tracking.record import start_merge_run
+
+    entry, uri = tracked["ties"], mlflow_server["uri"]
+    plan = entry["plan"]
+    opened = start_merge_run(parse_recipe(plan.recipe), plan.output, tracking_uri=uri, experiment="opened")
+    client = MlflowClient(uri)
+    run = client.get_run(opened.run_id)
+    assert run.info.status == "RUNNING" and run.info.run_name == "skills-ties"
+    assert run.data.tags["mergefleet.method"] == "ties" and run.data.tags["mergefleet.experts"] == "2"
+    assert run.data.tags["mergefleet.recipe_sha256"] == plan.recipe_hash and "mergefleet.plan_id" not in run.data.tags
+    for _ in range(2):  # the track task's retry records into the same run again
+        tracked_run = track_merge(plan, entry["summary"].manifest, None, None, tracking_uri=uri, run_id=opened.run_id)
+    assert tracked_run.run_id == opened.run_id and tracked_run.experiment_id == opened.experiment_id
+    run = client.get_run(opened.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mergefleet.plan_id"] == plan.plan_id
+    shards = client.search_runs([opened.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{opened.run_id}'")
+    assert sorted(r.data.params["index"] for r in shards) == ["0", "1"]  # the first record's shard runs are gone
+
+
 @pytest.mark.usefixtures("prefect_harness")
 def test_the_sweep_flow_merges_a_grid_and_reuses_the_inputs_evaluations(skill_models, eval_cache, mlflow_server, tmp_path: Path) -> None:
     from flows.sweep import sweep
