@@ -24,7 +24,7 @@ from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import Recipe, load_recipe
 from orchestrator.storage.checkpoint import open_output
 from orchestrator.storage.output_lock import hold_output_lock
-from orchestrator.tracking.record import TrackedRun
+from orchestrator.tracking.record import OpenRun, TrackedRun, ended_on_failure, start_merge_run
 
 
 class MergeAndEvalResult(MergeSummary):
@@ -74,22 +74,36 @@ def merge_and_eval(
         # the run ends in this state (Completed, named Skipped); a caller gets its data
         return skipped(SkippedMerge(output=out, reason=reason), reason)  # type: ignore[return-value]
 
-    return merge_evaluate_track(parsed, out, overwrite=overwrite, started=started, started_at=started_at)
+    run = open_mlflow_run(parsed, out, started_at)
+    with ended_on_failure(run):
+        return merge_evaluate_track(parsed, out, run, overwrite=overwrite, started=started)
+
+
+def open_mlflow_run(parsed: Recipe, out: str, started_at: float) -> OpenRun:
+    """The merge's MLflow run, RUNNING from ``started_at`` (when the flow run began) until the
+    track step finishes it, or FAILED with the error's line when any step before fails,
+    including a refusal (an output over an input, another merge holding the output's lock, a
+    plan refused): a person finds every attempted merge, and why it failed, where the merges
+    are. A flow run that fails before this (a recipe file that does not parse; ``mergefleet
+    run`` refuses a bad recipe before any flow runs) or skips the merge (``skip_unchanged``)
+    has no MLflow run: no merge was attempted."""
+    return start_merge_run(parsed, tasks.absolute(out), target=parsed.fleet.target, started_at=started_at)
 
 
 def merge_evaluate_track(
     parsed: Recipe,
     out: str,
+    run: OpenRun,
     *,
     overwrite: bool,
     started: float,
-    started_at: float | None = None,
     tags: dict[str, str] | None = None,
 ) -> MergeAndEvalResult:
-    """The steps of one merge inside a flow run: plan, shards, assemble, evaluate, track
-    (the run's MLflow ``tags`` added). ``started``: when the flow run began (a monotonic
-    clock; ``started_at`` the wall clock, where the MLflow run starts). The output's lock is
-    held until the evaluation has rewritten the model card: one merge per output."""
+    """The steps of one merge inside a flow run: plan, shards, assemble, evaluate, track into
+    the MLflow ``run`` opened when the flow began (``open_mlflow_run``; ``tags`` added). The
+    caller ends ``run`` if a step fails (``ended_on_failure``). ``started``: when the flow run
+    began (a monotonic clock). The output's lock is held until the evaluation has rewritten
+    the model card: one merge per output."""
     refuse_output_over_inputs(out, parsed.model_refs())  # before the lock writes anything there
     with hold_output_lock(open_output(tasks.absolute(out), storage=parsed.fleet.storage)):
         plan = tasks.plan_task(parsed, out, overwrite=overwrite)
@@ -102,7 +116,7 @@ def merge_evaluate_track(
         evaluated = tasks.evaluate_task(plan, parsed.fleet.eval, wait_for=[manifest], return_state=True)
         evaluation = evaluated.result()
     tracking = tasks.track_task(
-        plan, manifest, shards, evaluation, summary.seconds, started_at, tags=tags, wait_for=[evaluated]
+        plan, manifest, shards, evaluation, summary.seconds, run_id=run.run_id, tags=tags, wait_for=[evaluated]
     )
     publish_merge(opened, shards, evaluation, tracking, seconds=summary.seconds)
     return MergeAndEvalResult(

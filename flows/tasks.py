@@ -86,16 +86,17 @@ def track_task(
     shards: list[ShardOutcome],
     evaluation: Evaluation | None,
     merge_seconds: float,
-    started_at: float | None = None,
     *,
+    run_id: str | None = None,
     tags: dict[str, str] | None = None,
     tracking_uri: str | None = None,
 ) -> TrackedRun:
-    """Record the merge as one MLflow run that starts when the flow did (``started_at``), with
-    ``tags``, in ``tracking_uri`` when given; returns where it is."""
+    """Record the merge in MLflow run ``run_id`` (opened when the flow began, so that the run
+    spans the merge; finished here), else in a new run; with ``tags``, in ``tracking_uri``
+    when given; returns where it is."""
     tracked = track_merge(
         open_plan(plan), manifest, shards, evaluation,
-        merge_seconds=merge_seconds, started_at=started_at, tags=tags, tracking_uri=tracking_uri,
+        merge_seconds=merge_seconds, run_id=run_id, tags=tags, tracking_uri=tracking_uri,
     )
     run_log().info("recorded as MLflow run %s in %s", tracked.run_id, tracked.tracking_uri)
     return tracked

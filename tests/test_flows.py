@@ -52,6 +52,19 @@ def fast_retries(monkeypatch):
     monkeypatch.setattr(flows.runners.common, "SHARD_RETRY_DELAY_S", 0)
 
 
+def mlflow_run_of(out: Path):
+    """The MLflow run of the merge into ``out`` (the module's store, default experiment), or None."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mergefleet")
+    if experiment is None:
+        return None
+    found = client.search_runs([experiment.experiment_id], filter_string=f"tags.`mergefleet.output` = '{out}'")
+    assert len(found) <= 1, [run.info.run_name for run in found]
+    return found[0] if found else None
+
+
 @pytest.fixture(scope="module")
 def reference(family, tmp_path_factory) -> dict[str, bytes]:
     """The plain (non-Prefect) merge of recipe_data, 3 shards."""
@@ -95,6 +108,19 @@ def test_rerun_reuses_finished_shards_and_runs_only_missing_ones(family, referen
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")}
     again = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
     assert again.shards_skipped == 3
+    # the rerun's MLflow shard runs: reused, each spanning the first run's work on it (from its receipt)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    parent = client.get_run(again.tracking.run_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 3
+    for child in children:
+        receipt = json.loads((out / f".mergefleet/shard-{child.data.params['index']}.json").read_text())
+        assert child.data.params["skipped"] == "True"
+        assert child.info.end_time == round(receipt["finished_at"] * 1000)
+        assert child.info.start_time == round((receipt["finished_at"] - receipt["seconds"]) * 1000)
+        assert child.info.end_time <= parent.info.start_time  # written before this run began
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.safetensors")} == before
 
     (out / ".mergefleet/shard-1.json").unlink()
@@ -136,6 +162,50 @@ def test_a_shard_that_keeps_failing_fails_the_flow_with_its_own_message(family, 
     assert sorted(p.name for p in (out / ".mergefleet").glob("shard-*.json")) == ["shard-0.json", "shard-2.json"]
     assert not (out / "mergefleet.json").exists()
     assert not list(out.glob("*.partial-*"))
+    run = mlflow_run_of(out)  # the MLflow run opened when the flow began ends with it
+    assert run.info.status == "FAILED" and run.info.end_time is not None
+    assert run.data.tags["mergefleet.error"] == "OSError: disk sector 7 is on fire"
+    assert run.data.tags["mlflow.note.content"].startswith("**failed:** `OSError: disk sector 7 is on fire`")
+
+
+def test_the_mlflow_run_is_running_while_the_flow_merges_and_finished_after(family, monkeypatch, tmp_path: Path) -> None:
+    import flows.runners.common
+    from flows.merge_and_eval import merge_and_eval
+    from prefect.client.orchestration import get_client
+
+    out = tmp_path / "merged"
+    real, seen = flows.runners.common.run_shard, []
+
+    def observed(plan, index, **kwargs):
+        run = mlflow_run_of(out)
+        seen.append((index, run.info.status, run.info.run_id, run.data.tags["mergefleet.method"], run.data.tags["mergefleet.target"]))
+        return real(plan, index, **kwargs)
+
+    monkeypatch.setattr(flows.runners.common, "run_shard", observed)
+    started = time.time()
+    result = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
+    assert sorted(index for index, *_ in seen) == [0, 1, 2]
+    assert {tuple(rest) for _, *rest in seen} == {("RUNNING", result.tracking.run_id, "ties", "inline")}
+    run = mlflow_run_of(out)
+    assert run.info.status == "FINISHED" and run.info.run_name == f"ties-{result.plan_id[:8]}"
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(result.flow_run_id)
+    assert flow_run.start_time.timestamp() * 1000 - 50 <= run.info.start_time <= started * 1000 + 2000
+    assert run.info.end_time >= (started + result.seconds) * 1000  # covers the merge, and the record after it
+
+
+def test_a_merge_refused_by_the_outputs_lock_ends_its_mlflow_run_failed(family, tmp_path: Path) -> None:
+    from flows.merge_and_eval import merge_and_eval
+    from orchestrator.storage.output_lock import _local_lock
+
+    out = tmp_path / "merged"
+    # the disk lock itself, held on its own file handle (hold_output_lock is re-entrant in a
+    # process), as another merge into the same output holds it
+    with _local_lock(str(out)):
+        state = merge_and_eval(parse_recipe(recipe_data(family)), str(out), return_state=True)
+    assert state.is_failed() and f"pid {os.getpid()}" in state.message
+    run = mlflow_run_of(out)  # no run left RUNNING: it names the holder
+    assert run.info.status == "FAILED" and f"pid {os.getpid()}" in run.data.tags["mergefleet.error"]
 
 
 def test_errors_that_cannot_pass_are_not_retried(family, fast_retries, monkeypatch, tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ The session's server (conftest.py) and one worker serve the whole module.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -85,6 +86,8 @@ def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: d
     runs = [run for run in shard_runs(deployed) if run["parameters"]["plan"]["uri"] == f"{tmp_path / 'remote'}/.mergefleet/plan.json"]
     assert sorted(run["parameters"]["index"] for run in runs) == [0, 1, 2]
     assert {run["state_type"] for run in runs} == {"COMPLETED"}
+    for run in runs:  # named like the shard's task run: "<plan id>-shard-1 (layers 2-3)"
+        assert re.fullmatch(rf"{remote['plan_id'][:8]}-shard-{run['parameters']['index']} \(layers? \d+(-\d+)?( \+ other)?\)", run["name"]), run["name"]
     assert all(run["parent_task_run_id"] for run in runs)  # each shown under its shard task
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -188,7 +189,9 @@ def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[st
 
     # One Job per shard, each from the chart's template as the worker rendered it for its flow run.
     jobs = _new_jobs(cluster, before)
-    assert sorted(j["metadata"]["labels"]["prefect.io/flow-run-name"][-7:] for j in jobs) == ["shard-0", "shard-1"]
+    # the flow run's name, "<plan id>-shard-0 (layers 0-1 + other)", as a label value: "<plan id>-shard-0-layers-0-1-other"
+    names = sorted(j["metadata"]["labels"]["prefect.io/flow-run-name"] for j in jobs)
+    assert [re.fullmatch(rf"{remote['plan_id'][:8]}-(shard-\d)-layers?-[0-9a-z-]+", name)[1] for name in names] == ["shard-0", "shard-1"], names
     for job in jobs:
         assert job["status"]["succeeded"] == 1
         assert job["spec"]["ttlSecondsAfterFinished"] == 600 and job["spec"]["backoffLimit"] == 0
@@ -217,7 +220,7 @@ def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, st
 
     def shard_1_begins(pod: dict[str, Any], line: str) -> bool:
         # its first line of output: the pod is starting, seconds before the shard is merged
-        return pod["metadata"]["labels"].get("prefect.io/flow-run-name", "").endswith("-shard-1")
+        return "-shard-1-" in pod["metadata"]["labels"].get("prefect.io/flow-run-name", "")
 
     cluster.kubelet.kill_when = shard_1_begins
     before = _job_names(cluster)
@@ -225,7 +228,7 @@ def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, st
     assert len(cluster.kubelet.killed) == 1, "no pod was killed"
     assert result["shards"] == 2 and result["shards_skipped"] == 0
     jobs = _new_jobs(cluster, before)
-    shard1 = [j for j in jobs if j["metadata"]["labels"]["prefect.io/flow-run-name"].endswith("-shard-1")]
+    shard1 = [j for j in jobs if "-shard-1-" in j["metadata"]["labels"]["prefect.io/flow-run-name"]]
     assert sorted((j["status"].get("failed", 0), j["status"].get("succeeded", 0)) for j in shard1) == [(0, 1), (1, 0)]
     killed = next(p for p in cluster.objects(PODS) if p["metadata"]["name"] == cluster.kubelet.killed[0])
     assert killed["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137

@@ -235,6 +235,9 @@ def test_run_is_one_flow_with_an_mlflow_run_per_merge(family, tracking_env: dict
         assert run.data.tags["mlflow.parentRunId"] == final.info.run_id == run.data.tags["mergefleet.final_run_id"]
         assert run.data.tags["mergefleet.intermediate"] == name and run.data.tags["mergefleet.cached"] == "false"
         assert run.data.tags["mergefleet.output"] == str(tmp_path / "out.intermediates" / name)
+        # the final run was opened when the flow began: it spans every merge of the recipe
+        assert final.info.start_time <= run.info.start_time <= run.info.end_time <= final.info.end_time
+    assert final.info.status == "FINISHED"
 
     parts = {name: read_tensors(tmp_path / "out.intermediates" / name) for name in listed}
     merged = read_tensors(tmp_path / "out")

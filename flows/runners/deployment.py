@@ -1,9 +1,12 @@
 """``fleet.target: deployment``: each shard a run of the merge-shard deployment on a Prefect
 work pool (a ``process`` pool here, a ``kubernetes`` pool in a cluster), started with
 ``run_deployment`` by a task that waits for it and reads the shard's receipt back from
-storage. The flow run receives the plan's ``PlanRef``; tensors never pass through Prefect.
-``flows.pool_runs`` follows each flow run (a Kubernetes pool's run that never starts is
-cancelled after the pool's start timeout, naming its Job)."""
+storage. Each flow run is named like its shard's task run, after the plan:
+``ab12cd34-shard-2 (layers 8-11)`` (Prefect bans only ``/ % & < >`` in names; a Kubernetes
+worker slugs the name into its Job's labels: ``ab12cd34-shard-2-layers-8-11``). The flow
+run receives the plan's ``PlanRef``; tensors never pass through Prefect. ``flows.pool_runs``
+follows each flow run (a Kubernetes pool's run that never starts is cancelled after the
+pool's start timeout, naming its Job)."""
 
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from orchestrator.errors import ConfigurationError
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome, finished_receipt
 from orchestrator.recipe import FleetSettings
+from orchestrator.report import shard_name
 
 POLL_S = 0.5
 """How often a shard's task asks for its flow run's state."""
@@ -42,7 +46,7 @@ def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str,
     run = run_deployment(
         deployment,
         parameters={"plan": plan.model_dump(mode="json"), "index": index, "device": device, "concurrency_limit": concurrency_limit},
-        flow_run_name=f"{opened.plan_id[:8]}-shard-{index}",
+        flow_run_name=f"{opened.plan_id[:8]}-{shard_name(opened, index)}",  # "ab12cd34-shard-2 (layers 8-11)"
         timeout=0,  # returns once created; pool_runs.wait follows it, with the pool's start timeout
     )
     run = pool_runs.wait(run, index=index, poll=POLL_S)

@@ -7,7 +7,7 @@ import re
 from typing import Any, Sequence
 
 from orchestrator.errors import TrackingError
-from orchestrator.tracking.record import TAG
+from orchestrator.tracking.record import AVG_NORMALISED, EVAL_SECONDS, MERGE_SECONDS, TAG
 from orchestrator.tracking.store import client_for
 
 
@@ -36,9 +36,9 @@ def find_merge_runs(refs: Sequence[str], *, tracking_uri: str) -> list[Any]:
             experiment = None
         if experiment is None:
             raise TrackingError(f"'{ref}' is neither a run id nor an experiment in MLflow at {tracking_uri}")
-        found = client.search_runs(
-            [experiment.experiment_id], filter_string=f"tags.`{TAG}plan_id` != ''", order_by=["attributes.start_time ASC"], max_results=5000
-        )
+        # finished merges only: a run still open, or ended by a failed merge, has no scores to compare
+        finished = f"tags.`{TAG}plan_id` != '' and attributes.status = 'FINISHED'"
+        found = client.search_runs([experiment.experiment_id], filter_string=finished, order_by=["attributes.start_time ASC"], max_results=5000)
         runs += [r for r in found if f"{TAG}shard" not in r.data.tags]
     unique = {run.info.run_id: run for run in runs}
     if not unique:
@@ -58,7 +58,7 @@ def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], 
     rows = []
     for run in runs:
         metrics = run.data.metrics
-        seconds = metrics.get("merge_seconds", metrics.get("shard_seconds_total"))
+        seconds = _first(metrics, MERGE_SECONDS, "merge_seconds", "time/shards_total", "shard_seconds_total")
         rows.append(
             {
                 "run_id": run.info.run_id,
@@ -67,15 +67,20 @@ def compare_rows(runs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str], 
                 "params": {key: run.data.params.get(key) for key in varying},
                 "scores": {task: metrics.get(f"score/{task}") for task in tasks},
                 "normalised": {task: metrics.get(f"normalised/{task}") for task in tasks},
-                "normalised_mean": metrics.get("normalised/mean"),
+                "normalised_mean": _first(metrics, AVG_NORMALISED, "normalised/mean"),
                 "base": {task: metrics.get(f"base/{task}") for task in tasks},
                 "experts": _expert_scores(metrics),
                 "drop_rates": {key.split("/", 1)[1]: value for key, value in metrics.items() if key.startswith("protected_drop_rate/")},
                 "seconds": seconds,
-                "eval_seconds": metrics.get("eval_seconds"),
+                "eval_seconds": _first(metrics, EVAL_SECONDS, "eval_seconds"),
             }
         )
     return rows, varying, tasks
+
+
+def _first(metrics: dict[str, float], *keys: str) -> float | None:
+    """The first of ``keys`` a run has: runs recorded before a metric's rename keep its old name."""
+    return next((metrics[key] for key in keys if key in metrics), None)
 
 
 def _expert_scores(metrics: dict[str, float]) -> dict[str, dict[str, float]]:

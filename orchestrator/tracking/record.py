@@ -14,18 +14,18 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ContextManager, Iterator, Sequence
 
 import yaml
 from pydantic import BaseModel
 
 from orchestrator import __version__
 from orchestrator.assemble import Manifest
-from orchestrator.errors import RecipeError, TrackingError
+from orchestrator.errors import MergefleetError, RecipeError, TrackingError
 from orchestrator.evaluate.scores import Evaluation
 from orchestrator.plan import Plan
-from orchestrator.receipt import ShardOutcome
-from orchestrator.recipe import FleetSettings, parse_recipe
+from orchestrator.receipt import ShardOutcome, load_receipt
+from orchestrator.recipe import FleetSettings, Recipe, parse_recipe
 from orchestrator.report import expert_count, input_labels, markdown_table, score_rows, shard_name, short_params
 from orchestrator.redact import redact, redact_data
 from orchestrator.storage.checkpoint import fingerprint_digest
@@ -39,6 +39,10 @@ DEFAULT_EXPERIMENT = "mergefleet"
 MODEL_TYPE = "mergefleet-checkpoint"
 MODEL_VERSIONS_TAG = "mlflow.modelVersions"  # the registered versions of a logged model, as MLflow's UI reads them
 PARAM_VALUE_LIMIT = 6000
+ERROR_TAG = f"{TAG}error"
+ERROR_LIMIT = 500
+"""The most characters of an error's line a failed run's ``mergefleet.error`` tag keeps."""
+NOTE_TAG = "mlflow.note.content"
 _METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
 _sqlite_locks: dict[str, threading.Lock] = {}
@@ -53,6 +57,18 @@ class TrackedRun(BaseModel):
     model_id: str | None
     model_version: str | None
     url: str | None  # the run's page when the tracking URI is a server
+
+
+@dataclass(frozen=True)
+class OpenRun:
+    """A merge's MLflow run while the merge runs (``start_merge_run``): ``track_merge(run_id=...)``
+    fills and finishes it, ``fail_merge_run`` ends it. Kept in the flow's memory only:
+    ``tracking_uri`` is the resolved URI (credentials included), never shown or stored."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    url: str | None
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,21 @@ def protected_labels(plan: Plan, labels: dict[str, str]) -> list[str]:
     return []
 
 
+def _stored_outcomes(plan: Plan) -> list[ShardOutcome] | None:
+    """The shards' receipts at the output, for a merge recorded without its outcomes (a sweep's
+    point, ``mergefleet merge`` then ``track_merge``): they hold each shard's real span. None
+    when any is missing, unreadable or of another plan."""
+    try:
+        sink = plan.output_sink()
+        receipts = [load_receipt(sink, shard.index) for shard in plan.shards]
+    except (OSError, MergefleetError) as error:
+        log.info("shard runs of plan %s without their receipts' times: %s", plan.plan_id, redact(str(error)))
+        return None
+    if not all(r is not None and r.plan_id == plan.plan_id for r in receipts):
+        return None
+    return [ShardOutcome(receipt=r, skipped=False) for r in receipts if r is not None]
+
+
 def _shard_rows(plan: Plan, shards: Sequence[ShardOutcome] | None, manifest: Manifest) -> list[_ShardRow]:
     """The shards' outcomes, or (without them) the manifest's shard list."""
     if shards is None:
@@ -130,26 +161,38 @@ def _fleet(plan: Plan) -> FleetSettings:
         return FleetSettings()
 
 
+AVG_SCORE = "avg_score"
+AVG_NORMALISED = "avg_normalised"
+"""The merge's headline numbers, logged first and named so that they sort before every other
+metric key: MLflow's compare view starts its parallel-coordinates plot on the first metric a
+run lists (in logging order) and its scatter and contour plots on the first key in sorted
+order, and its charts put keys without a ``/`` first; so a person sees a score first, not
+bytes or seconds."""
+MERGE_SECONDS = "time/merge"
+EVAL_SECONDS = "time/eval"
+
+
 def _evaluation_metrics(evaluation: Evaluation, labels: dict[str, str]) -> dict[str, float]:
-    metrics: dict[str, float] = {}
+    """The evaluation's metrics, the headline ones first."""
     merged = evaluation.merged
+    metrics: dict[str, float] = {}
+    if evaluation.normalised:
+        metrics[AVG_NORMALISED] = sum(evaluation.normalised.values()) / len(evaluation.normalised)
+    if merged.scores:
+        metrics[AVG_SCORE] = sum(merged.scores.values()) / len(merged.scores)
     for task, value in merged.scores.items():
         metrics[metric_key("score", task)] = value
         for name, number in merged.metrics.get(task, {}).items():
             metrics[metric_key("merged", task, name)] = number
-    if merged.scores:
-        metrics["score/mean"] = sum(merged.scores.values()) / len(merged.scores)
     for task, value in evaluation.normalised.items():
         metrics[metric_key("normalised", task)] = value
-    if evaluation.normalised:
-        metrics["normalised/mean"] = sum(evaluation.normalised.values()) / len(evaluation.normalised)
     if evaluation.base is not None:
         for task, value in evaluation.base.scores.items():
             metrics[metric_key("base", task)] = value
     for name, scores in evaluation.experts.items():
         for task, value in scores.scores.items():
             metrics[metric_key("expert", labels.get(name, name), task)] = value
-    metrics["eval_seconds"] = merged.seconds
+    metrics[EVAL_SECONDS] = merged.seconds
     return metrics
 
 
@@ -332,6 +375,114 @@ def _note(plan: Plan, evaluation: Evaluation | None) -> str:
     return "\n".join(lines)
 
 
+def _store_lock(uri: str) -> ContextManager[Any]:
+    """SQLite takes one writer at a time: a sweep's merges record one by one."""
+    return _sqlite_locks.setdefault(uri, threading.Lock()) if sqlite_path(uri) else contextlib.nullcontext()
+
+
+def _run_tags(plan: Plan, evaluation: Evaluation | None) -> dict[str, str]:
+    return {
+        f"{TAG}method": plan.method,
+        f"{TAG}experts": str(expert_count(plan)),
+        f"{TAG}plan_id": plan.plan_id,
+        f"{TAG}recipe_sha256": plan.recipe_hash,
+        f"{TAG}output": plan.output,
+        f"{TAG}version": __version__,
+        NOTE_TAG: _note(plan, evaluation),
+    }
+
+
+def start_merge_run(
+    recipe: Recipe,
+    output: str,
+    *,
+    target: str | None = None,
+    tracking_uri: str | None = None,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    started_at: float | None = None,
+) -> OpenRun:
+    """Open a merge's MLflow run as the merge starts: status RUNNING, started at
+    ``started_at`` (default: now), named and tagged from the recipe (method, experts, target,
+    recipe hash, output), so that the run is in the UI while the merge runs and its duration is
+    the merge's. ``output``: the merge's absolute location. ``track_merge(run_id=...)`` fills
+    and finishes it; ``fail_merge_run`` ends it. Where and under which experiment: as
+    ``track_merge`` decides."""
+    from mlflow.exceptions import MlflowException
+
+    uri = resolve_tracking_uri(tracking_uri or recipe.fleet.tracking_uri, output)
+    experiment_name = redact(experiment or recipe.fleet.experiment or DEFAULT_EXPERIMENT)
+    experts = [ref for ref in recipe.model_refs() if ref != recipe.base_model]
+    note = f"**{recipe.merge_method}** merge of {len(experts)} expert(s) into `{output}`: running."
+    tags = {
+        f"{TAG}method": recipe.merge_method,
+        f"{TAG}experts": str(len(experts)),
+        f"{TAG}target": target or recipe.fleet.target,
+        f"{TAG}recipe_sha256": recipe.recipe_hash(),
+        f"{TAG}output": output,
+        f"{TAG}version": __version__,
+        NOTE_TAG: note,
+    }
+    name = run_name or recipe.name or recipe.merge_method
+    try:
+        with _store_lock(uri):
+            client = client_for(uri)
+            experiment_id_ = experiment_id(client, experiment_name, uri)
+            start = _millis(started_at if started_at is not None else time.time())
+            run = client.create_run(experiment_id_, run_name=redact(name), tags=redact_data(tags), start_time=start)
+    except MlflowException as error:
+        raise TrackingError(f"MLflow at {redact(uri)} refused to open the run of the merge into {output}: {error.message}") from None
+    except OSError as error:
+        raise TrackingError(f"cannot open the MLflow run of the merge into {output} at {redact(uri)}: {error}") from None
+    run_id = run.info.run_id
+    log.info("MLflow run %s opened for the merge into %s", run_id, output)
+    return OpenRun(run_id, experiment_id_, uri, redact(_run_url(uri, experiment_id_, run_id) or "") or None)
+
+
+def error_line(error: BaseException) -> str:
+    """``OSError: disk sector 7 is on fire``: an error's type and first line, redacted, at most
+    ``ERROR_LIMIT`` characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = redact(f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__)
+    return text if len(text) <= ERROR_LIMIT else text[: ERROR_LIMIT - 1] + "…"
+
+
+def fail_merge_run(run: OpenRun, error: BaseException) -> None:
+    """End ``run`` because its merge failed: FAILED (KILLED when interrupted rather than
+    failed: ``KeyboardInterrupt``, a cancellation), the error's line as tag
+    ``mergefleet.error`` and at the top of the description. Never raises: the merge's own
+    error is what the caller reports; a failure to record it is logged. A run already
+    FINISHED (the merge was recorded; a later step such as publishing failed) stays so."""
+    from mlflow.exceptions import MlflowException
+
+    line = error_line(error)
+    status = "FAILED" if isinstance(error, Exception) else "KILLED"
+    try:
+        with _store_lock(run.tracking_uri):
+            client = client_for(run.tracking_uri)
+            current = client.get_run(run.run_id)
+            if current.info.status == "FINISHED":  # the merge was recorded whole; what failed after is not the merge's
+                log.info("MLflow run %s stays FINISHED: %s came after its record", run.run_id, line)
+                return
+            note = current.data.tags.get(NOTE_TAG, "")
+            client.set_tag(run.run_id, ERROR_TAG, line)
+            client.set_tag(run.run_id, NOTE_TAG, f"**{status.lower()}:** `{line}`\n\n{note}".rstrip())
+            client.set_terminated(run.run_id, status)
+    except (MlflowException, OSError) as failure:
+        log.warning("the MLflow run %s of a failed merge stays open: %s", run.run_id, redact(str(failure)).splitlines()[0])
+
+
+@contextlib.contextmanager
+def ended_on_failure(run: OpenRun) -> Iterator[OpenRun]:
+    """The work of ``run``'s merge: any error escaping the block ends the run (``fail_merge_run``)
+    and goes on."""
+    try:
+        yield run
+    except BaseException as error:
+        fail_merge_run(run, error)
+        raise
+
+
 def track_merge(
     plan: Plan,
     manifest: Manifest,
@@ -345,41 +496,44 @@ def track_merge(
     tags: dict[str, str] | None = None,
     merge_seconds: float | None = None,
     started_at: float | None = None,
+    run_id: str | None = None,
 ) -> TrackedRun:
     """Record one merge as an MLflow run (see the module's docstring); return where it is.
 
     ``manifest``: what ``orchestrator.assemble.assemble`` returned. ``shards``: every
-    runner's outcomes (default: the manifest's shard list, without the skipped flags).
+    runner's outcomes (default: the receipts at the output, else the manifest's shard list;
+    either without the skipped flags).
     ``evaluation``: the merge's scores, if it was evaluated. ``tracking_uri``,
     ``experiment`` and ``register_model`` default to the recipe's ``fleet`` settings.
+    ``run_id``: the run ``start_merge_run`` opened when the merge started, filled and
+    finished here (renamed after its plan); without it a new run is created, starting at
+    ``started_at`` (default: now). Either way the run ends FINISHED, or FAILED if recording fails.
     """
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     fleet = _fleet(plan)
     uri = resolve_tracking_uri(tracking_uri or fleet.tracking_uri, plan.output)
+    if shards is None:
+        shards = _stored_outcomes(plan)
     plan = Plan.model_validate(redact_data(plan.model_dump(mode="json")))  # what MLflow gets holds no secret
     experiment_name = redact(experiment or fleet.experiment or DEFAULT_EXPERIMENT)
     model_name = redact(register_model or fleet.register_model or "") or None
     labels = input_labels(plan)
     name = redact(run_name or plan.recipe.get("name") or f"{plan.method}-{plan.plan_id[:8]}")
-    tags = redact_data(dict(tags or {}))
-    lock = _sqlite_locks.setdefault(uri, threading.Lock()) if sqlite_path(uri) else contextlib.nullcontext()
+    run_tags = _run_tags(plan, evaluation) | redact_data(dict(tags or {}))
     try:
-        with lock:  # SQLite takes one writer at a time; a sweep's merges record one by one
+        with _store_lock(uri):
             client = client_for(uri)
-            experiment_id_ = experiment_id(client, experiment_name, uri)
-            run_tags = {
-                f"{TAG}method": plan.method,
-                f"{TAG}experts": str(expert_count(plan)),
-                f"{TAG}plan_id": plan.plan_id,
-                f"{TAG}recipe_sha256": plan.recipe_hash,
-                f"{TAG}output": plan.output,
-                f"{TAG}version": __version__,
-                "mlflow.note.content": _note(plan, evaluation),
-            } | dict(tags or {})
-            start = _millis(started_at) if started_at is not None else None
-            run = client.create_run(experiment_id_, run_name=name, tags=run_tags, start_time=start)
-            run_id = run.info.run_id
+            if run_id is None:
+                experiment_id_ = experiment_id(client, experiment_name, uri)
+                start = _millis(started_at) if started_at is not None else None
+                run_id = client.create_run(experiment_id_, run_name=name, tags=run_tags, start_time=start).info.run_id
+            else:
+                experiment_id_ = client.get_run(run_id).info.experiment_id
+                client.update_run(run_id, name=name)
+                client.log_batch(run_id, tags=[RunTag(key, value) for key, value in run_tags.items()])
+                _delete_shard_runs(client, experiment_id_, run_id)  # a retried record starts over
             try:
                 model_id, version = _fill_run(
                     client, experiment_id_, run_id, plan, manifest, shards, evaluation, labels, name, model_name, merge_seconds, uri
@@ -389,9 +543,9 @@ def track_merge(
                 raise
             client.set_terminated(run_id, "FINISHED")
     except MlflowException as error:
-        raise TrackingError(f"MLflow at {uri} refused the record of plan {plan.plan_id}: {error.message}") from None
+        raise TrackingError(f"MLflow at {redact(uri)} refused the record of plan {plan.plan_id}: {error.message}") from None
     except OSError as error:
-        raise TrackingError(f"cannot record plan {plan.plan_id} in MLflow at {uri}: {error}") from None
+        raise TrackingError(f"cannot record plan {plan.plan_id} in MLflow at {redact(uri)}: {error}") from None
     log.info("recorded merge %s as MLflow run %s in %s", plan.plan_id, run_id, redact(uri))
     return TrackedRun(
         run_id=run_id,
@@ -401,6 +555,13 @@ def track_merge(
         model_version=version,
         url=redact(_run_url(uri, experiment_id_, run_id) or "") or None,
     )
+
+
+def _delete_shard_runs(client: Any, experiment: str, parent: str) -> None:
+    found = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'", max_results=5000)
+    for run in found:
+        if f"{TAG}shard" in run.data.tags:
+            client.delete_run(run.info.run_id)
 
 
 def _fill_run(
@@ -427,22 +588,25 @@ def _fill_run(
     rows = _shard_rows(plan, shards, manifest)
     _log_shards(client, experiment, run_id, rows, plan.plan_id)
     merge_metrics = {
-        "bytes_written": float(sum(r.bytes_written for r in rows)),
-        "bytes_read": float(sum(r.bytes_read for r in rows)),
-        "shard_seconds_total": float(sum(r.seconds for r in rows)),
-        "shard_seconds_max": float(max([r.seconds for r in rows] + [0])),
+        "bytes/written": float(sum(r.bytes_written for r in rows)),
+        "bytes/read": float(sum(r.bytes_read for r in rows)),
+        "time/shards_total": float(sum(r.seconds for r in rows)),
+        "time/shards_max": float(max([r.seconds for r in rows] + [0])),
     }
     if merge_seconds is not None:
-        merge_metrics["merge_seconds"] = float(merge_seconds)
+        merge_metrics[MERGE_SECONDS] = float(merge_seconds)
     for key, value in manifest.report.items():
         if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
             merge_metrics[f"report/{key}/mean"] = float(sum(value)) / len(value)
     rates = manifest.report.get("protected_drop_rate") or []
     drop_rates = {label: float(rate) for label, rate in zip(protected_labels(plan, labels), rates)}
     merge_metrics |= {metric_key("protected_drop_rate", label): rate for label, rate in drop_rates.items()}
+    # the scores first (with the logged model): MLflow's compare view starts its plot on the
+    # first metric the run lists, in the order they were logged
+    eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
+    model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
     _log_metrics(client, run_id, merge_metrics)
 
-    eval_metrics = _evaluation_metrics(evaluation, labels) if evaluation is not None else {}
     with tempfile.TemporaryDirectory(prefix="mergefleet-track-") as scratch:
         files = {
             "recipe.yaml": yaml.safe_dump(plan.recipe, sort_keys=False),
@@ -462,7 +626,6 @@ def _fill_run(
             )
             client.log_artifact(run_id, str(chart))
 
-    model = _log_logged_model(client, experiment, run_id, plan, manifest, eval_metrics, _model_name(name))
     version = _register(client, model_name, model, run_id, plan, uri) if model_name else None
     return model.model_id, version
 
