@@ -7,7 +7,7 @@ checks what the page shows (method, scores, checkpoint location, registry versio
 
 trains the tiny skill models, merges them twice (ties, task_arithmetic), evaluates and
 records both merges, runs ``mergefleet compare --log``, serves the store and checks the
-pages. ``tests/test_ui_views.py`` runs the same page checks on its own server.
+pages. ``tests/test_tracking.py`` runs the same page checks on its own server.
 """
 
 from __future__ import annotations
