@@ -79,15 +79,23 @@ def measure(env: dict[str, str], recipe: Path, out: Path, shards: int) -> dict[s
             if (r["parameters"].get("plan") or {}).get("uri") == f"{out}/.mergefleet/plan.json"]
     children = [r for r in runs if r["state_type"] == "COMPLETED"]  # a shard run again after a crash counts once
     assert sorted(r["parameters"]["index"] for r in children) == list(range(shards)), "a shard without a completed run"
-    # The parent's shard tasks (merge-shard-on-pool, named shard-N), not the placeholder task
-    # runs that run_deployment links each child flow run to.
-    tasks = {t["name"]: t for t in httpx.post(f"{api}/task_runs/filter", timeout=30, json={
-        "limit": 200, "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json() if "merge_shard_on_pool" in t["task_key"]}
+    # Each child flow run's parent is the placeholder task run that run_deployment creates,
+    # whose `__parents__` input is the shard task (merge-shard-on-pool) that called it: the
+    # task's name carries its layer range, so the link, not the name, finds a shard's task.
+    task_runs = {t["id"]: t for t in httpx.post(f"{api}/task_runs/filter", timeout=30, json={
+        "limit": 200, "flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}).json()}
+
+    def shard_task(run: dict) -> dict:
+        placeholder = task_runs[run["parent_task_run_id"]]
+        (parent,) = placeholder["task_inputs"]["__parents__"]
+        return task_runs[parent["id"]]
+
     rows = []
     for run in children:
         index = run["parameters"]["index"]
         receipt = json.loads((out / ".mergefleet" / f"shard-{index}.json").read_text())
-        task = tasks[f"shard-{index}"]
+        task = shard_task(run)
+        assert "merge_shard_on_pool" in task["task_key"], f"shard {index}: its flow run's parent task is {task['task_key']}"
         rows.append({
             "sched": _seconds(run["created"], run["start_time"]),
             "in_run": _seconds(run["start_time"], run["end_time"]) - receipt["seconds"],
