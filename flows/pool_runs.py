@@ -12,25 +12,17 @@ run has not started running within that many seconds of its creation, the run is
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import logging
-import threading
 import time
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterLevel
 from prefect.client.schemas.objects import FlowRun
-from prefect.events.clients import get_events_subscriber
-from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.states import Cancelling
 
 from orchestrator.errors import MergeError
 
 START_TIMEOUT_VARIABLE = "pod_watch_timeout_seconds"
-
-log = logging.getLogger(__name__)
 
 
 class ShardNotStarted(MergeError):
@@ -86,54 +78,14 @@ def _not_started(client: SyncPrefectClient, run: FlowRun, index: int, timeout: f
     )
 
 
-class StateChanges:
-    """Set when the server's event stream reports a state change of one flow run, so that a
-    waiting shard task reads the run as soon as it ends instead of at its next poll. Without
-    the stream (it failed or closed) ``wait`` simply polls."""
-
-    def __init__(self, run_id: UUID) -> None:
-        self.changed = threading.Event()
-        self._run_id = run_id
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        context = contextvars.copy_context()  # the caller's Prefect settings (API URL) hold in the listener's thread
-        self._thread = threading.Thread(target=context.run, args=(asyncio.run, self._listen()), name=f"events-{run_id}", daemon=True)
-
-    def __enter__(self) -> "StateChanges":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._loop is not None and self._task is not None:
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(timeout=5)
-
-    async def _listen(self) -> None:
-        self._loop, self._task = asyncio.get_running_loop(), asyncio.current_task()
-        wanted = EventFilter(
-            event=EventNameFilter(prefix=["prefect.flow-run."]),
-            resource=EventResourceFilter(id=[f"prefect.flow-run.{self._run_id}"]),
-        )
-        try:
-            async with get_events_subscriber(filter=wanted, reconnection_attempts=2) as subscriber:
-                async for _ in subscriber:
-                    self.changed.set()
-        except asyncio.CancelledError:
-            pass
-        except Exception as error:  # the stream is a shortcut; polling stays correct without it
-            log.debug("flow run %s: no event stream (%s); polling", self._run_id, error)
-
-
 def wait(run: FlowRun, *, index: int, poll: float) -> FlowRun:
-    """Until ``run`` is final: its state is read at each state-change event, and every
-    ``poll`` seconds. A run that has not started within its start timeout is cancelled and
-    raises :class:`ShardNotStarted`."""
+    """Until ``run`` is final; a run that has not started within its start timeout is
+    cancelled and raises :class:`ShardNotStarted`."""
     begun = time.monotonic()
-    with get_client(sync_client=True) as client, StateChanges(run.id) as changes:
+    with get_client(sync_client=True) as client:
         timeout = start_timeout(client, run)
         pool = run.work_pool_name or "?"
         while True:
-            changes.changed.clear()
             run = client.read_flow_run(run.id)
             state = run.state
             if state is not None and state.is_final():
@@ -143,5 +95,5 @@ def wait(run: FlowRun, *, index: int, poll: float) -> FlowRun:
                 error = _not_started(client, run, index, timeout, pool)
                 client.set_flow_run_state(run.id, Cancelling(message=str(error)), force=True)
                 raise error
-            changes.changed.wait(poll)
+            time.sleep(poll)
 

@@ -26,9 +26,9 @@ from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome, finished_receipt
 from orchestrator.recipe import FleetSettings
 
-POLL_S = 2.0
-"""How often a shard's task reads its flow run's state when no event has come (events from
-the server's stream wake it as soon as the run changes state: see ``pool_runs.StateChanges``)."""
+POLL_S = 0.25
+"""How often a shard's task asks for its flow run's state: it notices the end ~0.15 s late
+on average, for four light reads a second per running shard."""
 
 
 @task(name="merge-shard-on-pool", **common.SHARD_TASK)
