@@ -70,6 +70,29 @@ stop() {
   echo "$name: stopped"
 }
 
+pool_engine_command() {  # the pool runs each flow run as `$python -m prefect.engine`: one Python process
+  # (left unset, Prefect 3.8's process worker starts a workspace supervisor that imports
+  # Prefect and then execs the engine, which imports it again: ~2 CPU-s more per shard)
+  "$python" - "http://127.0.0.1:$prefect_port/api" "$pool" "$python" <<'PY'
+import shlex, sys
+import httpx
+from prefect.workers.process import ProcessWorker
+api, pool, python = sys.argv[1:]
+template = ProcessWorker.get_default_base_job_template()
+template["variables"]["properties"]["command"]["default"] = shlex.join([python, "-m", "prefect.engine"])
+found = httpx.get(f"{api}/work_pools/{pool}", timeout=30)
+if found.status_code == 200 and found.json()["type"] != "process":
+    sys.exit(f"work pool '{pool}' is a {found.json()['type']} pool; the stack's worker needs a process pool (set POOL)")
+if found.status_code == 404:
+    done = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process", "base_job_template": template}, timeout=30)
+else:
+    done = httpx.patch(f"{api}/work_pools/{pool}", json={"base_job_template": template}, timeout=30)
+if done.is_error:
+    sys.exit(f"work pool '{pool}': the Prefect server refused its job template ({done.status_code}): {done.text[:300]}")
+PY
+  echo "pool $pool: flow runs start as '$python -m prefect.engine'"
+}
+
 write_env() {
   cat >"$state/env.sh" <<ENV
 export AWS_ACCESS_KEY_ID=mergefleet-local
@@ -90,8 +113,9 @@ case "${1:-}" in
       --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$state/mlflow-artifacts"
     start prefect env PREFECT_HOME="$state/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false \
       "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
+    pool_engine_command
     start worker env PREFECT_HOME="$state/prefect" PREFECT_API_URL="http://127.0.0.1:$prefect_port/api" \
-      PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-2}" "$bin/prefect" worker start --pool "$pool" --type process
+      PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}" "$bin/prefect" worker start --pool "$pool" --type process
     echo "# the stack is up; in your shell:  source $state/env.sh"
     cat "$state/env.sh"
     echo "# then: mergefleet deploy recipe.yaml s3://merges/out --pool $pool"

@@ -117,6 +117,7 @@ def test_the_shard_job_asks_for_gpus_tolerates_their_taint_and_gets_credentials_
     assert job["spec"]["ttlSecondsAfterFinished"] == 7200 and job["spec"]["backoffLimit"] == 1
     assert pod["volumes"] == [{"name": "scratch", "emptyDir": {"sizeLimit": "200Gi"}}]
     assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "mergefleet-shard"
+    assert container["args"] == ["python", "-m", "prefect.engine"]  # one Python process per shard, not three
     template = json.loads(find(manifests, "ConfigMap", "-job-template")["data"]["base-job-template.json"])
     assert template["variables"]["properties"]["pod_watch_timeout_seconds"]["default"] == 1200
     endpoints = find(manifests, "ConfigMap", "-endpoints")["data"]

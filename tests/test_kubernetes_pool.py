@@ -203,7 +203,7 @@ def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[st
         assert {"secretRef": {"name": SECRET}} in container["envFrom"]
         assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]} and pod["securityContext"]["runAsNonRoot"]
         assert container["image"] == "registry.example/mergefleet:test"
-        assert container["args"][:3] == ["prefect", "flow-run", "execute"]
+        assert container["args"] == ["python", "-m", "prefect.engine"]  # the chart's command: one Python process
         assert SECRET_KEY not in json.dumps(job)  # credentials reach the pod only through the Secret
         validate(as_kubernetes_keeps_it(job))  # raises on a field or value Kubernetes would refuse
 

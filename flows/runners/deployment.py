@@ -30,8 +30,9 @@ from orchestrator.receipt import ShardOutcome, finished_receipt
 from orchestrator.recipe import FleetSettings
 from orchestrator.report import shard_name
 
-POLL_S = 0.5
-"""How often a shard's task asks for its flow run's state."""
+POLL_S = 0.25
+"""How often a shard's task asks for its flow run's state: it notices the end ~0.15 s late
+on average, for four light reads a second per running shard."""
 
 
 @task(name="merge-shard-on-pool", **common.SHARD_TASK)
