@@ -45,7 +45,7 @@ def test_dam_beats_the_average_and_matches_the_search_on_the_same_budget(skill_m
 
     names = list(skill_models.experts)
     experts = [str(skill_models.experts[n]) for n in names]
-    data = {e: str(write_skill_data(tmp_path / f"{n}.jsonl", n, examples=640, seed=20 + i)) for i, (n, e) in enumerate(zip(names, experts))}
+    data = {e: str(write_skill_data(tmp_path / f"{n}.jsonl", n, examples=1280, seed=20 + i)) for i, (n, e) in enumerate(zip(names, experts))}
     settings = DamSettings(data=data, dtype="float32", batch_size=16, max_length=32)
     started = time.perf_counter()
     result = train_dam(experts, settings)
