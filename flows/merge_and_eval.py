@@ -18,12 +18,9 @@ from flows.outcomes import skipped
 from flows.runners import shard_runner
 from orchestrator.errors import RecipeError
 from orchestrator.evaluate.scores import Evaluation
-from orchestrator.output_guard import refuse_output_over_inputs
-from orchestrator.pipeline import MergeSummary
+from orchestrator.pipeline import MergeSummary, held_output
 from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import Recipe, load_recipe
-from orchestrator.storage.checkpoint import open_output
-from orchestrator.storage.output_lock import hold_output_lock
 from orchestrator.tracking.record import OpenRun, TrackedRun, ended_on_failure, start_merge_run
 
 
@@ -104,8 +101,7 @@ def merge_evaluate_track(
     caller ends ``run`` if a step fails (``ended_on_failure``). ``started``: when the flow run
     began (a monotonic clock). The output's lock is held until the evaluation has rewritten
     the model card: one merge per output."""
-    refuse_output_over_inputs(out, parsed.model_refs())  # before the lock writes anything there
-    with hold_output_lock(open_output(tasks.absolute(out), storage=parsed.fleet.storage)):
+    with held_output(parsed, tasks.absolute(out)):
         plan = tasks.plan_task(parsed, out, overwrite=overwrite)
         opened = open_plan(plan)
         naming.name_merge_run(opened, parsed.fleet.target)

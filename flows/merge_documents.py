@@ -27,9 +27,9 @@ from orchestrator.multidoc import (
     graph_of,
     intermediate_dir,
     intermediate_location,
-    intermediate_lock,
     node_recipe,
 )
+from orchestrator.pipeline import held_output
 from orchestrator.plan import build_plan
 from orchestrator.plan_ref import PlanRef, open_plan, remember
 from orchestrator.recipe import Recipe
@@ -97,7 +97,7 @@ def merge_documents(
             merge_started = time.perf_counter()
             recipe = node_recipe(graph, node, root)
             location = intermediate_location(root, name)
-            with intermediate_lock(recipe, location):  # held until its last file, as merge_and_eval holds the output's
+            with held_output(recipe, location):  # held until its last file, as merge_and_eval holds the output's
                 claimed = plan_intermediate_task(recipe, location, name)
                 opened = open_plan(claimed.plan)
                 if claimed.manifest is not None:

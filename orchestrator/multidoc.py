@@ -14,10 +14,8 @@ is unchanged is used as it is, so a re-run merges again only what changed and wh
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypedDict, Unpack
@@ -26,16 +24,13 @@ import yaml
 
 from orchestrator.assemble import MANIFEST_FILE, Manifest
 from orchestrator.errors import OutputError, RecipeError
-from orchestrator.output_guard import refuse_output_over_inputs
 from orchestrator.methods import get_method
-from orchestrator.pipeline import MergeSummary, merge, prepare_output
+from orchestrator.pipeline import MergeSummary, held_output, merge, prepare_output
 from orchestrator.plan import PLAN_FILE, Plan, build_plan
 from orchestrator.receipt import ShardOutcome, finished_receipt
 from orchestrator.recipe import Recipe, load_recipe, parse_recipe, recipe_file
 from orchestrator.runners.base import ShardRunner
 from orchestrator.shard import OnTensor
-from orchestrator.storage.checkpoint import open_output
-from orchestrator.storage.output_lock import LockHolder, hold_output_lock
 
 INTERMEDIATES_SUFFIX = ".intermediates"
 """The default intermediate directory is the output's location with this suffix."""
@@ -315,15 +310,6 @@ def claim_intermediate(plan: Plan, name: str, *, overwrite: bool = False) -> Man
     return None
 
 
-@contextlib.contextmanager
-def intermediate_lock(recipe: Recipe, location: str) -> Iterator[LockHolder]:
-    """Hold an intermediate's output lock from its claim to its last file, so a second run
-    of the same recipe cannot claim, delete or write it while this one merges it."""
-    refuse_output_over_inputs(location, recipe.model_refs())
-    with hold_output_lock(open_output(location, storage=recipe.fleet.storage)) as holder:
-        yield holder
-
-
 @dataclass(frozen=True)
 class IntermediateResult:
     """One intermediate of a run: where it is, its plan, whether it was already merged."""
@@ -372,7 +358,7 @@ def merge_graph(
         assert node.name is not None  # only the final document may be unnamed
         recipe = node_recipe(graph, node, root)
         location = intermediate_location(root, node.name)
-        with intermediate_lock(recipe, location):
+        with held_output(recipe, location):  # from its claim to its last file
             plan = build_plan(recipe, location, shards=options.get("shards"), allow_pickle=options.get("allow_pickle"))
             cached = claim_intermediate(plan, node.name) is not None
             result = IntermediateResult(node.name, location, plan.plan_id, cached, None if cached else merge(recipe, location, **options))

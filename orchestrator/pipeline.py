@@ -25,7 +25,8 @@ from orchestrator.runners.threads import WorkerThreads
 from orchestrator.shard import OnTensor
 from orchestrator.sizing import Layout, Told, choose_layout, merge_size, probe_machine
 from orchestrator.storage.base import OutputSink
-from orchestrator.storage.output_lock import hold_output_lock
+from orchestrator.storage.checkpoint import open_output
+from orchestrator.storage.output_lock import LockHolder, hold_output_lock
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,16 @@ def claimed_output(plan: Plan, *, overwrite: bool = False) -> Iterator[OutputSin
         claim_output(plan, sink, overwrite=overwrite)
         sink.remove_partials()
         yield sink
+
+
+@contextlib.contextmanager
+def held_output(recipe: Recipe, location: str) -> Iterator[LockHolder]:
+    """Hold the output lock of ``recipe``'s merge into ``location`` (absolute) for a ``with``
+    block, after refusing an output over an input (before the lock writes anything there):
+    what a flow holds from its plan step to its last file, one merge per output."""
+    refuse_output_over_inputs(location, recipe.model_refs())
+    with hold_output_lock(open_output(location, storage=recipe.fleet.storage)) as holder:
+        yield holder
 
 
 def prepare_output(plan: Plan, *, overwrite: bool = False) -> OutputSink:

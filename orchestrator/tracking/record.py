@@ -380,16 +380,21 @@ def _store_lock(uri: str) -> ContextManager[Any]:
     return _sqlite_locks.setdefault(uri, threading.Lock()) if sqlite_path(uri) else contextlib.nullcontext()
 
 
-def _run_tags(plan: Plan, evaluation: Evaluation | None) -> dict[str, str]:
+def _merge_tags(method: str, experts: int, recipe_hash: str, output: str, note: str) -> dict[str, str]:
+    """The tags every merge run carries, whether opened at the start or recorded at the end."""
     return {
-        f"{TAG}method": plan.method,
-        f"{TAG}experts": str(expert_count(plan)),
-        f"{TAG}plan_id": plan.plan_id,
-        f"{TAG}recipe_sha256": plan.recipe_hash,
-        f"{TAG}output": plan.output,
+        f"{TAG}method": method,
+        f"{TAG}experts": str(experts),
+        f"{TAG}recipe_sha256": recipe_hash,
+        f"{TAG}output": output,
         f"{TAG}version": __version__,
-        NOTE_TAG: _note(plan, evaluation),
+        NOTE_TAG: note,
     }
+
+
+def _run_tags(plan: Plan, evaluation: Evaluation | None) -> dict[str, str]:
+    tags = _merge_tags(plan.method, expert_count(plan), plan.recipe_hash, plan.output, _note(plan, evaluation))
+    return tags | {f"{TAG}plan_id": plan.plan_id}
 
 
 def start_merge_run(
@@ -414,15 +419,8 @@ def start_merge_run(
     experiment_name = redact(experiment or recipe.fleet.experiment or DEFAULT_EXPERIMENT)
     experts = [ref for ref in recipe.model_refs() if ref != recipe.base_model]
     note = f"**{recipe.merge_method}** merge of {len(experts)} expert(s) into `{output}`: running."
-    tags = {
-        f"{TAG}method": recipe.merge_method,
-        f"{TAG}experts": str(len(experts)),
-        f"{TAG}target": target or recipe.fleet.target,
-        f"{TAG}recipe_sha256": recipe.recipe_hash(),
-        f"{TAG}output": output,
-        f"{TAG}version": __version__,
-        NOTE_TAG: note,
-    }
+    tags = _merge_tags(recipe.merge_method, len(experts), recipe.recipe_hash(), output, note)
+    tags[f"{TAG}target"] = target or recipe.fleet.target
     name = run_name or recipe.name or recipe.merge_method
     try:
         with _store_lock(uri):
