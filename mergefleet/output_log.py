@@ -47,9 +47,15 @@ def default_log(command: str) -> Path:
 
 
 def _prune(directory: Path, keep: int) -> None:
-    """Remove the oldest command logs in the default directory (only files named like ours)."""
-    logs = sorted(directory.glob("*-*-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in logs[keep:]:
+    """Remove the oldest command logs in the default directory (only files named like ours).
+    Another command may be pruning at the same moment, so a log that vanishes between the
+    listing and its ``stat`` is simply no longer there to remove."""
+    dated: list[tuple[float, Path]] = []
+    for log in directory.glob("*-*-*.log"):
+        with contextlib.suppress(FileNotFoundError):
+            dated.append((log.stat().st_mtime, log))
+    dated.sort(reverse=True)
+    for _, old in dated[keep:]:
         with contextlib.suppress(OSError):
             old.unlink()
 

@@ -167,3 +167,23 @@ def test_narrow_plan_explain_keeps_column_names_whole(family, tmp_path: Path) ->
     assert blocks[0] == "group pre" and blocks[-1] == "group post"
     for name in ("shard", "tensors", "reads", "writes", "peak memory"):  # every column, whole, in every block
         assert sum(line.strip().startswith(name + " ") for line in table) == len(blocks), name
+
+
+def test_old_logs_are_pruned_even_when_another_command_removes_one_first(family, tmp_path: Path) -> None:
+    """Two commands starting together both prune the log directory; a log the other one
+    removed between listing and ``stat`` (here: a dangling link) must not stop this one."""
+    base, experts = family
+    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts[:2]))
+    logs = tmp_path / "cache" / "mergefleet" / "logs"
+    logs.mkdir(parents=True)
+    older = []
+    for age in range(25):
+        log = logs / f"merge-20260101-0000{age:02d}-{age}.log"
+        log.write_text("old\n")
+        os.utime(log, (1_700_000_000 + age, 1_700_000_000 + age))
+        older.append(log)
+    (logs / "merge-20260101-000099-99.log").symlink_to(logs / "removed-by-the-other-command")
+    done = subprocess.run([*MERGEFLEET, "plan", str(recipe), str(tmp_path / "out"), "--json"], env=_isolated_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [log.exists() for log in older] == [False] * 6 + [True] * 19
