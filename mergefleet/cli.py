@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--workers",
         type=int,
-        help="shards run at once, each in its own process (default: fleet.workers, else chosen from the cores, "
+        help="shards run at once, each in a thread of this process (default: fleet.workers, else chosen from the cores, "
         "the available memory and the merge's size)",
     )
     merge.add_argument("--device", choices=["cpu", "cuda"], help=DEVICE_HELP)

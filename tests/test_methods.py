@@ -217,6 +217,30 @@ def test_ties_report_counts_only_protected_models():
     assert report["protected_dropped"][0] > 0  # the case does exercise the count
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_ties_report_in_half_precision_counts_the_kept_entries_against_the_elected_sign(dtype):
+    """The half-precision pass counts drops on bit patterns; here the count is made directly:
+    a kept entry of the protected model whose sign differs from the elected one (a −0 sum
+    elects −, as ``copysign``), on task vectors with many zeros and ties."""
+    from orchestrator.methods.task_arithmetic_half import generalized_merge_half
+
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(4000, generator=g).to(dtype)
+    experts = [(base.float() + (torch.randn(4000, generator=g) * 2).round() / 64).to(dtype) for _ in range(3)]
+    densities = [0.5, 0.3, 0.7]
+    result = generalized_merge_half(base, experts, [1.0] * 3, dtype=dtype, densities=densities, sparsifier="magnitude",
+                                    consensus=True, normalize=True, report=[0, 2])
+    taus = [(e - base).float() for e in experts]  # rd(θᵢ − θ₀), widened
+    kept = []
+    for tau, density in zip(taus, densities):
+        mask = torch.zeros(tau.numel(), dtype=torch.bool)
+        mask[torch.argsort(tau.abs(), descending=True)[: int(density * tau.numel())]] = True
+        kept.append(tau * mask)
+    elected = torch.copysign(torch.ones(4000), kept[0] + kept[1] + kept[2])
+    expected = [int(((kept[p] * elected) < 0).sum()) for p in (0, 2)]
+    assert result.report["protected_dropped"] == expected and min(expected) > 0
+
+
 def test_ties_sign_tie_elects_plus():
     base = torch.zeros(3, dtype=torch.float64)
     experts = [torch.tensor([2.0, -2.0, 0.0], dtype=torch.float64), torch.tensor([-2.0, 2.0, 0.0], dtype=torch.float64)]

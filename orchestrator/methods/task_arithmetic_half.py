@@ -111,6 +111,12 @@ def half_l1_scales(deltas: Deltas, keeps: Sequence[Keep]) -> list[float]:
     return scales
 
 
+def _nonzero_bits(x: torch.Tensor) -> int:
+    """How many entries of ``x`` are not +0 (−0 and NaN count): a count on the bit patterns,
+    several times faster than a comparison in half precision."""
+    return int(torch.count_nonzero(x.view(torch.int16 if x.element_size() == 2 else torch.int32)))
+
+
 class FusedPass:
     """The fused pass over chunks both combines share: each expert's weighted δ chunk, then
     the election (or the plain sum), λ, and θ₀ + Δ into the output. Subclasses provide
@@ -201,9 +207,12 @@ class _HalfCombine(FusedPass):
         tmp = self.tmp[:size]
         for i, xi in enumerate(x):
             signed = torch.mul(xi, gamma, out=xi)  # exact: γ = ±1
-            if i in self.report:
-                self.dropped[self.report.index(i)] += int(torch.count_nonzero(signed < 0))
+            reported = i in self.report
+            if reported:
+                nonzero_before = _nonzero_bits(signed)
             agreeing = signed.relu_()  # |xᵢ| where it agrees with γ, else 0
+            if reported:  # relu turns exactly the entries below 0 into +0
+                self.dropped[self.report.index(i)] += nonzero_before - _nonzero_bits(agreeing)
             if i == 0:
                 acc.copy_(agreeing)
             else:
