@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -255,3 +257,30 @@ def test_a_run_is_refused_at_an_intermediate_another_run_holds(family, tracking_
     assert f"pid {holder.pid}" in done.stderr.strip().splitlines()[-1], done.stderr[-3000:]
     assert not list(smooth.glob("*.safetensors")) and not (smooth / "mergefleet.json").exists()
     assert not (tmp_path / "out" / "mergefleet.json").exists()
+
+
+def test_a_second_run_is_refused_while_the_first_is_between_an_intermediates_plan_and_its_last_file(
+    family, tracking_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The first run is frozen (SIGSTOP) once a shard of an intermediate is written, before
+    that intermediate's last file: the same recipe run again must stop at that intermediate,
+    not write into it. A lock held only for the plan step would let the second run in here."""
+    recipe = write_documents(tmp_path / "multi.yaml", documents(*family))
+    smooth = tmp_path / "out.intermediates" / "smooth"
+    command = [*MERGEFLEET, "run", str(recipe), str(tmp_path / "out")]
+    first = subprocess.Popen(command, env=tracking_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (smooth / ".mergefleet" / "shard-0.json").exists():  # the plan step is over
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended before a shard of 'smooth'"
+            time.sleep(0.002)
+        os.kill(first.pid, signal.SIGSTOP)
+        assert not (smooth / "mergefleet.json").exists(), "the first run finished 'smooth' before it could be frozen"
+        second = subprocess.run(command, env=tracking_env, capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+        first.kill()
+        first.wait()
+    last_line = second.stderr.strip().splitlines()[-1]
+    assert second.returncode == 6 and str(smooth) in last_line and f"pid {first.pid}" in last_line, second.stderr[-3000:]
+    assert not (smooth / "mergefleet.json").exists() and not (tmp_path / "out" / "mergefleet.json").exists()
