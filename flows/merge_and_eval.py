@@ -21,7 +21,7 @@ from orchestrator.evaluate.scores import Evaluation
 from orchestrator.pipeline import MergeSummary, held_output
 from orchestrator.plan_ref import open_plan
 from orchestrator.recipe import Recipe, load_recipe
-from orchestrator.tracking.record import OpenRun, TrackedRun, ended_on_failure, start_merge_run
+from orchestrator.tracking.record import OpenRun, TrackedRun, end_abandoned_runs, ended_on_failure, start_merge_run
 
 
 class MergeAndEvalResult(MergeSummary):
@@ -102,6 +102,7 @@ def merge_evaluate_track(
     began (a monotonic clock). The output's lock is held until the evaluation has rewritten
     the model card: one merge per output."""
     with held_output(parsed, tasks.absolute(out)):
+        end_abandoned_runs(run, tasks.absolute(out))  # with the lock held, a RUNNING run of this output is a dead one's
         plan = tasks.plan_task(parsed, out, overwrite=overwrite)
         opened = open_plan(plan)
         naming.name_merge_run(opened, parsed.fleet.target)

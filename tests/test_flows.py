@@ -208,6 +208,39 @@ def test_a_merge_refused_by_the_outputs_lock_ends_its_mlflow_run_failed(family, 
     assert run.info.status == "FAILED" and f"pid {os.getpid()}" in run.data.tags["mergefleet.error"]
 
 
+def test_a_run_left_running_by_a_killed_merge_is_ended_by_the_next_merge_into_its_output(family, tmp_path: Path) -> None:
+    """SIGKILL leaves nothing that could end the MLflow run: the next merge into the output,
+    holding its lock, ends it as KILLED and names itself; its own run finishes."""
+    import signal
+    import subprocess
+
+    from mlflow import MlflowClient
+
+    from flows.merge_and_eval import merge_and_eval
+
+    out = tmp_path / "merged"
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_data(family))
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env |= {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "60"}
+    killed = subprocess.Popen([*MERGEFLEET, "run", str(recipe), str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / ".mergefleet" / "shard-0.json").exists():  # the run was opened when the flow began
+        assert killed.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert mlflow_run_of(out).info.status == "RUNNING"  # what a killed merge leaves
+
+    result = merge_and_eval(parse_recipe(recipe_data(family)), str(out))
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("mergefleet")
+    runs = {run.info.run_id: run for run in client.search_runs([experiment.experiment_id], filter_string=f"tags.`mergefleet.output` = '{out}'")}
+    first = next(run for run_id, run in runs.items() if run_id != result.tracking.run_id)
+    assert len(runs) == 2 and runs[result.tracking.run_id].info.status == "FINISHED"
+    assert first.info.status == "KILLED" and first.info.end_time is not None
+    assert f"pid {killed.pid}" in first.data.tags["mergefleet.error"] and result.tracking.run_id in first.data.tags["mergefleet.error"]
+
+
 def test_errors_that_cannot_pass_are_not_retried(family, fast_retries, monkeypatch, tmp_path: Path) -> None:
     from flows.merge_and_eval import merge_and_eval
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
@@ -43,6 +44,8 @@ ERROR_TAG = f"{TAG}error"
 ERROR_LIMIT = 500
 """The most characters of an error's line a failed run's ``mergefleet.error`` tag keeps."""
 NOTE_TAG = "mlflow.note.content"
+HOST_TAG, PID_TAG = f"{TAG}host", f"{TAG}pid"
+"""Where an open merge run's process runs, so that a later merge can tell a dead one from a live one."""
 _METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 _MODEL_NAME_UNSAFE = re.compile(r"[/:.%\"']")
 _sqlite_locks: dict[str, threading.Lock] = {}
@@ -421,6 +424,7 @@ def start_merge_run(
     note = f"**{recipe.merge_method}** merge of {len(experts)} expert(s) into `{output}`: running."
     tags = _merge_tags(recipe.merge_method, len(experts), recipe.recipe_hash(), output, note)
     tags[f"{TAG}target"] = target or recipe.fleet.target
+    tags[HOST_TAG], tags[PID_TAG] = socket.gethostname(), str(os.getpid())  # who runs it: see end_abandoned_runs
     name = run_name or recipe.name or recipe.merge_method
     try:
         with _store_lock(uri):
@@ -435,6 +439,49 @@ def start_merge_run(
     run_id = run.info.run_id
     log.info("MLflow run %s opened for the merge into %s", run_id, output)
     return OpenRun(run_id, experiment_id_, uri, redact(_run_url(uri, experiment_id_, run_id) or "") or None)
+
+
+def end_abandoned_runs(run: OpenRun, output: str) -> list[str]:
+    """End as KILLED the merge runs into ``output`` left RUNNING by a process that died
+    (SIGKILL, out of memory, a power cut: nothing could end them), naming ``run``, the merge
+    that took the output over. Call it while holding the output's lock, so that no live merge
+    into ``output`` can be among them; only runs opened on this host, whose process is gone,
+    are ended (a run from another host is left as it is). Returns the ended run ids; never
+    raises (a failure to tidy up is logged, the merge goes on)."""
+    from mlflow.exceptions import MlflowException
+
+    host = socket.gethostname()
+    ended = []
+    try:
+        with _store_lock(run.tracking_uri):
+            client = client_for(run.tracking_uri)
+            running = client.search_runs([run.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
+            for other in running:
+                tags = other.data.tags
+                if other.info.run_id == run.run_id or tags.get(f"{TAG}output") != output or tags.get(HOST_TAG) != host:
+                    continue
+                if not tags.get(PID_TAG, "").isdigit() or _process_alive(int(tags[PID_TAG])):
+                    continue
+                line = f"its process (pid {tags[PID_TAG]}) ended without a word; run {run.run_id} merged into {output} after it"
+                client.set_tag(other.info.run_id, ERROR_TAG, line)
+                client.set_tag(other.info.run_id, NOTE_TAG, f"**killed:** {line}\n\n{tags.get(NOTE_TAG, '')}".rstrip())
+                client.set_terminated(other.info.run_id, "KILLED")
+                ended.append(other.info.run_id)
+    except (MlflowException, OSError) as failure:
+        log.warning("could not end abandoned MLflow runs of %s: %s", output, redact(str(failure)).splitlines()[0])
+    for run_id in ended:
+        log.info("MLflow run %s of a merge into %s whose process died: ended as KILLED", run_id, output)
+    return ended
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def error_line(error: BaseException) -> str:
