@@ -269,7 +269,7 @@ class Recipe(BaseModel):
         try:
             fleet = FleetSettings.model_validate(self.fleet.model_dump(exclude_defaults=True) | overrides)
         except ValidationError as error:
-            raise RecipeError(_describe(error, "fleet")) from None
+            raise RecipeError(_describe(error, "fleet", [])) from None
         return self.model_copy(update={"fleet": fleet})
 
     def tokenizer_settings(self) -> TokenizerSettings | None:
@@ -311,12 +311,15 @@ class Recipe(BaseModel):
         return chosen
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _describe(error: ValidationError, source: str, unknown: list[str]) -> str:
+    """The first validation error as one line; a missing key names the misspelt key that the
+    recipe has instead, when one of the ``unknown`` keys' messages points at it."""
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"]) or "(top level)"
     kind = first["type"]
     if kind == "missing":
-        return f"{source}: missing required key '{location}'"
+        misspelt = next((message for message in unknown if message.endswith(f"did you mean '{location}'?")), None)
+        return f"{source}: missing required key '{location}'" + (f": {misspelt}" if misspelt else "")
     message = first["msg"].removeprefix("Value error, ")
     return f"{source}: {location}: {message}" if first["loc"] else f"{source}: {message}"
 
@@ -410,7 +413,7 @@ def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, war
         recipe = Recipe.model_validate(cleaned)
     except ValidationError as error:
         key = ".".join(str(part) for part in error.errors()[0]["loc"]) or None
-        raise RecipeError(_describe(error, source), key=key) from None
+        raise RecipeError(_describe(error, source, unknown), key=key) from None
     from orchestrator.parameters import unused_parameters  # parameters reads this module's types
 
     unused = unused_parameters(recipe)

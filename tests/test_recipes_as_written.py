@@ -323,6 +323,12 @@ def test_command_line_warns_refuses_with_strict_and_points_at_yaml_errors(models
     ]
     assert not (tmp_path / "strict").exists()
 
+    replaced = {key: value for key, value in recipe.items() if key != "merge_method"}  # the misspelling instead of the key
+    assert cli.main(["plan", str(write_recipe(tmp_path / "replaced.yaml", replaced)), str(tmp_path / "never")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'replaced.yaml'}: missing required key 'merge_method': unknown key 'merge_methd'; did you mean 'merge_method'?"
+    ]
+
     broken = tmp_path / "broken.yaml"
     broken.write_text(f"merge_method: linear\nmodels:\n  - model: {models['a']}\n   - model: {models['b']}\n")
     assert cli.main(["merge", str(broken), str(tmp_path / "never")]) == 2
