@@ -13,6 +13,7 @@ import logging
 import re
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -311,15 +312,15 @@ class Recipe(BaseModel):
         return chosen
 
 
-def _describe(error: ValidationError, source: str, unknown: list[str]) -> str:
+def _describe(error: ValidationError, source: str, unknown: list[_UnknownKey]) -> str:
     """The first validation error as one line; a missing key names the misspelt key that the
-    recipe has instead, when one of the ``unknown`` keys' messages points at it."""
+    recipe has instead, when one of the ``unknown`` keys is closest to it."""
     first = error.errors()[0]
     location = ".".join(str(part) for part in first["loc"]) or "(top level)"
     kind = first["type"]
     if kind == "missing":
-        misspelt = next((message for message in unknown if message.endswith(f"did you mean '{location}'?")), None)
-        return f"{source}: missing required key '{location}'" + (f": {misspelt}" if misspelt else "")
+        misspelt = next((key for key in unknown if key.closest == location), None)
+        return f"{source}: missing required key '{location}'" + (f": {misspelt.message}" if misspelt else "")
     message = first["msg"].removeprefix("Value error, ")
     return f"{source}: {location}: {message}" if first["loc"] else f"{source}: {message}"
 
@@ -342,16 +343,30 @@ def _nested_model(annotation: Any) -> tuple[str, type[BaseModel]] | None:
     return None
 
 
-def _unknown_key_message(path: str, key: str, known: list[str]) -> str:
-    where = f"{path}.{key}" if path else key
-    close = difflib.get_close_matches(key, known, n=1)
-    if close:
-        return f"unknown key '{where}'; did you mean '{f'{path}.' if path else ''}{close[0]}'?"
-    return f"unknown key '{where}'; allowed here: {', '.join(sorted(known))}"
+@dataclass(frozen=True)
+class _UnknownKey:
+    """A key of the recipe no model field knows: where it is, the closest known key there
+    (its full path; None when nothing is close) and the keys allowed there."""
+
+    where: str
+    closest: str | None
+    known: list[str]
+
+    @classmethod
+    def at(cls, path: str, key: str, known: list[str]) -> _UnknownKey:
+        close = difflib.get_close_matches(key, known, n=1)
+        prefix = f"{path}." if path else ""
+        return cls(f"{prefix}{key}", f"{prefix}{close[0]}" if close else None, known)
+
+    @property
+    def message(self) -> str:
+        if self.closest:
+            return f"unknown key '{self.where}'; did you mean '{self.closest}'?"
+        return f"unknown key '{self.where}'; allowed here: {', '.join(sorted(self.known))}"
 
 
-def _drop_unknown_keys(model: type[BaseModel], data: Any, path: str, found: list[str]) -> Any:
-    """``data`` without the keys ``model`` does not know (recursively); one message per key in ``found``."""
+def _drop_unknown_keys(model: type[BaseModel], data: Any, path: str, found: list[_UnknownKey]) -> Any:
+    """``data`` without the keys ``model`` does not know (recursively); each of them in ``found``."""
     if not isinstance(data, dict):
         return data
     known = list(model.model_fields)
@@ -363,7 +378,7 @@ def _drop_unknown_keys(model: type[BaseModel], data: Any, path: str, found: list
             if any(word in str(key).lower() for word in words):
                 kept[key] = value
             else:
-                found.append(_unknown_key_message(path, str(key), known))
+                found.append(_UnknownKey.at(path, str(key), known))
             continue
         nested = _nested_model(field.annotation)
         where = f"{path}.{key}" if path else key
@@ -405,10 +420,10 @@ def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, war
             source, ", ".join(redacted), MASK,
         )
         data = redact_data(data)
-    unknown: list[str] = []
+    unknown: list[_UnknownKey] = []
     cleaned = _drop_unknown_keys(Recipe, data, "", unknown)
     if unknown and strict:
-        raise RecipeError(f"{source}: {unknown[0]} (--strict refuses keys mergekit would ignore)")
+        raise RecipeError(f"{source}: {unknown[0].message} (--strict refuses keys mergekit would ignore)")
     try:
         recipe = Recipe.model_validate(cleaned)
     except ValidationError as error:
@@ -419,8 +434,8 @@ def parse_recipe(data: Any, *, source: str = "recipe", strict: bool = False, war
     unused = unused_parameters(recipe)
     if unused and strict:
         raise RecipeError(f"{source}: {unused} (--strict refuses parameters mergekit would ignore)")
-    for message in unknown:
-        recipe._warnings.append(f"{source}: {message} (ignored; --strict refuses it)")
+    for key in unknown:
+        recipe._warnings.append(f"{source}: {key.message} (ignored; --strict refuses it)")
     if unused:
         recipe._warnings.append(f"{source}: {unused}")
     for message in recipe._warnings if warn else ():

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import socket
 import tempfile
 import threading
 import time
@@ -30,6 +29,7 @@ from orchestrator.recipe import FleetSettings, Recipe, parse_recipe
 from orchestrator.report import expert_count, input_labels, markdown_table, score_rows, shard_name, short_params
 from orchestrator.redact import redact, redact_data
 from orchestrator.storage.checkpoint import fingerprint_digest
+from orchestrator.storage.output_lock import LockHolder
 from orchestrator.tracking.charts import score_chart, score_series
 from orchestrator.tracking.store import client_for, experiment_id, resolve_tracking_uri, sqlite_path, ui_page
 
@@ -424,7 +424,8 @@ def start_merge_run(
     note = f"**{recipe.merge_method}** merge of {len(experts)} expert(s) into `{output}`: running."
     tags = _merge_tags(recipe.merge_method, len(experts), recipe.recipe_hash(), output, note)
     tags[f"{TAG}target"] = target or recipe.fleet.target
-    tags[HOST_TAG], tags[PID_TAG] = socket.gethostname(), str(os.getpid())  # who runs it: see end_abandoned_runs
+    me = LockHolder.me()  # who runs it, as an output lock records its holder: see end_abandoned_runs
+    tags[HOST_TAG], tags[PID_TAG] = me.host, str(me.pid)
     name = run_name or recipe.name or recipe.merge_method
     try:
         with _store_lock(uri):
@@ -450,7 +451,6 @@ def end_abandoned_runs(run: OpenRun, output: str) -> list[str]:
     raises (a failure to tidy up is logged, the merge goes on)."""
     from mlflow.exceptions import MlflowException
 
-    host = socket.gethostname()
     ended = []
     try:
         with _store_lock(run.tracking_uri):
@@ -458,9 +458,9 @@ def end_abandoned_runs(run: OpenRun, output: str) -> list[str]:
             running = client.search_runs([run.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000)
             for other in running:
                 tags = other.data.tags
-                if other.info.run_id == run.run_id or tags.get(f"{TAG}output") != output or tags.get(HOST_TAG) != host:
+                if other.info.run_id == run.run_id or tags.get(f"{TAG}output") != output or not tags.get(PID_TAG, "").isdigit():
                     continue
-                if not tags.get(PID_TAG, "").isdigit() or _process_alive(int(tags[PID_TAG])):
+                if not LockHolder(tags.get(HOST_TAG, ""), int(tags[PID_TAG]), started=0.0).is_dead():
                     continue
                 line = f"its process (pid {tags[PID_TAG]}) ended without a word; run {run.run_id} merged into {output} after it"
                 client.set_tag(other.info.run_id, ERROR_TAG, line)
@@ -472,16 +472,6 @@ def end_abandoned_runs(run: OpenRun, output: str) -> list[str]:
     for run_id in ended:
         log.info("MLflow run %s of a merge into %s whose process died: ended as KILLED", run_id, output)
     return ended
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def error_line(error: BaseException) -> str:
