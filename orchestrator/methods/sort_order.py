@@ -22,9 +22,9 @@ The kept set is returned as value bounds plus the original indices of the kept e
 to a bound. The bounds (the keys at the range's ends) are order statistics, known before
 the replay (one histogram in half precision); only the entries equal to them are followed
 through the swaps, so nothing the size of the array is allocated but the two comparison
-masks of a window. Swaps are written only on the sides of a partition that overlap the
-kept range (the others never matter). Keys are numpy integers that order like the values
-(the bit patterns of non-negative floats).
+masks of a window. Swaps are written only on the side of a partition that is partitioned
+again, the one holding a boundary of the kept range (the other is never read again). Keys
+are numpy integers that order like the values (the bit patterns of non-negative floats).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def sorted_range(keys: np.ndarray, start: int, stop: int, *, descending: bool, s
     bounds = [b for b in (first, last) if b is not None]
     if not bounds:
         return SortedRange(None, None, np.empty(0, dtype=np.int64), n)
-    replay = _Replay(keys, start, stop, descending, bounds)
+    replay = _Replay(keys, descending, bounds)
     if select:
         replay.introselect(stop - 1)
     else:
@@ -108,14 +108,18 @@ class _Replay:
     (``positions``: where each is now, ``origins``: where it began): the others are inside
     or outside the range by their value alone."""
 
-    def __init__(self, keys: np.ndarray, start: int, stop: int, descending: bool, bounds: list[int]):
+    def __init__(self, keys: np.ndarray, descending: bool, bounds: list[int]):
         self.keys = keys
-        self.start, self.stop = start, stop
         self.descending = descending
         self.bounds = bounds
         self.depth_limit = 2 * (keys.size.bit_length() - 1)
-        self.origins = np.flatnonzero(self._is_bound(keys))
+        window = _Stops.WINDOW
+        self.origins = np.concatenate(
+            [np.flatnonzero(self._is_bound(keys[a : a + window])) + a for a in range(0, keys.size, window)] or [np.empty(0, np.intp)]
+        )
         self.positions = self.origins.copy()  # kept sorted
+        self.boundaries: list[int] = []  # introsort: what a range must hold to be partitioned again
+        self.nth: int | None = None  # introselect: the same
 
     def _is_bound(self, values: np.ndarray) -> np.ndarray:
         hit = values == self.bounds[0]
@@ -141,10 +145,11 @@ class _Replay:
 
     def introsort(self, boundaries: list[int]) -> None:
         """``std::sort``'s ``__introsort_loop`` + final insertion sort, on ranges holding a boundary."""
+        self.boundaries = boundaries
         pending = [(0, self.keys.size, self.depth_limit)]
         while pending:
             first, last, depth = pending.pop()
-            while any(first < b < last for b in boundaries):
+            while self._sorted_again(first, last):
                 if last - first <= SORT_BLOCK:
                     self._block_sort(first, last)
                     break
@@ -157,6 +162,7 @@ class _Replay:
 
     def introselect(self, nth: int) -> None:
         """``std::nth_element``'s ``__introselect``."""
+        self.nth = nth
         first, last, depth = 0, self.keys.size, self.depth_limit
         while last - first > SELECT_BLOCK:
             if depth == 0:
@@ -169,8 +175,13 @@ class _Replay:
                 last = cut
         self._block_sort(first, last)
 
-    def _overlaps(self, first: int, last: int) -> bool:
-        return first < self.stop and self.start < last
+    def _sorted_again(self, first: int, last: int) -> bool:
+        """Whether the replay reads [first, last) again (partitions or block-sorts it): it
+        holds a boundary of the kept range (a selection: the nth position). The keys of
+        other ranges are never looked at again, so a partition leaves them unwritten."""
+        if self.nth is not None:
+            return first <= self.nth < last
+        return any(first < b < last for b in self.boundaries)
 
     def _median_to_first(self, first: int, last: int) -> int:
         """The position ``__move_median_to_first(first, first+1, mid, last-1)`` swaps to ``first``."""
@@ -199,7 +210,7 @@ class _Replay:
         stops = _Stops(keys[first + 1 : last], keys[first], self.descending)
         swaps, cut = stops.crossing()
         cut += first + 1
-        write_left, write_right = self._overlaps(first, cut), self._overlaps(cut, last)
+        write_left, write_right = self._sorted_again(first, cut), self._sorted_again(cut, last)
         segment = keys[first + 1 : last]
         p = int(keys[first])
         # a bound can be among the left stops only if it does not precede the pivot, and so on
