@@ -17,6 +17,7 @@ from flows.runners.common import run_log, worth_retrying
 from orchestrator import events
 from orchestrator.assemble import Manifest, assemble
 from orchestrator.evaluate.scores import Evaluation, check_evaluation, evaluate_merge
+from orchestrator.memory import return_freed_memory
 from orchestrator.model_card import write_card_files
 from orchestrator.pipeline import prepare_output
 from orchestrator.plan import build_plan
@@ -59,6 +60,7 @@ def check_unchanged_task(recipe: Recipe, output: str) -> list[str]:
 
 @task(name="assemble", task_run_name="assemble", cache_policy=NO_CACHE, persist_result=False, retries=1, retry_condition_fn=worth_retrying)
 def assemble_task(plan: PlanRef) -> Manifest:
+    return_freed_memory()  # what the shards of this process freed (kept for their next tensors)
     opened = open_plan(plan)
     manifest = assemble(opened)
     events.emit(events.Assembled(opened.output, len(manifest.files)))

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 from pydantic import BaseModel, Field, field_serializer
 
 from orchestrator.assemble import Manifest, assemble
+from orchestrator.memory import return_freed_memory
 from orchestrator.output_guard import claim_output, plan_locations, refuse_output_over_inputs
 from orchestrator.plan import PLAN_FILE, Plan, build_plan, recut
 from orchestrator.plan_ref import PlanRef, remember
@@ -141,7 +142,10 @@ def merge(
     with claimed_output(plan, overwrite=overwrite):
         if runner is None:
             runner = WorkerThreads(workers=layout.workers, device=device, on_tensor=on_tensor)
-        outcomes = runner.run(remember(plan), range(len(plan.shards)))
+        try:
+            outcomes = runner.run(remember(plan), range(len(plan.shards)))
+        finally:
+            return_freed_memory()  # what the shards freed (kept for their next tensors)
         for outcome in outcomes:
             if outcome.redone_because:
                 log.warning("shard %d was redone: %s", outcome.receipt.index, outcome.redone_because)

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import torch
 
 from orchestrator.errors import MergeError
+from orchestrator.memory import keep_freed_memory
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
 from orchestrator.redact import install_log_redaction
@@ -112,6 +113,7 @@ _PR_SET_PDEATHSIG = 1
 def _worker_init(progress: Any, threads: int, parent: int) -> None:
     global _progress
     _die_with_parent(parent)
+    keep_freed_memory()
     install_log_redaction()
     torch.set_num_threads(threads)
     _progress = progress
