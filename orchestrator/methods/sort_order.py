@@ -324,10 +324,13 @@ class _Stops:
         while done < swaps:
             if lefts.size == 0:
                 a, b = next(front)
-                lefts = np.flatnonzero(self.left(a, b)) + a
+                lefts = np.flatnonzero(self.left(a, b))
+                lefts += a  # in place: no second array of stops
             if rights.size == 0:
                 a, b = next(back)
-                rights = (np.flatnonzero(self.right(a, b)) + a)[::-1]
+                rights = np.flatnonzero(self.right(a, b))
+                rights += a
+                rights = rights[::-1]
             take = min(lefts.size, rights.size, swaps - done)
             if take:
                 yield lefts[:take], rights[:take]
