@@ -8,6 +8,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,8 @@ from orchestrator.storage.output_lock import LOCK_FILE, LockHolder, hold_output_
 from orchestrator.storage.s3.sink import S3Output
 from tests.helpers import gta_recipe, hold_lock_elsewhere, write_recipe
 from tests.s3_server import s3_server  # noqa: F401 -- fixture
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
@@ -131,6 +134,54 @@ def test_a_second_merge_is_refused_naming_the_holder_and_a_dead_holders_lock_is_
     status, message = run_cli(capsys, "merge", str(recipe), str(out))  # the holder died: its lock is taken
     assert status == 0, message
     assert (out / LOCK_FILE).read_bytes() == b""  # released
+
+
+def test_a_refused_merge_leaves_the_users_folder_as_it_was(capsys, family, tmp_path: Path) -> None:
+    base, experts = family
+    out = tmp_path / "someone's model"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    recipe = write_recipe(tmp_path / "recipe.yaml", gta_recipe("ties", base, experts))
+    status, message = run_cli(capsys, "merge", str(recipe), str(out))
+    assert status == 6 and "config.json" in message, message
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no .mergefleet/lock left behind
+    assert (out / "config.json").read_text() == '{"mine": 1}'
+
+
+LOCKERS = """
+import os, sys, time
+from orchestrator.errors import OutputError
+from orchestrator.storage.local import LocalOutput
+from orchestrator.storage.output_lock import hold_output_lock
+out, inside, go, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+while not os.path.exists(go):
+    time.sleep(0.001)
+held = 0
+while held < rounds:
+    try:
+        with hold_output_lock(LocalOutput(out)):
+            fd = os.open(inside, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # fails if another holder is inside
+            os.close(fd)
+            os.unlink(inside)
+            held += 1
+    except OutputError:
+        pass
+"""
+
+
+def test_a_lock_removed_on_release_still_admits_one_holder_at_a_time(tmp_path: Path) -> None:
+    """Each release finds only the lock in .mergefleet/ and removes it, while other processes
+    open and lock the path as fast as they can: a run that locked the removed file must notice
+    and lock the new one, or two runs would hold the output at once."""
+    out, inside, go = tmp_path / "out", tmp_path / "inside", tmp_path / "go"
+    out.mkdir()
+    lockers = [subprocess.Popen([sys.executable, "-c", LOCKERS, str(out), str(inside), str(go), "300"], cwd=ROOT,
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    go.touch()
+    errors = [locker.communicate(timeout=120)[1] for locker in lockers]
+    assert all(locker.returncode == 0 for locker in lockers), errors
+    assert sorted(out.iterdir()) == []  # the last release removed the lock and its folder
 
 
 def test_s3_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(s3_server) -> None:

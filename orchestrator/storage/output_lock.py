@@ -88,21 +88,17 @@ def _refused(uri: str, holder: LockHolder | None) -> OutputError:
 
 @contextlib.contextmanager
 def _local_lock(root: str) -> Iterator[LockHolder]:
+    """The disk lock. A release that finds nothing but the lock in ``.mergefleet/`` (a claim
+    refused, a plan that failed) removes the lock, that folder and an output folder the lock
+    created, if empty: a refused merge leaves a user's folder as it was. The file is removed
+    while still locked, so a run that locked it as it went checks that its file is still the
+    one at the path, and locks the new one if not."""
     import fcntl
 
     path = os.path.join(root, LOCK_FILE)
+    made = _missing_folders(os.path.abspath(root))
+    fd = _open_locked(root, path, fcntl)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as exc:
-        raise OutputError(f"cannot create the lock file {path}: {exc.strerror}; check that the output is writable") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"cannot lock {path}: {exc.strerror}") from None
-            raise _refused(root, LockHolder.parse(os.pread(fd, 4096, 0))) from None
         previous = LockHolder.parse(os.pread(fd, 4096, 0))
         if previous is not None:
             log.info("took over the lock of %s from a process that ended (%s)", root, previous.describe())
@@ -113,8 +109,64 @@ def _local_lock(root: str) -> Iterator[LockHolder]:
             yield holder
         finally:
             os.ftruncate(fd, 0)  # released: an empty lock file names no holder
+            _remove_if_alone(path, made)
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def _missing_folders(folder: str) -> list[str]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _open_locked(root: str, path: str, fcntl: Any) -> int:
+    """A descriptor of the lock file at ``path``, flocked; ``OutputError`` naming a live holder."""
+    while True:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileNotFoundError:  # a releasing run removed the folder in between
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot create the lock file {path}: {exc.strerror}; check that the output is writable") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = LockHolder.parse(os.pread(fd, 4096, 0))
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"cannot lock {path}: {exc.strerror}") from None
+            raise _refused(root, holder) from None
+        if _same_file(fd, path):
+            return fd
+        os.close(fd)  # its holder removed it as we locked it: lock the file now at the path
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
+
+
+def _remove_if_alone(path: str, made: list[str]) -> None:
+    """With the lock still held: remove it if ``.mergefleet/`` holds nothing else, then the
+    folders this lock created (the output folder and its missing parents), where empty."""
+    folder = os.path.dirname(path)
+    try:
+        if os.listdir(folder) != [os.path.basename(path)]:
+            return
+        os.unlink(path)
+        os.rmdir(folder)
+        for directory in made:
+            os.rmdir(directory)
+    except OSError:  # another run put something there meanwhile: it stays
+        return
 
 
 class _S3Lease:
