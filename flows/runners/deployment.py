@@ -10,6 +10,7 @@ pool's start timeout, naming its Job)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -34,6 +35,12 @@ POLL_S = 0.25
 """How often a shard's task asks for its flow run's state: it notices the end ~0.15 s late
 on average, for four light reads a second per running shard."""
 
+_CREATING = threading.Lock()
+"""One shard's flow run created at a time from this process. A Prefect server on SQLite
+answers concurrent writes with 503 "database is locked", and Prefect's client tries again
+only 2 s later: shards created side by side waited 2-8 s each; one after another, each
+creation takes a few tens of milliseconds."""
+
 
 @task(name="merge-shard-on-pool", **common.SHARD_TASK)
 def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str, concurrency_limit: str | None) -> ShardOutcome:
@@ -44,12 +51,13 @@ def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str,
     if done is not None:
         events.emit(events.ShardDone(index, done.bytes_written, done.seconds, skipped=True))
         return ShardOutcome(receipt=done, skipped=True)
-    run = run_deployment(
-        deployment,
-        parameters={"plan": plan.model_dump(mode="json"), "index": index, "device": device, "concurrency_limit": concurrency_limit},
-        flow_run_name=f"{opened.plan_id[:8]}-{shard_name(opened, index)}",  # "ab12cd34-shard-2 (layers 8-11)"
-        timeout=0,  # returns once created; pool_runs.wait follows it, with the pool's start timeout
-    )
+    with _CREATING:
+        run = run_deployment(
+            deployment,
+            parameters={"plan": plan.model_dump(mode="json"), "index": index, "device": device, "concurrency_limit": concurrency_limit},
+            flow_run_name=f"{opened.plan_id[:8]}-{shard_name(opened, index)}",  # "ab12cd34-shard-2 (layers 8-11)"
+            timeout=0,  # returns once created; pool_runs.wait follows it, with the pool's start timeout
+        )
     run = pool_runs.wait(run, index=index, poll=POLL_S)
     state = run.state
     if state is None or not state.is_completed():
