@@ -5,7 +5,8 @@ keys, outputs. glibc's malloc maps each block above 32 MiB afresh and unmaps it 
 and gives each thread an arena of its own whose freed pages go back too, so every tensor
 pays again for page faults and for the kernel zeroing fresh pages (a 4 × 0.54 B ties merge
 here: 1.2 M page faults). Told to serve every block from one heap and to keep what is
-freed, a merging process faults in only its peak (0.5 M faults; peak RSS 1.8 → 2.2 GB).
+freed, a merging process faults in little more than its peak (0.43 M faults, a third of
+the system time; peak RSS stays near 2 GB).
 After a merge the kept memory is handed back (``return_freed_memory``), so what runs next
 (an evaluation) starts from what is in use.
 
