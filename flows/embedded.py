@@ -16,6 +16,8 @@ import atexit
 import contextlib
 import importlib.util
 import os
+import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from orchestrator.errors import ConfigurationError
+from orchestrator.parent import exit_with_parent
 
 
 _STARTED: set[str] = set()
@@ -36,7 +39,8 @@ def is_embedded(url: str | None) -> bool:
 
 
 class EmbeddedAPI:
-    """A Prefect server app in a subprocess on 127.0.0.1, for one run."""
+    """A Prefect server app in a subprocess on 127.0.0.1, for one run. Stopped at exit; if
+    this process is killed, the kernel stops it (``serve``): created in the main thread."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[bytes] | None = None
@@ -56,7 +60,8 @@ class EmbeddedAPI:
         app_dir = Path(next(iter(spec.submodule_search_locations))).parent
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
+                sys.executable, "-m", "flows.embedded", str(os.getpid()),  # uvicorn, ended with this process
+                "--app-dir", str(app_dir),
                 "--factory", "prefect.server.api.server:create_app",
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--log-level", "error", "--lifespan", "on",
@@ -119,3 +124,15 @@ def connected(api: EmbeddedAPI | None, *, timeout: float = 60) -> Iterator[None]
     api.wait(timeout)
     with temporary_settings(updates={PREFECT_API_URL: api.url}):
         yield
+
+
+def serve(argv: list[str]) -> None:
+    """``python -m flows.embedded PARENT UVICORN_ARGS...``: uvicorn, sent SIGTERM by the kernel
+    when process PARENT dies, so a killed ``mergefleet run`` leaves no server behind."""
+    exit_with_parent(int(argv[0]), signal.SIGTERM)
+    sys.argv = ["uvicorn", *argv[1:]]
+    runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1:])

@@ -210,9 +210,12 @@ def test_a_merge_refused_by_the_outputs_lock_ends_its_mlflow_run_failed(family, 
 
 def test_a_run_left_running_by_a_killed_merge_is_ended_by_the_next_merge_into_its_output(family, tmp_path: Path) -> None:
     """SIGKILL leaves nothing that could end the MLflow run: the next merge into the output,
-    holding its lock, ends it as KILLED and names itself; its own run finishes."""
+    holding its lock, ends it as KILLED and names itself; its own run finishes. The killed
+    run's own Prefect API server does not outlive it."""
     import signal
     import subprocess
+
+    import psutil
 
     from mlflow import MlflowClient
 
@@ -227,8 +230,12 @@ def test_a_run_left_running_by_a_killed_merge_is_ended_by_the_next_merge_into_it
     while not (out / ".mergefleet" / "shard-0.json").exists():  # the run was opened when the flow began
         assert killed.poll() is None and time.monotonic() < deadline
         time.sleep(0.01)
+    started = psutil.Process(killed.pid).children(recursive=True)
+    assert any("flows.embedded" in " ".join(child.cmdline()) for child in started)  # its own Prefect API
     killed.send_signal(signal.SIGKILL)
     killed.wait()
+    _, alive = psutil.wait_procs(started, timeout=15)  # the kernel ends the API server with it
+    assert not alive, f"left running by the killed run: {[(p.pid, p.cmdline()[:4]) for p in alive]}"
     assert mlflow_run_of(out).info.status == "RUNNING"  # what a killed merge leaves
 
     result = merge_and_eval(parse_recipe(recipe_data(family)), str(out))

@@ -12,12 +12,10 @@ parent that died before the worker could ask the kernel).
 
 from __future__ import annotations
 
-import ctypes
 import multiprocessing
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -29,6 +27,7 @@ import torch
 
 from orchestrator.errors import MergeError
 from orchestrator.memory import keep_freed_memory
+from orchestrator.parent import exit_with_parent
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
 from orchestrator.redact import install_log_redaction
@@ -107,9 +106,6 @@ _progress: Any = None
 PARENT_POLL_S = 0.5
 """How often a worker's watchdog checks that its parent is alive."""
 
-_PR_SET_PDEATHSIG = 1
-
-
 def _worker_init(progress: Any, threads: int, parent: int) -> None:
     global _progress
     _die_with_parent(parent)
@@ -120,14 +116,9 @@ def _worker_init(progress: Any, threads: int, parent: int) -> None:
 
 
 def _die_with_parent(parent: int) -> None:
-    """Make this worker exit when process ``parent`` dies, however it dies."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # no prctl in this libc: the watchdog alone
-            pass
-    if os.getppid() != parent:  # the parent died before the kernel was asked
-        os._exit(1)
+    """Make this worker exit when process ``parent`` dies, however it dies: the kernel's
+    signal where there is one, and a watchdog thread besides."""
+    exit_with_parent(parent, signal.SIGKILL)
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watchdog", daemon=True).start()
 
 
