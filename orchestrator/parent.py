@@ -8,6 +8,7 @@ from a thread that lives as long as they should (the main thread).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -21,10 +22,8 @@ def exit_with_parent(parent: int, sig: int = signal.SIGTERM) -> bool:
     it already has. Returns whether the kernel took the request (Linux only)."""
     taken = False
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # no prctl in this libc
             taken = ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
-        except (OSError, AttributeError):  # no prctl in this libc
-            taken = False
     if os.getppid() != parent:  # the parent died before the kernel was asked
         os._exit(1)
     return taken

@@ -93,11 +93,9 @@ def _local_lock(root: str) -> Iterator[LockHolder]:
     created, if empty: a refused merge leaves a user's folder as it was. The file is removed
     while still locked, so a run that locked it as it went checks that its file is still the
     one at the path, and locks the new one if not."""
-    import fcntl
-
     path = os.path.join(root, LOCK_FILE)
     made = _missing_folders(os.path.abspath(root))
-    fd = _open_locked(root, path, fcntl)
+    fd = _open_locked(root, path)
     try:
         previous = LockHolder.parse(os.pread(fd, 4096, 0))
         if previous is not None:
@@ -123,8 +121,10 @@ def _missing_folders(folder: str) -> list[str]:
     return missing
 
 
-def _open_locked(root: str, path: str, fcntl: Any) -> int:
+def _open_locked(root: str, path: str) -> int:
     """A descriptor of the lock file at ``path``, flocked; ``OutputError`` naming a live holder."""
+    import fcntl  # POSIX only: imported where a disk lock is taken
+
     while True:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
