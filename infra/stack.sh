@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The local stack on 127.0.0.1: S3 (moto), an MLflow server, a Prefect server and a process worker.
+# The local stack on 127.0.0.1: S3 (moto), an MLflow server, a Prefect server, a process worker
+# and the shard starter its flow runs start from (flows/prestart.py).
 #
-#   infra/stack.sh up        # start all four (each waits until it answers), print the variables to export
+#   infra/stack.sh up        # start all five (each waits until it answers), print the variables to export
 #   infra/stack.sh status    # which are running, and their addresses
-#   infra/stack.sh down      # stop all four (SIGINT to each process group, SIGKILL after 20 s)
+#   infra/stack.sh down      # stop all five (SIGINT to each process group, SIGKILL after 20 s)
 #
 # Pids, logs and data live in the state folder ($MERGEFLEET_STACK_DIR, default
 # ~/.local/state/mergefleet-stack); `down` keeps the data, `down --purge` removes the folder.
@@ -18,7 +19,8 @@ s3_port="${S3_PORT:-9000}"
 mlflow_port="${MLFLOW_PORT:-5000}"
 prefect_port="${PREFECT_PORT:-4200}"
 pool="${POOL:-local}"
-services=(s3 mlflow prefect worker)
+services=(s3 mlflow prefect prestart worker)
+prestart_socket="$state/prestart.sock"
 
 health_url() {
   case "$1" in
@@ -26,6 +28,7 @@ health_url() {
     mlflow) echo "http://127.0.0.1:$mlflow_port/health" ;;
     prefect) echo "http://127.0.0.1:$prefect_port/api/health" ;;
     worker) echo "http://127.0.0.1:$prefect_port/api/work_pools/$pool" ;;
+    prestart) echo "unix:$prestart_socket" ;;
   esac
 }
 
@@ -33,9 +36,12 @@ running() {  # running NAME: its pid file names a live process
   [[ -f "$state/$1.pid" ]] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null
 }
 
-answers() {
+answers() {  # answers URL: an http URL answers 200; unix:PATH accepts a connection
   "$python" - "$1" <<'PY'
-import sys, urllib.request
+import socket, sys, urllib.request
+if sys.argv[1].startswith("unix:"):
+    with socket.socket(socket.AF_UNIX) as probe:
+        sys.exit(probe.connect_ex(sys.argv[1][5:]))
 try:
     with urllib.request.urlopen(sys.argv[1], timeout=2) as response:
         sys.exit(0 if response.status == 200 else 1)
@@ -70,7 +76,8 @@ stop() {
   echo "$name: stopped"
 }
 
-pool_engine_command() {  # the pool runs each flow run as `$python -m prefect.engine`: one Python process
+pool_engine_command() {  # the pool runs each flow run as `$python -m flows.prestart`: a child of the
+  # starter, which has imported Prefect and torch already, or else `$python -m prefect.engine`
   # (left unset, Prefect 3.8's process worker starts a workspace supervisor that imports
   # Prefect and then execs the engine, which imports it again: ~2 CPU-s more per shard)
   "$python" - "http://127.0.0.1:$prefect_port/api" "$pool" "$python" <<'PY'
@@ -79,7 +86,7 @@ import httpx
 from prefect.workers.process import ProcessWorker
 api, pool, python = sys.argv[1:]
 template = ProcessWorker.get_default_base_job_template()
-template["variables"]["properties"]["command"]["default"] = shlex.join([python, "-m", "prefect.engine"])
+template["variables"]["properties"]["command"]["default"] = shlex.join([python, "-m", "flows.prestart"])
 found = httpx.get(f"{api}/work_pools/{pool}", timeout=30)
 if found.status_code == 200 and found.json()["type"] != "process":
     sys.exit(f"work pool '{pool}' is a {found.json()['type']} pool; the stack's worker needs a process pool (set POOL)")
@@ -90,7 +97,7 @@ else:
 if done.is_error:
     sys.exit(f"work pool '{pool}': the Prefect server refused its job template ({done.status_code}): {done.text[:300]}")
 PY
-  echo "pool $pool: flow runs start as '$python -m prefect.engine'"
+  echo "pool $pool: flow runs start as '$python -m flows.prestart' (children of the starter)"
 }
 
 write_env() {
@@ -114,7 +121,10 @@ case "${1:-}" in
     start prefect env PREFECT_HOME="$state/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false \
       "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
     pool_engine_command
+    start prestart env PREFECT_HOME="$state/prefect" PREFECT_API_URL="http://127.0.0.1:$prefect_port/api" \
+      "$python" -m flows.prestart serve "$prestart_socket"
     start worker env PREFECT_HOME="$state/prefect" PREFECT_API_URL="http://127.0.0.1:$prefect_port/api" \
+      MERGEFLEET_PRESTART_SOCKET="$prestart_socket" \
       PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-1}" "$bin/prefect" worker start --pool "$pool" --type process
     echo "# the stack is up; in your shell:  source $state/env.sh"
     cat "$state/env.sh"

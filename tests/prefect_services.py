@@ -117,3 +117,18 @@ def process_worker(env: dict[str, str], pool: str, log: Path) -> Iterator[subpro
         yield process
     finally:
         stop(process)
+
+
+@contextlib.contextmanager
+def shard_starter(env: dict[str, str], path: Path, log: Path) -> Iterator[subprocess.Popen]:
+    """`python -m flows.prestart serve PATH` (flows/prestart.py), accepting when this yields."""
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flows.prestart", "serve", str(path)],
+            env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        wait_for(path.exists, "shard starter", 90, process, log)
+        yield process
+    finally:
+        stop(process)

@@ -1,7 +1,9 @@
 """Shards on real workers: a real `prefect server` and a real `prefect worker` (process
 pool) on 127.0.0.1, `mergefleet deploy`, and `mergefleet run` with target: deployment.
 
-The session's server (conftest.py) and one worker serve the whole module.
+The session's server (conftest.py), one worker and one shard starter serve the whole
+module: the pool starts each flow run as `python -m flows.prestart`, as infra/stack.sh
+sets it up, so each shard is a child of the starter (flows/prestart.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,12 +21,14 @@ import httpx
 import psutil
 import pytest
 import torch
+from prefect.workers.process import ProcessWorker
 
+from flows.prestart import SOCKET_VARIABLE
 from mergefleet.fixtures.synthetic import LlamaShape, make_model_family
 from orchestrator.pipeline import merge
 from orchestrator.recipe import parse_recipe
 from tests.helpers import MERGEFLEET, assert_same_tensors, checkpoint_bytes, gta_recipe, read_tensors, write_recipe
-from tests.prefect_services import process_worker
+from tests.prefect_services import process_worker, shard_starter
 from tests.s3_server import s3_credentials, s3_server  # noqa: F401 -- fixture
 
 pytestmark = pytest.mark.slow
@@ -41,9 +46,21 @@ def server(real_prefect_server: tuple[dict[str, str], Path]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def worker(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[psutil.Process]:
-    """A real process worker on POOL (it creates the pool)."""
-    with process_worker(server, POOL, tmp_path_factory.mktemp("worker") / "worker.log") as process:
+def starter(server: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[psutil.Process, Path, Path]]:
+    folder = tmp_path_factory.mktemp("starter")
+    with shard_starter(server, folder / "starter.sock", folder / "starter.log") as process:
+        yield psutil.Process(process.pid), folder / "starter.sock", folder / "starter.log"
+
+
+@pytest.fixture(scope="module")
+def worker(server: dict[str, str], starter, tmp_path_factory: pytest.TempPathFactory) -> Iterator[psutil.Process]:
+    """A real process worker on POOL, whose flow runs start as children of the starter."""
+    template = ProcessWorker.get_default_base_job_template()
+    template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m flows.prestart"
+    created = httpx.post(f"{server['PREFECT_API_URL']}/work_pools/", json={"name": POOL, "type": "process", "base_job_template": template}, timeout=30)
+    assert created.status_code == 201, created.text
+    env = server | {SOCKET_VARIABLE: str(starter[1])}
+    with process_worker(env, POOL, tmp_path_factory.mktemp("worker") / "worker.log") as process:
         yield psutil.Process(process.pid)
 
 
@@ -71,7 +88,7 @@ def deployed(server: dict[str, str], worker: psutil.Process, family, tmp_path_fa
     return server
 
 
-def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: dict[str, str], family, tmp_path: Path) -> None:
+def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: dict[str, str], starter, family, tmp_path: Path) -> None:
     base, experts = family
     data = gta_recipe("ties", base, experts) | {
         "fleet": {"shards": 3, "target": "deployment", "work_pool": POOL, "concurrency_limit": "gpu", "concurrency_slots": 2}
@@ -89,6 +106,8 @@ def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: d
     for run in runs:  # named like the shard's task run: "<plan id>-shard-1 (layers 2-3)"
         assert re.fullmatch(rf"{remote['plan_id'][:8]}-shard-{run['parameters']['index']} \(layers? \d+(-\d+)?( \+ other)?\)", run["name"]), run["name"]
     assert all(run["parent_task_run_id"] for run in runs)  # each shown under its shard task
+    started = starter[2].read_text()
+    assert all(f"flow run {run['id']} is pid" in started for run in runs), started  # each a child of the starter
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +140,7 @@ def medium_family(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_complete(
-    deployed: dict[str, str], worker: psutil.Process, medium_family, tmp_path: Path
+    deployed: dict[str, str], starter, medium_family, tmp_path: Path
 ) -> None:
     base, experts = medium_family
     data = gta_recipe("dare_ties", base, experts) | {"fleet": {"shards": 3, "target": "deployment", "work_pool": POOL}}
@@ -134,7 +153,7 @@ def test_a_shard_process_killed_mid_shard_is_retried_and_the_checkpoint_is_compl
     victim = None
     deadline = time.monotonic() + 180
     while victim is None and time.monotonic() < deadline and run.poll() is None:
-        for process in worker.children(recursive=True):
+        for process in starter[0].children(recursive=True):
             try:
                 if any(".partial-" in f.path and f.path.startswith(str(out)) for f in process.open_files()):
                     victim = process
