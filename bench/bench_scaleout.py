@@ -28,6 +28,7 @@ It also times, in a fresh process, what a shard process would import without the
 
     python bench/bench_scaleout.py                     # 1,2,4,8 shards, worker polls every 1 s
     python bench/bench_scaleout.py --query-seconds 5   # as a chart with worker.querySeconds 5
+    python bench/bench_scaleout.py --database postgres # the Prefect server on PostgreSQL (initdb, pg_ctl on PATH)
 
 The inputs are small on purpose (the merge itself takes little time): what is measured
 is what the orchestration costs.
@@ -36,15 +37,18 @@ is what the orchestration costs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import httpx
 import torch
@@ -158,16 +162,43 @@ def project(overhead: float, fixed: float) -> tuple[float, float]:
     return serial / parallel, serial / parallel / PODS
 
 
+@contextlib.contextmanager
+def postgres(folder: Path) -> Iterator[str]:
+    """A PostgreSQL server on 127.0.0.1 in ``folder`` (as the chart's ``prefect.server.databaseSecret``
+    points the Prefect server at one); yields the Prefect server's database URL."""
+    initdb, pg_ctl = shutil.which("initdb"), shutil.which("pg_ctl")
+    if not (initdb and pg_ctl):
+        raise SystemExit("--database postgres needs PostgreSQL's initdb and pg_ctl on PATH")
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # PostgreSQL refuses to run as root
+    folder.mkdir()
+    if as_owner:
+        folder.parent.chmod(0o755)
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", _port()
+    subprocess.run([*as_owner, initdb, "-D", str(data), "-U", "prefect", "--auth=trust"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "start",
+                    "-o", f"-h 127.0.0.1 -p {port} -k {folder}"], check=True, stdout=subprocess.DEVNULL)
+    try:
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_owner, pg_ctl, "-D", str(data), "-m", "fast", "stop"], stdout=subprocess.DEVNULL)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shard-counts", default="1,2,4,8")
     parser.add_argument("--query-seconds", type=float, default=1.0, help="the worker's PREFECT_WORKER_QUERY_SECONDS")
+    parser.add_argument("--database", choices=["sqlite", "postgres"], default="sqlite",
+                        help="the Prefect server's database: SQLite as infra/stack.sh starts it, or a PostgreSQL started here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     counts = [int(n) for n in args.shard_counts.split(",")]
 
-    with tempfile.TemporaryDirectory(prefix="mergefleet-scaleout-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mergefleet-scaleout-") as tmp, contextlib.ExitStack() as services:
         work = Path(tmp)
+        database = {}
+        if args.database == "postgres":
+            database = {"PREFECT_API_DATABASE_CONNECTION_URL": services.enter_context(postgres(work / "postgres"))}
         base, experts = make_model_family(
             work / "models", experts=2, shape=LlamaShape(hidden=256, layers=max(counts), intermediate=704, vocab=512, heads=8, kv_heads=4),
             dtype=torch.float32, seed=5,
@@ -180,7 +211,7 @@ def main() -> int:
         stack_env = os.environ | {key: str(value) for key, value in ports.items()} | {
             "POOL": "scaleout", "PYTHON": sys.executable, "MERGEFLEET_STACK_DIR": str(work / "stack"),
             "PREFECT_WORKER_QUERY_SECONDS": str(args.query_seconds), "PYTHONPATH": str(ROOT),
-        }
+        } | database
         stack = [str(ROOT / "infra" / "stack.sh")]
         subprocess.run([*stack, "up"], env=stack_env, check=True, stdout=subprocess.DEVNULL)
         try:
@@ -196,7 +227,8 @@ def main() -> int:
         finally:
             subprocess.run([*stack, "down"], env=stack_env, stdout=subprocess.DEVNULL)
 
-    print(f"process pool on 127.0.0.1, worker polls every {args.query_seconds:g} s, {os.cpu_count()} CPUs (a shared machine)")
+    print(f"process pool on 127.0.0.1, Prefect server on {args.database}, worker polls every {args.query_seconds:g} s, "
+          f"{os.cpu_count()} CPUs (a shared machine)")
     print(f"{'shards':>6}{'flow->ckpt s':>14}{'compute s':>11}{'create s':>10}{'pickup s':>10}{'start s':>9}{'in-run s':>10}"
           f"{'notice s':>10}{'overhead s':>12}{'fixed s':>9}{'speed-up@8':>12}{'eff.':>7}{'retried':>9}{'forked':>8}")
     for row in rows:
