@@ -79,17 +79,17 @@ def client(args: list[str]) -> int:
     if not path:
         _run_engine_here(args)
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader: list[bytes] = []
     try:
         conn.connect(path)
         _send(conn, {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "executable": sys.executable}, _STREAMS)
-        reader: list[bytes] = []
         answer, _ = _receive(conn, reader)
-    except OSError:
-        answer = None
+    except OSError as error:
+        answer = {"refused": f"no starter answers on {path} ({error.strerror or error})"}
     if not answer or "pid" not in answer:
         conn.close()
-        if answer and answer.get("refused"):
-            print(f"mergefleet prestart: {answer['refused']}; starting the engine here", file=sys.stderr)
+        reason = (answer or {}).get("refused", f"the starter on {path} hung up")
+        print(f"mergefleet prestart: {reason}; starting the engine here", file=sys.stderr)
         _run_engine_here(args)
     child = int(answer["pid"])
 
@@ -179,7 +179,11 @@ def serve(path: str) -> _Request:
 
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     staging = f"{path}.{starter}"
-    listener.bind(staging)
+    try:
+        listener.bind(staging)
+    except OSError as error:
+        raise SystemExit(f"mergefleet prestart: cannot listen on {staging}: {error.strerror or error} "
+                         "(a Unix socket's path must be shorter than 108 bytes, in a folder you may write)") from None
     os.replace(staging, path)  # a client connects to a starter that has imported, or to none
     bound = os.stat(path).st_ino
     listener.listen(64)

@@ -74,10 +74,20 @@ def test_the_flow_run_is_a_child_of_the_starter_with_the_clients_streams_and_set
 def test_without_a_starter_the_client_becomes_the_engine(starter, tmp_path: Path) -> None:
     process, path, log = starter
     before = children_started(log)
-    for env in (client_env(None), client_env(tmp_path / "nobody.sock")):
-        done = run_client(env, "not-a-flow-run-id", cwd=tmp_path)
-        assert done.returncode == 1 and ENGINE_ERROR in done.stderr, done.stderr
+    quiet = run_client(client_env(None), "not-a-flow-run-id", cwd=tmp_path)  # no starter asked for: no word about it
+    assert quiet.returncode == 1 and ENGINE_ERROR in quiet.stderr and "prestart" not in quiet.stderr, quiet.stderr
+    nobody = tmp_path / "nobody.sock"
+    told = run_client(client_env(nobody), "not-a-flow-run-id", cwd=tmp_path)
+    assert told.returncode == 1 and ENGINE_ERROR in told.stderr
+    assert f"mergefleet prestart: no starter answers on {nobody} (No such file or directory); starting the engine here" in told.stderr
     assert children_started(log) == before
+
+
+def test_a_socket_path_too_long_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / ("s" * 120)
+    done = subprocess.run([sys.executable, "-m", "flows.prestart", "serve", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"cannot listen on {path}." in done.stderr and "shorter than 108 bytes" in done.stderr
 
 
 def test_source_changed_since_the_starter_imported_it_is_refused_and_run_here(starter, tmp_path: Path) -> None:
