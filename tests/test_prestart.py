@@ -27,11 +27,14 @@ pytestmark = pytest.mark.slow
 ENGINE_ERROR = "Invalid flow run id"
 
 
+def starter_env(folder: Path) -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(folder / "home")}
+
+
 @pytest.fixture(scope="module")
 def starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[psutil.Process, Path, Path]]:
     folder = tmp_path_factory.mktemp("starter")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(folder / "home")}
-    with shard_starter(env, folder / "starter.sock", folder / "starter.log") as process:
+    with shard_starter(starter_env(folder), folder / "starter.sock", folder / "starter.log") as process:
         yield psutil.Process(process.pid), folder / "starter.sock", folder / "starter.log"
 
 
@@ -105,12 +108,16 @@ def test_source_changed_since_the_starter_imported_it_is_refused_and_run_here(st
     assert children_started(log) == before
 
 
-def wait_for_child(log: Path, count: int) -> psutil.Process:
+def waiting_flow_run(path: Path, log: Path, api: str, cwd: Path) -> tuple[subprocess.Popen[str], psutil.Process]:
+    """A client whose flow run (a child of the starter) waits on ``api``, which never answers."""
+    count = len(children_started(log))
+    client = subprocess.Popen([sys.executable, "-m", "flows.prestart", str(uuid.uuid4())], env=client_env(path, PREFECT_API_URL=api),
+                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while len(children_started(log)) <= count:
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)
-    return psutil.Process(children_started(log)[count])
+    return client, psutil.Process(children_started(log)[count])
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
@@ -118,11 +125,7 @@ def test_a_signal_to_the_client_reaches_the_flow_run_and_its_end_comes_back(star
     """SIGTERM is how a worker cancels; SIGHUP, which the engine does not handle, shows that
     the child got the client's signal and not the starter's SIGTERM for a vanished client."""
     process, path, log = starter
-    count = len(children_started(log))
-    env = client_env(path, PREFECT_API_URL=silent_api)
-    client = subprocess.Popen([sys.executable, "-m", "flows.prestart", str(uuid.uuid4())], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    child = wait_for_child(log, count)
+    client, child = waiting_flow_run(path, log, silent_api, tmp_path)
     time.sleep(1)  # the engine is waiting on the silent API
     assert client.poll() is None and child.is_running()
     client.send_signal(signum)
@@ -134,11 +137,7 @@ def test_a_signal_to_the_client_reaches_the_flow_run_and_its_end_comes_back(star
 
 def test_a_client_killed_takes_its_flow_run_with_it(starter, silent_api: str, tmp_path: Path) -> None:
     process, path, log = starter
-    count = len(children_started(log))
-    env = client_env(path, PREFECT_API_URL=silent_api)
-    client = subprocess.Popen([sys.executable, "-m", "flows.prestart", str(uuid.uuid4())], env=env, cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    child = wait_for_child(log, count)
+    client, child = waiting_flow_run(path, log, silent_api, tmp_path)
     client.kill()
     client.wait(timeout=10)
     child.wait(timeout=45)  # SIGTERM at once, SIGKILL after the grace period
@@ -146,13 +145,9 @@ def test_a_client_killed_takes_its_flow_run_with_it(starter, silent_api: str, tm
 
 
 def test_stopping_the_starter_stops_its_flow_runs_and_tells_their_clients(silent_api: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path / "home")}
     path, log = tmp_path / "starter.sock", tmp_path / "starter.log"
-    with shard_starter(env, path, log) as process:
-        client = subprocess.Popen([sys.executable, "-m", "flows.prestart", str(uuid.uuid4())],
-                                  env=client_env(path, PREFECT_API_URL=silent_api), cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        child = wait_for_child(log, 0)
+    with shard_starter(starter_env(tmp_path), path, log) as process:
+        client, child = waiting_flow_run(path, log, silent_api, tmp_path)
         process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
         child.wait(timeout=45)
