@@ -184,9 +184,9 @@ def serve(path: str) -> _Request:
     except OSError as error:
         raise SystemExit(f"mergefleet prestart: cannot listen on {staging}: {error.strerror or error} "
                          "(a Unix socket's path must be shorter than 108 bytes, in a folder you may write)") from None
-    os.replace(staging, path)  # a client connects to a starter that has imported, or to none
-    bound = os.stat(path).st_ino
     listener.listen(64)
+    os.replace(staging, path)  # a client connects to a starter that has imported and listens, or to none
+    bound = os.stat(path).st_ino
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ, None)
     children: dict[int, _Child] = {}
