@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -155,7 +155,7 @@ class _Request:
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    fds: list[int] = field(default_factory=list)
+    fds: list[int]
 
 
 def _import_everything() -> None:
@@ -260,32 +260,25 @@ def serve(path: str) -> _Request:
 
 
 def _accept(conn: socket.socket, sources: dict[str, float]) -> _Request | None:
+    """The client's request, or None (refused with a reason, or unreadable); the descriptors
+    it sent are closed unless they go with the request."""
     conn.settimeout(_REQUEST_SECONDS)  # a client that connects and says nothing must not stall the rest
+    fds: list[int] = []
     try:
         message, fds = _receive(conn, [], with_fds=True)
-    except (OSError, ValueError):
-        return None
-    conn.settimeout(None)
-    if message is None or len(fds) != len(_STREAMS):
-        for fd in fds:
-            os.close(fd)
-        return None
-    refusal = None
-    if message.get("executable") != sys.executable:
-        refusal = f"the starter runs {sys.executable}, the flow run asks for {message.get('executable')}"
-    elif changed := _changed(sources):
-        refusal = f"{changed} changed after the starter imported it (restart the starter)"
-    if refusal:
-        for fd in fds:
-            os.close(fd)
-        _send(conn, {"refused": refusal})
-        return None
-    try:
-        return _Request(argv=list(message["argv"]), env=dict(message["env"]), cwd=str(message["cwd"]), fds=fds)
-    except (KeyError, TypeError, ValueError):
-        for fd in fds:
-            os.close(fd)
-        return None
+        conn.settimeout(None)
+        if message is not None and len(fds) == len(_STREAMS):
+            if message.get("executable") != sys.executable:
+                _send(conn, {"refused": f"the starter runs {sys.executable}, the flow run asks for {message.get('executable')}"})
+            elif changed := _changed(sources):
+                _send(conn, {"refused": f"{changed} changed after the starter imported it (restart the starter)"})
+            else:
+                return _Request(argv=list(message["argv"]), env=dict(message["env"]), cwd=str(message["cwd"]), fds=fds)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    for fd in fds:
+        os.close(fd)
+    return None
 
 
 def _become(request: _Request, starter: int) -> None:
