@@ -110,6 +110,39 @@ def test_deployment_target_gives_the_inline_checkpoint_byte_for_byte(deployed: d
     assert all(f"flow run {run['id']} is pid" in started for run in runs), started  # each a child of the starter
 
 
+RECORDED = """
+import json
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.context import TaskRunContext
+from flows.runners.deployment import wait_until_recorded
+
+@task
+def shard_task():
+    waited = wait_until_recorded(20.0)
+    with get_client(sync_client=True) as client:
+        recorded = client.read_task_run(TaskRunContext.get().task_run.id).state_type.value
+    return {"waited": waited, "recorded": recorded}
+
+@flow
+def parent():
+    return {"in_task": shard_task(), "outside_a_task": wait_until_recorded(20.0)}
+
+print(json.dumps(parent()))
+"""
+
+
+def test_a_shard_task_creates_its_flow_run_only_once_the_server_has_recorded_it_running(server: dict[str, str]) -> None:
+    """run_deployment's placeholder write meets the recording of the task's own Running state
+    otherwise (503 on SQLite, retried 2 s later): the wait ends when the record is there."""
+    done = subprocess.run([sys.executable, "-c", RECORDED], env=server, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["in_task"]["recorded"] == "RUNNING", result
+    assert result["in_task"]["waited"] < 20.0, result
+    assert result["outside_a_task"] == 0.0, result
+
+
 @pytest.fixture(scope="module")
 def s3_inputs(s3_server, family) -> list[str]:
     """The tiny family uploaded to the S3 server; a bucket for the outputs."""

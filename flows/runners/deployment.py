@@ -11,11 +11,14 @@ pool's start timeout, naming its Job)."""
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
 from prefect import task
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.context import TaskRunContext
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import wait
@@ -41,6 +44,10 @@ answers concurrent writes with 503 "database is locked", and Prefect's client tr
 only 2 s later: shards created side by side waited 2-8 s each; one after another, each
 creation takes a few tens of milliseconds."""
 
+RECORDED_WAIT_S = 2.0
+"""How long a shard's task waits for the server to record it as Running before it creates
+its flow run anyway (see ``wait_until_recorded``)."""
+
 
 @task(name="merge-shard-on-pool", **common.SHARD_TASK)
 def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str, concurrency_limit: str | None) -> ShardOutcome:
@@ -51,6 +58,7 @@ def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str,
     if done is not None:
         events.emit(events.ShardDone(index, done.bytes_written, done.seconds, skipped=True))
         return ShardOutcome(receipt=done, skipped=True)
+    wait_until_recorded(RECORDED_WAIT_S)
     with _CREATING:
         run = run_deployment(
             deployment,
@@ -74,6 +82,31 @@ def merge_shard_on_pool(plan: PlanRef, index: int, deployment: str, device: str,
     common.run_log().info("shard %d done by flow run '%s'", index, run.name)
     events.emit(events.ShardDone(index, receipt.bytes_written, receipt.seconds, skipped=False))
     return ShardOutcome(receipt=receipt, skipped=False)
+
+
+def wait_until_recorded(timeout_s: float, poll_s: float = 0.02) -> float:
+    """Wait until the Prefect server has recorded the calling task run as Running; returns
+    the seconds waited (``timeout_s`` at most: the wait only saves time, nothing needs it).
+
+    ``run_deployment`` links a shard's flow run to this task through a placeholder task run,
+    which the server creates by reading and then writing in one transaction. The server
+    records this task's own Running state from its event at about the same moment; on SQLite
+    the placeholder's write then fails with 503 "database is locked", and Prefect's client
+    asks again only 2 s later. Waiting for the record, a few light reads, takes that
+    collision out."""
+    context = TaskRunContext.get()
+    if context is None:
+        return 0.0
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        while time.monotonic() - started < timeout_s:
+            try:
+                if client.read_task_run(context.task_run.id).state_type == StateType.RUNNING:
+                    break
+            except ObjectNotFound:
+                pass
+            time.sleep(poll_s)
+    return time.monotonic() - started
 
 
 def check_deployment(name: str) -> None:
