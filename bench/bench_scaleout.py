@@ -13,6 +13,8 @@ run timestamps and state histories and the shards' receipts. Per shard count it 
   reports), `notice` (shard done -> the parent's task sees it), and `overhead` = the
   parent task's wall time less the receipt's seconds (all of the above);
 - fixed: the flow's time outside the shards (plan, assemble, track);
+- 503s: how many requests the Prefect server answered with 503 during the merge (on SQLite,
+  "database is locked" when two writes meet; Prefect's client asks again 2 s later);
 - forked: how many of the shards' flow runs started as forks of the starter (the others
   started afresh, as `python -m prefect.engine`: see flows/prestart.py for when);
 - the projection at 8 pods with 60 s of compute per shard: one pod doing the 8 shards'
@@ -78,7 +80,16 @@ def _seconds(start: str | None, end: str | None) -> float:
     return (_time(end) - _time(start)).total_seconds()
 
 
-def measure(env: dict[str, str], recipe: Path, out: Path, shards: int, starter_log: Path) -> dict[str, float]:
+RETRYABLE = "Encountered retryable exception in request"
+"""What the Prefect server logs for each 503 it answers, with PREFECT_API_LOG_RETRYABLE_ERRORS=true."""
+
+
+def _answered_503(server_log: Path) -> int:
+    return server_log.read_text(errors="replace").count(RETRYABLE) if server_log.exists() else 0
+
+
+def measure(env: dict[str, str], recipe: Path, out: Path, shards: int, stack: Path) -> dict[str, float]:
+    before = _answered_503(stack / "prefect.log")
     done = subprocess.run(
         [*MERGEFLEET, "run", str(recipe), str(out), "--target", "deployment", "--shards", str(shards), "--json"],
         env=env, capture_output=True, text=True, timeout=900,
@@ -125,10 +136,10 @@ def measure(env: dict[str, str], recipe: Path, out: Path, shards: int, starter_l
         })
     per_shard = {key: statistics.fmean(row[key] for row in rows) for key in rows[0]}
     fixed = result["seconds"] - max(row["task"] for row in rows)
-    started = starter_log.read_text() if starter_log.exists() else ""
+    started = (stack / "prestart.log").read_text() if (stack / "prestart.log").exists() else ""
     forked = sum(f"flow run {run['id']} is pid" in started for run in children)  # the rest started afresh
     return {"shards": shards, "flow_to_ckpt": result["seconds"], "fixed": fixed, "retried": len(runs) - shards,
-            "forked": forked, **per_shard}
+            "forked": forked, "answered_503": _answered_503(stack / "prefect.log") - before, **per_shard}
 
 
 IMPORTS = """
@@ -211,6 +222,7 @@ def main() -> int:
         stack_env = os.environ | {key: str(value) for key, value in ports.items()} | {
             "POOL": "scaleout", "PYTHON": sys.executable, "MERGEFLEET_STACK_DIR": str(work / "stack"),
             "PREFECT_WORKER_QUERY_SECONDS": str(args.query_seconds), "PYTHONPATH": str(ROOT),
+            "PREFECT_API_LOG_RETRYABLE_ERRORS": "true",
         } | database
         stack = [str(ROOT / "infra" / "stack.sh")]
         subprocess.run([*stack, "up"], env=stack_env, check=True, stdout=subprocess.DEVNULL)
@@ -222,7 +234,7 @@ def main() -> int:
             }
             subprocess.run([*MERGEFLEET, "deploy", str(recipe), str(work / "deployed"), "--pool", "scaleout", "--json"],
                            env=env, check=True, stdout=subprocess.DEVNULL)
-            rows = [measure(env, recipe, work / f"out-{n}", n, work / "stack" / "prestart.log") for n in counts]
+            rows = [measure(env, recipe, work / f"out-{n}", n, work / "stack") for n in counts]
             imports = import_seconds(env)
         finally:
             subprocess.run([*stack, "down"], env=stack_env, stdout=subprocess.DEVNULL)
@@ -230,12 +242,12 @@ def main() -> int:
     print(f"process pool on 127.0.0.1, Prefect server on {args.database}, worker polls every {args.query_seconds:g} s, "
           f"{os.cpu_count()} CPUs (a shared machine)")
     print(f"{'shards':>6}{'flow->ckpt s':>14}{'compute s':>11}{'create s':>10}{'pickup s':>10}{'start s':>9}{'in-run s':>10}"
-          f"{'notice s':>10}{'overhead s':>12}{'fixed s':>9}{'speed-up@8':>12}{'eff.':>7}{'retried':>9}{'forked':>8}")
+          f"{'notice s':>10}{'overhead s':>12}{'fixed s':>9}{'speed-up@8':>12}{'eff.':>7}{'retried':>9}{'503s':>6}{'forked':>8}")
     for row in rows:
         row["speedup_at_8"], row["efficiency_at_8"] = project(row["overhead"], row["fixed"])
         print(f"{row['shards']:>6}{row['flow_to_ckpt']:>14.2f}{row['compute']:>11.2f}{row['create']:>10.2f}{row['pickup']:>10.2f}"
               f"{row['start']:>9.2f}{row['in_run']:>10.2f}{row['notice']:>10.2f}{row['overhead']:>12.2f}{row['fixed']:>9.2f}"
-              f"{row['speedup_at_8']:>11.2f}x{row['efficiency_at_8']:>7.0%}{row['retried']:>9}{row['forked']:>6}/{row['shards']}")
+              f"{row['speedup_at_8']:>11.2f}x{row['efficiency_at_8']:>7.0%}{row['retried']:>9}{row['answered_503']:>6}{row['forked']:>6}/{row['shards']}")
     parts = ", ".join(f"{name} {wall:.2f} s ({cpu:.2f} CPU-s)" for name, (wall, cpu) in imports.items())
     print(f"a shard process started afresh would import {parts}; the starter imported them once")
     alone, most = rows[0], rows[-1]
