@@ -32,8 +32,13 @@ health_url() {
   esac
 }
 
+alive() {  # alive PID: the process exists and has not exited (a zombie waits only to be reaped)
+  local stat; stat="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+  [[ "$stat" != Z* ]]
+}
+
 running() {  # running NAME: its pid file names a live process
-  [[ -f "$state/$1.pid" ]] && kill -0 "$(cat "$state/$1.pid")" 2>/dev/null
+  [[ -f "$state/$1.pid" ]] && alive "$(cat "$state/$1.pid")"
 }
 
 answers() {  # answers URL: an http URL answers 200; unix:PATH accepts a connection
@@ -70,8 +75,9 @@ stop() {
   running "$name" || { rm -f "$state/$name.pid"; return; }
   local pid; pid="$(cat "$state/$name.pid")"
   kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
-  for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+  for _ in $(seq 1 40); do alive "$pid" || break; sleep 0.5; done
   kill -KILL -- "-$pid" 2>/dev/null || true
+  for _ in $(seq 1 20); do alive "$pid" || break; sleep 0.5; done  # SIGKILL takes effect soon, not at once
   rm -f "$state/$name.pid"
   echo "$name: stopped"
 }
@@ -118,7 +124,10 @@ case "${1:-}" in
     start s3 "$python" "$here/s3_server.py" --port "$s3_port"
     start mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false "$bin/mlflow" server --host 127.0.0.1 --port "$mlflow_port" \
       --backend-store-uri "sqlite:///$state/mlflow.db" --artifacts-destination "$state/mlflow-artifacts"
+    # PREFECT_UI_API_URL: the UI in a browser asks this address, which Prefect otherwise takes
+    # from the server's default port (4200) or from a PREFECT_API_URL left in this shell
     start prefect env PREFECT_HOME="$state/prefect" PREFECT_SERVER_ANALYTICS_ENABLED=false \
+      PREFECT_UI_API_URL="http://127.0.0.1:$prefect_port/api" \
       "$bin/prefect" server start --host 127.0.0.1 --port "$prefect_port"
     pool_engine_command
     start prestart env PREFECT_HOME="$state/prefect" PREFECT_API_URL="http://127.0.0.1:$prefect_port/api" \
