@@ -38,6 +38,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+WORKER_GRACE_S = 5
+"""How long a stopping worker gets before SIGKILL. Prefect 3.8.8's worker answers SIGINT and
+SIGTERM with "Sending SIGINT to the ... worker" and then goes on running (seen for 50 s), so a
+longer wait only slows the suite; it holds nothing of a merge that a kill could lose."""
+
+
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:
     """SIGINT to the process group, then SIGKILL if it is still there after ``timeout``."""
     if process.poll() is None:
@@ -116,7 +122,7 @@ def process_worker(env: dict[str, str], pool: str, log: Path) -> Iterator[subpro
         wait_for(worker_online(env["PREFECT_API_URL"], pool), "worker start", 90, process, log)
         yield process
     finally:
-        stop(process)
+        stop(process, WORKER_GRACE_S)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from tests import dockerfile
 from tests.chart import NAMESPACE, find, render, validate
 from tests.helpers import MERGEFLEET, checkpoint_bytes, gta_recipe, write_recipe
 from tests.kube_standin import JOBS, PODS, Image, StandInCluster
-from tests.prefect_services import free_port, stop, wait_for, worker_online
+from tests.prefect_services import WORKER_GRACE_S, free_port, stop, wait_for, worker_online
 from tests.s3_server import ACCESS_KEY, REGION, SECRET_KEY, s3_server  # noqa: F401  (s3_server is a fixture)
 
 pytestmark = pytest.mark.slow
@@ -134,7 +134,7 @@ def worker(k8s_env: dict[str, str], chart: dict[str, Any], tmp_path_factory) -> 
         wait_for(worker_online(api, POOL), "kubernetes worker start", 120, process, log)
         yield {"args": args, "env": env, "log": log, "process": process}
     finally:
-        stop(process)
+        stop(process, WORKER_GRACE_S)
 
 
 def as_kubernetes_keeps_it(job: dict[str, Any]) -> dict[str, Any]:
