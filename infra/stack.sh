@@ -4,7 +4,7 @@
 #
 #   infra/stack.sh up        # start all five (each waits until it answers), print the variables to export
 #   infra/stack.sh status    # which are running, and their addresses
-#   infra/stack.sh down      # stop all five (SIGINT to each process group, SIGKILL after 20 s; the worker's after 5)
+#   infra/stack.sh down      # stop all five (SIGINT to each process group, SIGKILL after 20 s)
 #
 # Pids, logs and data live in the state folder ($MERGEFLEET_STACK_DIR, default
 # ~/.local/state/mergefleet-stack); `down` keeps the data, `down --purge` removes the folder.
@@ -58,7 +58,9 @@ PY
 start() {  # start NAME COMMAND...: in its own session, output to NAME.log
   local name="$1"; shift
   if running "$name"; then echo "$name: already running (pid $(cat "$state/$name.pid"))"; return; fi
-  setsid "$@" >"$state/$name.log" 2>&1 </dev/null &
+  # a script's background job starts with SIGINT and SIGQUIT ignored, and so would every service:
+  # `down` could then only kill them (Prefect's worker re-sends itself the ignored SIGINT and runs on)
+  (trap - INT QUIT; exec setsid "$@") >"$state/$name.log" 2>&1 </dev/null &
   echo $! >"$state/$name.pid"
   local url; url="$(health_url "$name")"
   for _ in $(seq 1 240); do
@@ -70,15 +72,12 @@ start() {  # start NAME COMMAND...: in its own session, output to NAME.log
   exit 1
 }
 
-stop() {  # stop NAME: SIGINT to its process group, SIGKILL after 20 s (the worker: 5 s, see below)
+stop() {  # stop NAME: SIGINT to its process group, SIGKILL after 20 s
   local name="$1"
   running "$name" || { rm -f "$state/$name.pid"; return; }
   local pid; pid="$(cat "$state/$name.pid")"
-  # Prefect 3.8.8's worker answers SIGINT with "Sending SIGINT to the process worker" and runs on;
-  # its flow runs are in its process group and end with it either way
-  local tries=40; [[ "$name" == worker ]] && tries=10
   kill -INT -- "-$pid" 2>/dev/null || kill -INT "$pid" 2>/dev/null || true
-  for _ in $(seq 1 "$tries"); do alive "$pid" || break; sleep 0.5; done
+  for _ in $(seq 1 40); do alive "$pid" || break; sleep 0.5; done
   kill -KILL -- "-$pid" 2>/dev/null || true
   for _ in $(seq 1 20); do alive "$pid" || break; sleep 0.5; done  # SIGKILL takes effect soon, not at once
   rm -f "$state/$name.pid"

@@ -39,9 +39,10 @@ def free_port() -> int:
 
 
 WORKER_GRACE_S = 5
-"""How long a stopping worker gets before SIGKILL. Prefect 3.8.8's worker answers SIGINT and
-SIGTERM with "Sending SIGINT to the ... worker" and then goes on running (seen for 50 s), so a
-longer wait only slows the suite; it holds nothing of a merge that a kill could lose."""
+"""How long a stopping worker gets before SIGKILL. When the suite runs as a background job
+(`make test &`), its children start with SIGINT ignored; Prefect's worker answers SIGINT and
+SIGTERM by sending itself that ignored SIGINT and runs on, so a longer wait only slows the
+suite. A worker holds nothing of a merge that a kill could lose."""
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:

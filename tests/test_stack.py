@@ -6,13 +6,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.prefect_services import free_port
+from tests.prefect_services import free_port, worker_online
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +55,11 @@ def test_the_stack_comes_up_on_its_own_ports_and_goes_down_leaving_no_process(tm
         # the browser's UI asks the stack's server, not Prefect's default port or the shell's leftover
         ui = httpx.get(f"http://127.0.0.1:{ports['PREFECT_PORT']}/ui-settings", timeout=10).json()
         assert ui["api_url"] == f"http://127.0.0.1:{ports['PREFECT_PORT']}/api", ui
+        online = worker_online(f"http://127.0.0.1:{ports['PREFECT_PORT']}/api", "stack-test")
+        deadline = time.monotonic() + 90
+        while not online() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert online(), (state / "worker.log").read_text()[-2000:]
         pool = httpx.get(f"http://127.0.0.1:{ports['PREFECT_PORT']}/api/work_pools/stack-test", timeout=10).json()
         assert pool["type"] == "process"
         assert pool["base_job_template"]["variables"]["properties"]["command"]["default"].endswith("-m flows.prestart")
@@ -64,5 +70,7 @@ def test_the_stack_comes_up_on_its_own_ports_and_goes_down_leaving_no_process(tm
     assert not [pid for pid in pids if alive(pid)], down.stdout
     assert not list(state.glob("*.pid"))
     assert (state / "prefect.log").exists()  # `down` keeps the data and logs; `down --purge` removes them
+    # SIGINT reached the worker (a script's background jobs would ignore it): it stopped, not killed
+    assert "stopped!" in (state / "worker.log").read_text(), (state / "worker.log").read_text()[-2000:]
     purged = stack(env, "down", "--purge")
     assert purged.returncode == 0 and not state.exists(), purged.stdout
