@@ -58,9 +58,12 @@ PY
 start() {  # start NAME COMMAND...: in its own session, output to NAME.log
   local name="$1"; shift
   if running "$name"; then echo "$name: already running (pid $(cat "$state/$name.pid"))"; return; fi
-  # a script's background job starts with SIGINT and SIGQUIT ignored, and so would every service:
-  # `down` could then only kill them (Prefect's worker re-sends itself the ignored SIGINT and runs on)
-  (trap - INT QUIT; exec setsid "$@") >"$state/$name.log" 2>&1 </dev/null &
+  # a script's background job starts with SIGINT and SIGQUIT ignored (as does everything under a
+  # shell that ignored them, which `trap` cannot undo), and so would every service: `down` could
+  # then only kill them (Prefect's worker re-sends itself the ignored SIGINT and runs on)
+  "$python" -c 'import os, signal, sys
+for number in (signal.SIGINT, signal.SIGQUIT): signal.signal(number, signal.SIG_DFL)
+os.execvp(sys.argv[1], sys.argv[1:])' setsid "$@" >"$state/$name.log" 2>&1 </dev/null &
   echo $! >"$state/$name.pid"
   local url; url="$(health_url "$name")"
   for _ in $(seq 1 240); do
