@@ -217,18 +217,22 @@ class _Replay:
         check_left = any(not _precedes(b, p, self.descending) for b in self.bounds)
         check_right = any(not _precedes(p, b, self.descending) for b in self.bounds)
         sources, targets = [], []
-        for left, right in stops.pairs(swaps):
-            on_left = segment[left] if write_right or check_left else None
-            on_right = segment[right] if write_left or check_right else None
-            for values, here, there, check in ((on_left, left, right, check_left), (on_right, right, left, check_right)):
+        for left_at, left, right_at, right in stops.pairs(swaps):
+            on_left_side, on_right_side = segment[left_at:], segment[right_at:]
+            on_left = on_left_side.take(left, mode="clip") if write_right or check_left else None
+            on_right = on_right_side.take(right, mode="clip") if write_left or check_right else None
+            for values, (here_at, here), (there_at, there), check in (
+                (on_left, (left_at, left), (right_at, right), check_left),
+                (on_right, (right_at, right), (left_at, left), check_right),
+            ):
                 if check:
                     hit = np.flatnonzero(self._is_bound(values))
-                    sources.append(here.take(hit))
-                    targets.append(there.take(hit))
+                    sources.append(here.take(hit) + here_at)
+                    targets.append(there.take(hit) + there_at)
             if write_left:
-                segment[left] = on_right
+                on_left_side[left] = on_right
             if write_right:
-                segment[right] = on_left
+                on_right_side[right] = on_left
         if sources:
             self._move(first, last, np.concatenate(sources) + (first + 1), np.concatenate(targets) + (first + 1))
         return cut
@@ -257,13 +261,16 @@ def _precedes(a: int, b: int, descending: bool) -> bool:
 class _Stops:
     """Where the two cursors of a Hoare partition stop on ``segment`` (the range after the
     pivot), window by window: the left cursor at entries that do not precede the pivot, the
-    right cursor at entries the pivot does not precede (in the sort's order)."""
+    right cursor at entries the pivot does not precede (in the sort's order). The stops of
+    the window where the cursors cross are listed once and kept for ``pairs``."""
 
     WINDOW = 1 << 18
 
     def __init__(self, segment: np.ndarray, pivot: Any, descending: bool):
         self.segment, self.pivot, self.descending = segment, pivot, descending
-        self.edges = list(range(0, segment.size, self.WINDOW)) + [segment.size]
+        edges = list(range(0, segment.size, self.WINDOW)) + [segment.size]
+        self.spans = list(zip(edges[:-1], edges[1:]))
+        self.listed: dict[tuple[str, int], np.ndarray] = {}  # (side, window): stops in it, from its start
 
     def left(self, a: int, b: int) -> np.ndarray:
         part = self.segment[a:b]
@@ -273,66 +280,83 @@ class _Stops:
         part = self.segment[a:b]
         return part >= self.pivot if self.descending else part <= self.pivot
 
+    def _stops(self, side: str, window: int) -> np.ndarray:
+        """Positions (from the window's start) of one cursor's stops in a window."""
+        listed = self.listed.get((side, window))
+        if listed is None:
+            a, b = self.spans[window]
+            listed = np.flatnonzero(self.left(a, b) if side == "left" else self.right(a, b))
+        return listed
+
     def crossing(self) -> tuple[int, int]:
         """(pairs swapped, cut relative to the segment): the j-th left stop pairs with the
         j-th right stop from the right while it lies left of it; the cut is where the left
-        cursor then stops - its next stop, or the last right stop swapped, if nearer."""
-        spans = list(zip(self.edges[:-1], self.edges[1:]))
-        lefts = [int(np.count_nonzero(self.left(a, b))) for a, b in spans]
-        rights = [int(np.count_nonzero(self.right(a, b))) for a, b in spans]
+        cursor then stops - its next stop, or the last right stop swapped, if nearer.
+
+        Every pair before the window where the cursors cross is swapped; inside it, pair q
+        is swapped while its left stop lies left of its right stop (right stops beyond the
+        window lie right of anything in it), which holds for a prefix of the pairs."""
+        lefts = [int(np.count_nonzero(self.left(a, b))) for a, b in self.spans]
+        rights = [int(np.count_nonzero(self.right(a, b))) for a, b in self.spans]
         before, after = 0, sum(rights)  # left stops before a window's start, right stops from it on
         window = 0
-        while window < len(spans) and before + lefts[window] < after - rights[window]:
+        while window < len(self.spans) and before + lefts[window] < after - rights[window]:
             before += lefts[window]
             after -= rights[window]
             window += 1
-        swaps = 0
-        if window < len(spans):  # the cursors cross inside this window: count exactly there
-            a, b = spans[window]
-            left_before = before + np.concatenate(([0], np.cumsum(self.left(a, b))))  # at each c in a..b
-            right_from = after - np.concatenate(([0], np.cumsum(self.right(a, b))))
-            swaps = int(np.minimum(left_before, right_from).max())
-        swaps = max(swaps, min(before, after))
-        next_left = self._select_left(swaps, lefts)
+        if window == len(self.spans):  # no stops at all (an empty segment)
+            return 0, self._select_left(0, lefts)
+        a = self.spans[window][0]
+        left_at = self.listed[("left", window)] = self._stops("left", window)
+        right_at = self.listed[("right", window)] = self._stops("right", window)
+        beyond = after - right_at.size  # right stops beyond this window
+        low = max(0, beyond - before)  # pairs (counted from ``before``) whose right stop lies in the window
+        high = min(left_at.size, after - before)
+        facing = right_at[after - before - high : after - before - low][::-1]
+        swaps = before + low + int(np.count_nonzero(left_at[low:high] < facing))
+        local = swaps - before
+        next_left = a + int(left_at[local]) if local < left_at.size else self._select_left(swaps, lefts)
         if swaps == 0:
             return swaps, next_left
-        return swaps, min(next_left, self._select_right(swaps - 1, rights))
+        rank = swaps - 1  # the last pair's right stop, counted from the back
+        last_right = a + int(right_at[after - 1 - rank]) if rank >= beyond else self._select_right(rank, rights)
+        return swaps, min(next_left, last_right)
 
     def _select_left(self, rank: int, counts: list[int]) -> int:
         """Position of the left stop of 0-based rank ``rank`` from the front (size + 1: none)."""
-        for (a, b), count in zip(zip(self.edges[:-1], self.edges[1:]), counts):
+        for window, ((a, _), count) in enumerate(zip(self.spans, counts)):
             if rank < count:
-                return a + int(np.flatnonzero(self.left(a, b))[rank])
+                return a + int(self._stops("left", window)[rank])
             rank -= count
         return self.segment.size + 1
 
     def _select_right(self, rank: int, counts: list[int]) -> int:
         """Position of the right stop of 0-based rank ``rank`` counted from the back."""
-        spans = list(zip(self.edges[:-1], self.edges[1:]))
-        for (a, b), count in zip(reversed(spans), reversed(counts)):
+        for window in reversed(range(len(self.spans))):
+            count = counts[window]
             if rank < count:
-                return a + int(np.flatnonzero(self.right(a, b))[count - 1 - rank])
+                return self.spans[window][0] + int(self._stops("right", window)[count - 1 - rank])
             rank -= count
         raise AssertionError("fewer right stops than pairs")
 
-    def pairs(self, swaps: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """The first ``swaps`` (left stop, right stop) pairs, in batches of at most a window."""
-        spans = list(zip(self.edges[:-1], self.edges[1:]))
-        front, back = iter(spans), iter(reversed(spans))
+    def pairs(self, swaps: int) -> Iterator[tuple[int, np.ndarray, int, np.ndarray]]:
+        """The first ``swaps`` (left stop, right stop) pairs, in batches of at most a window:
+        (a, left stops from a, b, right stops from b). Stops are listed from the segment as
+        it was before any swap (the crossing window's are kept from ``crossing``; other
+        windows are not written before they are listed)."""
+        front, back = iter(range(len(self.spans))), iter(reversed(range(len(self.spans))))
         lefts = rights = np.empty(0, dtype=np.intp)
+        left_at = right_at = 0
         done = 0
         while done < swaps:
             if lefts.size == 0:
-                a, b = next(front)
-                lefts = np.flatnonzero(self.left(a, b))
-                lefts += a  # in place: no second array of stops
+                window = next(front)
+                left_at, lefts = self.spans[window][0], self._stops("left", window)
             if rights.size == 0:
-                a, b = next(back)
-                rights = np.flatnonzero(self.right(a, b))
-                rights += a
-                rights = rights[::-1]
+                window = next(back)
+                right_at, rights = self.spans[window][0], self._stops("right", window)[::-1]
             take = min(lefts.size, rights.size, swaps - done)
             if take:
-                yield lefts[:take], rights[:take]
+                yield left_at, lefts[:take], right_at, rights[:take]
                 lefts, rights = lefts[take:], rights[take:]
                 done += take
