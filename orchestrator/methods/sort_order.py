@@ -203,6 +203,8 @@ class _Replay:
         counts the cursors' stops per window and finds where the cursors cross (how many
         pairs are swapped, and the cut); the second lists the stops window by window - left
         stops from the front, right stops from the back - and swaps them pair by pair."""
+        if self._all_followed_and_equal(first, last):
+            return self._partition_equal(first, last)
         keys = self.keys
         pivot = self._median_to_first(first, last)
         keys[first], keys[pivot] = keys[pivot], keys[first]
@@ -236,6 +238,27 @@ class _Replay:
         if sources:
             self._move(first, last, np.concatenate(sources) + (first + 1), np.concatenate(targets) + (first + 1))
         return cut
+
+    def _all_followed_and_equal(self, first: int, last: int) -> bool:
+        """Whether every entry of [first, last) is followed and all have one key (the last
+        levels of a replay usually: the range holds nothing but the entries tied at a bound)."""
+        low, high = np.searchsorted(self.positions, [first, last])
+        if high - low != last - first:
+            return False
+        keys = self.keys[first:last]
+        return bool((keys == keys[0]).all())
+
+    def _partition_equal(self, first: int, last: int) -> int:
+        """``_partition`` of a range of equal keys, all followed: the median of three is the
+        middle entry, and both cursors stop everywhere, so the pairs swapped reverse the
+        range after the pivot and the cut is its middle. The keys stay as they are; the
+        followed entries (here every position) only change their origins."""
+        low = int(np.searchsorted(self.positions, first))
+        origins = self.origins[low : low + last - first]  # positions here are first, first+1, ...
+        mid = (last - first) // 2
+        origins[0], origins[mid] = origins[mid], origins[0]
+        origins[1:] = origins[1:][::-1].copy()
+        return first + 1 + (last - first - 1) // 2
 
     def _followed_of(self, first: int, last: int, sources: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The (source, target) moves among these (in [first, last)) that carry a followed entry."""
