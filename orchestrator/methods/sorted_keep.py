@@ -69,12 +69,14 @@ def magnitude_keys(deltas: Deltas, i: int) -> torch.Tensor:
     """|τᵢ| as integers that order like the float32 values mergekit sorts (their bit patterns)."""
     key_dtype = _KEY_DTYPES.get(deltas.dtype, torch.int32)
     keys = torch.empty(deltas.n, dtype=key_dtype)
-    values = deltas.buffer()
+    if deltas.dtype in _KEY_DTYPES:  # |τ| straight into the keys' bytes: no buffer, no copy
+        magnitudes = keys.view(deltas.dtype)
+        for start, stop in deltas.chunks():
+            deltas.delta(i, start, stop, magnitudes[start:stop]).abs_()
+        return keys
+    values = deltas.buffer()  # float64: mergekit ranks it as float32
     for start, stop in deltas.chunks():
-        magnitude = deltas.delta(i, start, stop, values).abs_()
-        if magnitude.dtype == torch.float64:
-            magnitude = magnitude.float()
-        keys[start:stop].copy_(magnitude.view(key_dtype))
+        keys[start:stop].copy_(deltas.delta(i, start, stop, values).abs_().float().view(key_dtype))
     return keys
 
 
