@@ -187,7 +187,9 @@ class _HalfCombine(FusedPass):
             self.keeps[i].apply_(x, start)
             if self.scales[i] != 1.0:
                 x.mul_(self.scales[i])
-        return x.mul_(self.weights[i])
+        if self.weights[i] != 1.0:  # rd(x · 1) = x
+            x.mul_(self.weights[i])
+        return x
 
     def _sum(self, x: list[torch.Tensor], size: int) -> torch.Tensor:
         acc = self.acc[:size].copy_(x[0])
