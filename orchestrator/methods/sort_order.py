@@ -16,7 +16,8 @@ cursor at every element the pivot does not precede, and stopped pairs are swappe
 cursors cross. The j-th left stop is swapped with the j-th right stop (counted from the
 right) as long as it lies left of it, so the whole step is two masks, their stop positions
 (``flatnonzero``) and one vectorised swap. Ranges of at most 16 elements (3 for a selection)
-end in an insertion sort, which is stable.
+end in an insertion sort, which is stable. The last levels usually hold nothing but entries
+equal to a bound; there the step has a closed form (pivot from the middle, the rest reversed).
 
 The kept set is returned as value bounds plus the original indices of the kept entries equal
 to a bound. The bounds (the keys at the range's ends) are order statistics, known before
