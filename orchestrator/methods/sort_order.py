@@ -224,14 +224,14 @@ class _Replay:
             on_left_side, on_right_side = segment[left_at:], segment[right_at:]
             on_left = on_left_side.take(left, mode="clip") if write_right or check_left else None
             on_right = on_right_side.take(right, mode="clip") if write_left or check_right else None
-            for values, (here_at, here), (there_at, there), check in (
-                (on_left, (left_at, left), (right_at, right), check_left),
-                (on_right, (right_at, right), (left_at, left), check_right),
-            ):
-                if check:
-                    hit = np.flatnonzero(self._is_bound(values))
-                    sources.append(here.take(hit) + here_at)
-                    targets.append(there.take(hit) + there_at)
+            if check_left:  # followed entries at left stops go to their right stops
+                hit = np.flatnonzero(self._is_bound(on_left))
+                sources.append(left.take(hit) + left_at)
+                targets.append(right.take(hit) + right_at)
+            if check_right:  # and those at right stops to their left stops
+                hit = np.flatnonzero(self._is_bound(on_right))
+                sources.append(right.take(hit) + right_at)
+                targets.append(left.take(hit) + left_at)
             if write_left:
                 on_left_side[left] = on_right
             if write_right:
