@@ -170,7 +170,10 @@ class _HalfCombine(FusedPass):
         self.consensus, self.normalize, self.lambda_ = consensus, normalize, float(lambda_)
         self.report, self.dropped = report, [0] * len(report)
         self.x = [deltas.buffer() for _ in self.weights]
-        self.mixed, self.tmp = deltas.buffer(), deltas.buffer()
+        self.wide = [deltas.buffer(torch.float32) for _ in self.weights]
+        # where nothing rounds after the keep, it runs on the float32 copy
+        self.unscaled = [scale == 1.0 and weight == 1.0 for scale, weight in zip(scales, self.weights)]
+        self.mixed, self.tmp = deltas.buffer(), deltas.buffer(torch.float32)
         self.acc = deltas.buffer(torch.float32)
         self.gamma = deltas.buffer(torch.float32).fill_(1) if consensus else None
         self.ones = deltas.buffer(torch.float32).fill_(1) if consensus else None
@@ -182,14 +185,22 @@ class _HalfCombine(FusedPass):
         self.divisor = 1.0 if abs(divisor) < 1e-8 else divisor
 
     def _weighted_delta(self, i: int, start: int, stop: int) -> torch.Tensor:
+        """xᵢ as float32 values (exactly the half ones): the steps that round run in D, the
+        rest in float32, which torch computes several times faster than a half dtype."""
         x = self.deltas.delta(i, start, stop, self.x[i])  # rd(θᵢ − θ₀)
+        wide = self.wide[i][: stop - start]
+        if self.unscaled[i]:
+            wide.copy_(x)
+            if self.keeps is not None:
+                self.keeps[i].apply_(wide, start)  # zeroing rounds nothing
+            return wide
         if self.keeps is not None:
             self.keeps[i].apply_(x, start)
             if self.scales[i] != 1.0:
                 x.mul_(self.scales[i])
         if self.weights[i] != 1.0:  # rd(x · 1) = x
             x.mul_(self.weights[i])
-        return x
+        return wide.copy_(x)
 
     def _sum(self, x: list[torch.Tensor], size: int) -> torch.Tensor:
         acc = self.acc[:size].copy_(x[0])
@@ -221,12 +232,12 @@ class _HalfCombine(FusedPass):
                 acc.add_(agreeing)  # float32: |Σ mᵢxᵢ|
             if div is not None:
                 div.add_(torch.sign(agreeing, out=tmp), alpha=self.weights[i])  # Σ mᵢ rd(wᵢ), exact in float32
-        mixed = self.mixed[:size].copy_(acc)  # rd(|Δ|)
+        mixed = self.mixed[:size].copy_(acc.mul_(gamma))  # rd(γ|Δ|) = γ rd(|Δ|)
         if div is not None:
             divisor = self.div_half[:size].copy_(div)  # rd(Σ mᵢwᵢ)
             if self.all_positive:  # a zero divisor goes with a zero Δ: any positive stand-in gives 0
                 divisor.clamp_min_(min(self.weights))
             else:
                 divisor.masked_fill_(divisor == 0, 1)
-            mixed.div_(divisor)
-        return mixed.mul_(gamma)
+            mixed.div_(divisor)  # rd(γ|Δ| / d) = γ rd(|Δ| / d)
+        return mixed
