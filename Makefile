@@ -32,6 +32,7 @@ $(STAMP): requirements/pip.lock requirements/torch-cpu.lock requirements/test.lo
 		|| $(PIP) install --quiet --require-hashes --extra-index-url $(TORCH_CPU_INDEX) $(INSTALL_LOCKS)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -c "import orchestrator, flows, mergefleet, torch, transformers, safetensors, mergekit"
+	$(PY) -c "from orchestrator.methods.sort_order import compile_replay; compile_replay()"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -3,7 +3,7 @@
 mergekit selects with ``torch.argsort``, ``torch.sort`` and ``torch.topk``; among equal
 magnitudes the entries they keep depend on libstdc++'s introsort/introselect. The replay
 must keep exactly the same entries: checked here on arrays full of equal values (small
-integers, half-precision magnitudes), up to sizes where the per-block crossing search and
+integers, half-precision magnitudes), up to sizes where the block-wise listing of stops and
 several partition levels run.
 """
 
@@ -18,12 +18,12 @@ from orchestrator.methods.sort_order import members, sorted_range
 from orchestrator.methods.sorted_keep import largest_keep, range_keep
 
 
-@pytest.fixture(params=["one-window", "many-windows"])
-def windows(request, monkeypatch):
-    """The replay lists the cursors' stops a window at a time; small windows make the larger
-    cases here cross many window edges."""
-    if request.param == "many-windows":
-        monkeypatch.setattr(sort_order._Stops, "WINDOW", 1 << 10)
+@pytest.fixture(params=["large-blocks", "small-blocks"])
+def blocks(request, monkeypatch):
+    """A partition lists the cursors' stops a block at a time and hands over to Hoare's plain
+    loop where the blocks would meet; small blocks make every case here do both, often."""
+    if request.param == "small-blocks":
+        monkeypatch.setattr(sort_order, "STOP_BLOCK", 4)
     return request.param
 
 
@@ -42,7 +42,7 @@ CASES = [(kind, n) for kind in ("bf16", "f16", "few-values", "int32") for n in (
 
 
 @pytest.mark.parametrize("kind,n", CASES)
-def test_descending_top_k_is_torch_argsort(kind, n, windows):
+def test_descending_top_k_is_torch_argsort(kind, n, blocks):
     keys = _keys(kind, n, seed=n)
     values = torch.from_numpy(keys.astype(np.float32))
     for k in sorted({1, max(1, n // 5), max(1, n // 2), n}):
@@ -52,7 +52,7 @@ def test_descending_top_k_is_torch_argsort(kind, n, windows):
 
 
 @pytest.mark.parametrize("kind,n", CASES)
-def test_ascending_band_is_torch_sort(kind, n, windows):
+def test_ascending_band_is_torch_sort(kind, n, blocks):
     keys = _keys(kind, n, seed=n + 1)
     values = torch.from_numpy(keys.astype(np.float32))
     order = torch.sort(values).indices
@@ -63,7 +63,7 @@ def test_ascending_band_is_torch_sort(kind, n, windows):
 
 
 @pytest.mark.parametrize("kind,n", CASES)
-def test_selection_is_torch_topk(kind, n, windows):
+def test_selection_is_torch_topk(kind, n, blocks):
     keys = _keys(kind, n, seed=n + 2)
     values = torch.from_numpy(keys.astype(np.float32))
     for k in sorted({1, max(1, n // 5), max(1, n // 2), n}):
@@ -142,9 +142,10 @@ def test_replays_that_reach_the_depth_limit_fall_back_for_whole_keeps(monkeypatc
         assert (a.kept, a.low, a.high) == (b.kept, b.low, b.high) and torch.equal(a.tied, b.tied) and a.tied.numel() > 0
 
 
-def test_cursors_crossing_at_window_edges(monkeypatch):
-    """Windows of 8 entries put many crossings on or next to a window's edge."""
-    monkeypatch.setattr(sort_order._Stops, "WINDOW", 8)
+@pytest.mark.parametrize("block", [1, 2, 8])
+def test_cursors_crossing_at_block_edges(monkeypatch, block):
+    """Tiny blocks put many crossings on or next to a block's edge."""
+    monkeypatch.setattr(sort_order, "STOP_BLOCK", block)
     rng = np.random.default_rng(11)
     for trial in range(300):
         n = int(rng.integers(40, 3000))
