@@ -27,8 +27,14 @@ import torch
 
 from orchestrator.methods.base import MergeResult
 from orchestrator.methods.rank_sparsify import della_keeps
-from orchestrator.methods.sorted_keep import magnitude_keeps, outlier_keeps
+from orchestrator.methods.sorted_keep import SortedKeep, magnitude_keeps, outlier_keeps
 from orchestrator.methods.sparsify import RESCALE_EPS, Deltas, Keep, Rescale, random_keep
+
+
+def _nonzero_bits(x: torch.Tensor) -> int:
+    """How many entries of float32 ``x`` are not +0 (−0 and NaN count): a count on the bit
+    patterns, ten times faster than torch's count of nonzero values."""
+    return int(torch.count_nonzero(x.view(torch.int32)))
 
 
 def generalized_merge_half(
@@ -111,12 +117,6 @@ def half_l1_scales(deltas: Deltas, keeps: Sequence[Keep]) -> list[float]:
     return scales
 
 
-def _nonzero_bits(x: torch.Tensor) -> int:
-    """How many entries of ``x`` are not +0 (−0 and NaN count): a count on the bit patterns,
-    several times faster than a comparison in half precision."""
-    return int(torch.count_nonzero(x.view(torch.int16 if x.element_size() == 2 else torch.int32)))
-
-
 class FusedPass:
     """The fused pass over chunks both combines share: each expert's weighted δ chunk, then
     the election (or the plain sum), λ, and θ₀ + Δ into the output. Subclasses provide
@@ -168,11 +168,19 @@ class _HalfCombine(FusedPass):
         self.deltas, self.keeps, self.scales = deltas, keeps, scales
         self.weights = [rounded(w, dtype) for w in weights]  # mergekit's weight tensor is in D
         self.consensus, self.normalize, self.lambda_ = consensus, normalize, float(lambda_)
-        self.report, self.dropped = report, [0] * len(report)
         self.x = [deltas.buffer() for _ in self.weights]
         self.wide = [deltas.buffer(torch.float32) for _ in self.weights]
         # where nothing rounds after the keep, it runs on the float32 copy
         self.unscaled = [scale == 1.0 and weight == 1.0 for scale, weight in zip(scales, self.weights)]
+        # dropped = xᵢ's nonzero entries - those that agree with γ. A keep of magnitudes above
+        # a positive bound keeps nothing that is 0: its count is known; other xᵢ are counted.
+        known = [
+            keeps is not None and self.unscaled[i] and isinstance(keeps[i], SortedKeep) and (keeps[i].low or 0.0) > 0
+            for i in report
+        ]
+        self.report = report
+        self.dropped = [keeps[i].kept if k else 0 for i, k in zip(report, known)]
+        self.counted = {i for i, k in zip(report, known) if not k}
         self.mixed, self.tmp = deltas.buffer(), deltas.buffer(torch.float32)
         self.acc = deltas.buffer(torch.float32)
         self.gamma = deltas.buffer(torch.float32).fill_(1) if consensus else None
@@ -220,18 +228,23 @@ class _HalfCombine(FusedPass):
         tmp = self.tmp[:size]
         for i, xi in enumerate(x):
             signed = torch.mul(xi, gamma, out=xi)  # exact: γ = ±1
-            reported = i in self.report
-            if reported:
+            counted = i in self.counted
+            if counted:
                 nonzero_before = _nonzero_bits(signed)
             agreeing = signed.relu_()  # |xᵢ| where it agrees with γ, else 0
-            if reported:  # relu turns exactly the entries below 0 into +0
+            if counted:  # relu turns exactly the entries below 0 into +0
                 self.dropped[self.report.index(i)] += nonzero_before - _nonzero_bits(agreeing)
             if i == 0:
                 acc.copy_(agreeing)
             else:
                 acc.add_(agreeing)  # float32: |Σ mᵢxᵢ|
-            if div is not None:
-                div.add_(torch.sign(agreeing, out=tmp), alpha=self.weights[i])  # Σ mᵢ rd(wᵢ), exact in float32
+            known = i in self.report and not counted
+            if div is not None or known:
+                agrees = torch.sign(agreeing, out=tmp)  # mᵢ: 1 where a nonzero xᵢ agrees with γ, else 0
+                if div is not None:
+                    div.add_(agrees, alpha=self.weights[i])  # Σ mᵢ rd(wᵢ), exact in float32
+                if known:  # a NaN (the writer refuses the result) counts as nothing here
+                    self.dropped[self.report.index(i)] -= int(agrees.sum().nan_to_num_(0))
         mixed = self.mixed[:size].copy_(acc.mul_(gamma))  # rd(γ|Δ|) = γ rd(|Δ|)
         if div is not None:
             divisor = self.div_half[:size].copy_(div)  # rd(Σ mᵢwᵢ)
