@@ -40,6 +40,8 @@ COPY . /opt/src
 RUN pip install --no-deps /opt/src \
     && pip check \
     && python -c "import orchestrator.cluster.entrypoint, flows.merge_shard, mergefleet.cli, prefect_kubernetes" \
+    && NUMBA_CACHE_DIR=/tmp/numba-check python -c "from orchestrator.methods.sort_order import compile_replay; compile_replay()" \
+    && rm -rf /tmp/numba-check \
     && rm -rf /opt/src
 
 USER 10001:10001
