@@ -1,5 +1,7 @@
 """``python -m mergefleet``: the same command line as the ``mergefleet`` script."""
 
-from mergefleet.cli import run
+import sys
 
-run()
+from mergefleet.cli import main
+
+sys.exit(main())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from mergefleet import cli_cluster, cli_learned, output_log
 from mergefleet.progress import FlowView, MergeProgress, human_bytes
 from mergefleet.tables import print_table, score_table
 from orchestrator import __version__
-from orchestrator.memory import keep_freed_memory
+from orchestrator.memory import freeze_objects_at_exit, keep_freed_memory
 from orchestrator.redact import install_log_redaction, redact
 from orchestrator.errors import Interrupted, MergefleetError, UsageError, from_os_error
 
@@ -528,19 +527,10 @@ BROKEN_PIPE = 141
 """Exit status when stdout closed before the result was written (128 + SIGPIPE, as a shell reports it)."""
 
 
-def run() -> NoReturn:
-    """The ``mergefleet`` command: ``main``, then exit with its status. Every object is first
-    frozen out of the garbage collector: the interpreter's shutdown would otherwise walk all
-    of torch's and numba's objects several times over, about a second of every command
-    (exit handlers still run; nothing is left to collect that a finished command needs)."""
-    status = main()
-    gc.freeze()
-    sys.exit(status)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     keep_freed_memory()  # before any thread starts: see orchestrator.memory
+    freeze_objects_at_exit()
     try:
         args = build_parser().parse_args(arguments)
         for name in ("shards", "workers"):

@@ -170,6 +170,18 @@ def _new_jobs(cluster: StandInCluster, before: set[str]) -> list[dict[str, Any]]
     return [j for j in cluster.objects(JOBS) if j["metadata"]["name"] not in before]
 
 
+def _finished_jobs(cluster: StandInCluster, before: set[str], timeout: float = 60) -> list[dict[str, Any]]:
+    """The Jobs created since ``before``, once each has counted its pod's end. A Job counts it
+    when the pod's process exits, which can be after the flow run in it reported its end
+    (the process still shuts its interpreter down), as on a real cluster."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = _new_jobs(cluster, before)
+        if all(j["status"].get("failed", 0) + j["status"].get("succeeded", 0) for j in jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.2)
+
+
 def _job_names(cluster: StandInCluster) -> set[str]:
     return {j["metadata"]["name"] for j in cluster.objects(JOBS)}
 
@@ -188,7 +200,7 @@ def test_a_merge_on_the_kubernetes_pool_gives_the_inline_bytes(deployed: dict[st
     assert local == {name: s3.get_object(Bucket="merges", Key=f"k8s-run/{name}")["Body"].read() for name in local}
 
     # One Job per shard, each from the chart's template as the worker rendered it for its flow run.
-    jobs = _new_jobs(cluster, before)
+    jobs = _finished_jobs(cluster, before)
     # the flow run's name, "<plan id>-shard-0 (layers 0-1 + other)", as a label value: "<plan id>-shard-0-layers-0-1-other"
     names = sorted(j["metadata"]["labels"]["prefect.io/flow-run-name"] for j in jobs)
     assert [re.fullmatch(rf"{remote['plan_id'][:8]}-(shard-\d)-layers?-[0-9a-z-]+", name)[1] for name in names] == ["shard-0", "shard-1"], names
@@ -227,7 +239,7 @@ def test_a_pod_that_exits_non_zero_is_retried_by_the_flow(deployed: dict[str, st
     result = ok_json(mergefleet(deployed, "run", str(recipe), str(out), "--target", "deployment", "--work-pool", POOL, "--json"))
     assert len(cluster.kubelet.killed) == 1, "no pod was killed"
     assert result["shards"] == 2 and result["shards_skipped"] == 0
-    jobs = _new_jobs(cluster, before)
+    jobs = _finished_jobs(cluster, before)
     shard1 = [j for j in jobs if "-shard-1-" in j["metadata"]["labels"]["prefect.io/flow-run-name"]]
     assert sorted((j["status"].get("failed", 0), j["status"].get("succeeded", 0)) for j in shard1) == [(0, 1), (1, 0)]
     killed = next(p for p in cluster.objects(PODS) if p["metadata"]["name"] == cluster.kubelet.killed[0])
