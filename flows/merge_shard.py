@@ -9,7 +9,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.runners.common import run_one_shard
-from orchestrator.memory import freeze_objects_at_exit, keep_freed_memory
+from orchestrator.memory import keep_freed_memory
 from orchestrator.plan_ref import PlanRef
 from orchestrator.receipt import ShardOutcome
 
@@ -19,5 +19,4 @@ def merge_shard(plan: PlanRef, index: int, device: str = "cpu", concurrency_limi
     """``plan``: where the plan is and how to open it; ``index``: the shard.
     ``concurrency_limit``: a global concurrency limit to hold one slot of while merging."""
     keep_freed_memory()  # this process runs this shard only
-    freeze_objects_at_exit()
     return run_one_shard(plan, index, device=device, concurrency_limit=concurrency_limit)

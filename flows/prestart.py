@@ -170,10 +170,9 @@ def _import_everything() -> None:
 def serve(path: str) -> _Request:
     """Import, listen on ``path`` and fork a child per request. Returns only in a child, with
     the request's streams, environment and folder in place; the caller runs the engine."""
-    from orchestrator.memory import freeze_objects_at_exit, keep_freed_memory
+    from orchestrator.memory import keep_freed_memory
 
     keep_freed_memory()
-    freeze_objects_at_exit()
     _import_everything()
     sources = _project_sources()
     starter = os.getpid()

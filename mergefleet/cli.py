@@ -23,7 +23,7 @@ from mergefleet import cli_cluster, cli_learned, output_log
 from mergefleet.progress import FlowView, MergeProgress, human_bytes
 from mergefleet.tables import print_table, score_table
 from orchestrator import __version__
-from orchestrator.memory import freeze_objects_at_exit, keep_freed_memory
+from orchestrator.memory import keep_freed_memory
 from orchestrator.redact import install_log_redaction, redact
 from orchestrator.errors import Interrupted, MergefleetError, UsageError, from_os_error
 
@@ -530,7 +530,6 @@ BROKEN_PIPE = 141
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else list(argv)
     keep_freed_memory()  # before any thread starts: see orchestrator.memory
-    freeze_objects_at_exit()
     try:
         args = build_parser().parse_args(arguments)
         for name in ("shards", "workers"):

@@ -44,8 +44,10 @@ def _glibc() -> ctypes.CDLL | None:
 def keep_freed_memory() -> bool:
     """From now on, large blocks come from one heap and freed ones stay for reuse: one arena
     for all threads, no block mapped on its own, no automatic trim. Call it before the
-    process starts its threads (an arena a thread already has stays its own). Returns
-    whether the allocator took the settings."""
+    process starts its threads (an arena a thread already has stays its own). Also has the
+    process skip the collector's walk at exit (``freeze_objects_at_exit``). Returns whether
+    the allocator took the settings."""
+    freeze_objects_at_exit()
     libc = _glibc()
     if libc is None:
         return False

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 import torch
 
 from orchestrator.errors import MergeError
-from orchestrator.memory import freeze_objects_at_exit, keep_freed_memory
+from orchestrator.memory import keep_freed_memory
 from orchestrator.parent import exit_with_parent
 from orchestrator.plan_ref import PlanRef, open_plan
 from orchestrator.receipt import ShardOutcome
@@ -110,7 +110,6 @@ def _worker_init(progress: Any, threads: int, parent: int) -> None:
     global _progress
     _die_with_parent(parent)
     keep_freed_memory()
-    freeze_objects_at_exit()
     install_log_redaction()
     torch.set_num_threads(threads)
     _progress = progress
