@@ -40,12 +40,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mergefleet.demo --workdir demo-out
 
+# Test files run on TEST_WORKERS processes (pytest-xdist, a whole file per process so each
+# file's servers start once); most tests wait on servers and subprocesses, so two keep two
+# cores busy. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=20 tests
+	$(PYTEST) --durations=20 tests
 
 # The inner loop: everything but the tests marked slow (servers, training, mergekit, kills).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/bench_merge.py

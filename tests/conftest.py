@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # The files with the most slow tests first (the order inside a file kept): under
+    # pytest-xdist the long files start early and the short ones fill the end.
+    slow_per_file = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_per_file[item.path])
 
 
 class InputGuard:
@@ -73,8 +79,6 @@ def family(tmp_path_factory: pytest.TempPathFactory, input_guard: InputGuard) ->
 @pytest.fixture
 def restore_environ():
     """`mergefleet run/deploy` set Prefect defaults in os.environ; keep them to one test."""
-    import os
-
     saved = dict(os.environ)
     yield
     os.environ.clear()
@@ -84,8 +88,6 @@ def restore_environ():
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A temporary Prefect API (SQLite in a temp folder) for the whole session."""
-    import os
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.testing.utilities import prefect_test_harness
 
@@ -106,10 +108,17 @@ def real_prefect_server(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def skill_models(tmp_path_factory: pytest.TempPathFactory, input_guard: InputGuard):
     """A tiny base and two experts with real skills (add, map) and their lm-eval tasks,
-    trained here on CPU (about 20 s)."""
+    trained here on CPU (about 20 s), once per run: under pytest-xdist the first worker to
+    need them trains them and the others wait for it and reuse its files."""
+    from filelock import FileLock
+
     from mergefleet.fixtures.skills import SkillsConfig, build_skills
 
-    models = build_skills(tmp_path_factory.mktemp("skills"), SkillsConfig(skills=("add", "map")))
+    run_root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_root = run_root.parent  # this run's folder, shared by its workers
+    with FileLock(run_root / "skills.lock"):
+        models = build_skills(run_root / "skills", SkillsConfig(skills=("add", "map")))
     input_guard.add(models.base, *models.experts.values())
     return models
 
