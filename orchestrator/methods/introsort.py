@@ -73,8 +73,12 @@ def partition(keys, origins, first, last, flip, block):  # type: ignore[no-untyp
     """``__unguarded_partition_pivot`` on [first, last), in place; returns the cut."""
     _median_to_first(keys, origins, first, last, flip)
     pivot = keys[first] ^ flip
-    left_stops = np.empty(block, np.int64)
-    right_stops = np.empty(block, np.int64)
+    # A block is read through a view (the right one reversed) and its stops are unsigned
+    # offsets into it, so no index needs numba's check for a negative one (a third faster).
+    left_stops = np.empty(block, np.uint32)
+    right_stops = np.empty(block, np.uint32)
+    left_keys = right_keys = keys[first:first]
+    left_origins = right_origins = origins[first:first]
     i, j = first + 1, last  # Hoare's cursors after the last swap
     unread_from, unread_to = first + 1, last - 1  # entries no block has listed yet
     left_block = right_block = 0
@@ -84,25 +88,32 @@ def partition(keys, origins, first, last, flip, block):  # type: ignore[no-untyp
             if unread_to - unread_from + 1 < 2 * block:
                 break
             left_block, lefts, used_lefts = unread_from, 0, 0
+            left_keys = keys[left_block : left_block + block]
+            left_origins = origins[left_block : left_block + block]
             for t in range(block):  # the left cursor stops where the key does not precede the pivot
-                left_stops[lefts] = left_block + t
-                lefts += (keys[left_block + t] ^ flip) >= pivot
+                left_stops[lefts] = t
+                lefts += (left_keys[t] ^ flip) >= pivot
             unread_from += block
         if used_rights == rights:
             if unread_to - unread_from + 1 < block:
                 break
             right_block, rights, used_rights = unread_to, 0, 0
+            right_keys = keys[right_block - block + 1 : right_block + 1][::-1]
+            right_origins = origins[right_block - block + 1 : right_block + 1][::-1]
             for t in range(block):  # the right cursor where the pivot does not precede the key
-                right_stops[rights] = right_block - t
-                rights += (keys[right_block - t] ^ flip) <= pivot
+                right_stops[rights] = t
+                rights += (right_keys[t] ^ flip) <= pivot
             unread_to -= block
         pairs = min(lefts - used_lefts, rights - used_rights)
         for q in range(pairs):
-            _swap(keys, origins, left_stops[used_lefts + q], right_stops[used_rights + q])
+            a, b = left_stops[used_lefts + q], right_stops[used_rights + q]
+            left_keys[a], right_keys[b] = right_keys[b], left_keys[a]
+            left_origins[a], right_origins[b] = right_origins[b], left_origins[a]
         if pairs:
             used_lefts += pairs
             used_rights += pairs
-            i, j = left_stops[used_lefts - 1] + 1, right_stops[used_rights - 1]
+            i = left_block + np.int64(left_stops[used_lefts - 1]) + 1
+            j = right_block - np.int64(right_stops[used_rights - 1])
     while True:
         while (keys[i] ^ flip) < pivot:
             i += 1
