@@ -33,6 +33,8 @@ from typing import NoReturn
 
 SOCKET_VARIABLE = "MERGEFLEET_PRESTART_SOCKET"
 _STREAMS = (0, 1, 2)
+_PASSED_ON = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+"""The signals a client passes on to its flow run, whose dispositions the flow run takes from the client."""
 _MAX_MESSAGE = 1 << 20
 _REQUEST_SECONDS = 5.0
 _GRACE_SECONDS = 30.0  # how long a child whose client went away has to stop before SIGKILL
@@ -82,7 +84,9 @@ def client(args: list[str]) -> int:
     reader: list[bytes] = []
     try:
         conn.connect(path)
-        _send(conn, {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "executable": sys.executable}, _STREAMS)
+        ignored = [int(signum) for signum in _PASSED_ON if signal.getsignal(signum) == signal.SIG_IGN]
+        request = {"argv": args, "env": dict(os.environ), "cwd": os.getcwd(), "executable": sys.executable, "ignored": ignored}
+        _send(conn, request, _STREAMS)
         answer, _ = _receive(conn, reader)
     except OSError as error:
         answer = {"refused": f"no starter answers on {path} ({error.strerror or error})"}
@@ -99,7 +103,7 @@ def client(args: list[str]) -> int:
         except ProcessLookupError:
             pass
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
+    for signum in _PASSED_ON:
         signal.signal(signum, pass_on)
     ended, _ = _receive(conn, reader)  # a signal handled meanwhile does not interrupt the wait (PEP 475)
     if ended is None:  # the starter died: it stops its children as it goes
@@ -156,6 +160,7 @@ class _Request:
     env: dict[str, str]
     cwd: str
     fds: list[int]
+    ignored: list[int]  # the signals the client ignores (started under nohup, say)
 
 
 def _import_everything() -> None:
@@ -273,7 +278,8 @@ def _accept(conn: socket.socket, sources: dict[str, float]) -> _Request | None:
             elif changed := _changed(sources):
                 _send(conn, {"refused": f"{changed} changed after the starter imported it (restart the starter)"})
             else:
-                return _Request(argv=list(message["argv"]), env=dict(message["env"]), cwd=str(message["cwd"]), fds=fds)
+                return _Request(argv=list(message["argv"]), env=dict(message["env"]), cwd=str(message["cwd"]), fds=fds,
+                                ignored=[int(signum) for signum in message.get("ignored", [])])
     except (OSError, ValueError, KeyError, TypeError):
         pass
     for fd in fds:
@@ -282,12 +288,13 @@ def _accept(conn: socket.socket, sources: dict[str, float]) -> _Request | None:
 
 
 def _become(request: _Request, starter: int) -> None:
-    """In a forked child: take the client's streams, environment and folder, and Prefect's
+    """In a forked child: take the client's streams, environment, folder and signal
+    dispositions (not the starter's: one started under nohup ignores hangups), and Prefect's
     settings from that environment."""
     from orchestrator.parent import exit_with_parent
 
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, signal.SIG_DFL)
+    for signum in _PASSED_ON:
+        signal.signal(signum, signal.SIG_IGN if signum in request.ignored else signal.SIG_DFL)
     os.setpgid(0, 0)
     exit_with_parent(starter)
     for target, fd in zip(_STREAMS, request.fds):

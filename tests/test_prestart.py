@@ -6,6 +6,7 @@ starter is in tests/test_flows_integration.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -31,10 +32,25 @@ def starter_env(folder: Path) -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(folder / "home")}
 
 
+@contextlib.contextmanager
+def hangups(disposition: signal.Handlers) -> Iterator[None]:
+    """Processes started in the block inherit this SIGHUP disposition (an ignored signal stays
+    ignored across exec, as nohup relies on)."""
+    previous = signal.signal(signal.SIGHUP, disposition)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.fixture(scope="module")
 def starter(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[psutil.Process, Path, Path]]:
+    """A starter that ignores hangups, as one started under nohup: its flow runs must take the
+    client's dispositions, not its own."""
     folder = tmp_path_factory.mktemp("starter")
-    with shard_starter(starter_env(folder), folder / "starter.sock", folder / "starter.log") as process:
+    with contextlib.ExitStack() as stack:
+        with hangups(signal.SIG_IGN):
+            process = stack.enter_context(shard_starter(starter_env(folder), folder / "starter.sock", folder / "starter.log"))
         yield psutil.Process(process.pid), folder / "starter.sock", folder / "starter.log"
 
 
@@ -111,8 +127,9 @@ def test_source_changed_since_the_starter_imported_it_is_refused_and_run_here(st
 def waiting_flow_run(path: Path, log: Path, api: str, cwd: Path) -> tuple[subprocess.Popen[str], psutil.Process]:
     """A client whose flow run (a child of the starter) waits on ``api``, which never answers."""
     count = len(children_started(log))
-    client = subprocess.Popen([sys.executable, "-m", "flows.prestart", str(uuid.uuid4())], env=client_env(path, PREFECT_API_URL=api),
-                              cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with hangups(signal.SIG_DFL):  # whether or not this test runs under nohup
+        client = subprocess.Popen([sys.executable, "-m", "flows.prestart", str(uuid.uuid4())], env=client_env(path, PREFECT_API_URL=api),
+                                  cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while len(children_started(log)) <= count:
         assert time.monotonic() < deadline, log.read_text()
