@@ -25,8 +25,8 @@ COMPILE := $(UV) pip compile --python-version 3.11 --python-platform x86_64-many
 
 .PHONY: install demo test test-fast bench lock clean
 
-# The locks go in with uv (from pip.lock, hashed like the rest): about a minute against
-# pip's 4 here. uv reads no pip configuration, so pip's find-links are passed on; it compiles
+# The locks go in with uv (from pip.lock, hashed like the rest): 2 minutes against pip's
+# 4 here. uv reads no pip configuration, so pip's find-links are passed on; it compiles
 # the bytecode as pip does (where PYTHONDONTWRITEBYTECODE is set, nothing else would, and
 # every test process would compile prefect, torch and mlflow from source again).
 UV_INSTALL := $(VENV)/bin/uv pip install --quiet --python $(PY) --require-hashes --compile-bytecode \
